@@ -1,0 +1,1 @@
+"""The arena: benchmarks now; training and comparisons later."""

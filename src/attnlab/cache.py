@@ -1,0 +1,86 @@
+"""`KVCache`: the keys and values seen so far, owned by the caller and passed to `forward`.
+
+One cache serves one attention layer. It grows in place with amortised doubling (or holds a
+fixed `max_len` preallocated), so decoding T tokens costs O(T) copies, not O(T^2).
+
+    cache = attnlab.KVCache()
+    for t in range(T):
+        y_t = attn(x[:, t:t + 1], is_causal=True, cache=cache)   # same as the full causal forward
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Keys and values (B, h_kv, T, d) of the tokens already processed by one layer."""
+
+    def __init__(self, max_len: int | None = None):
+        if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
+            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+        self.max_len = max_len
+        self._k: Tensor | None = None   # (B, h_kv, capacity, d)
+        self._v: Tensor | None = None   # (B, h_kv, capacity, dv)
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        shape = None if self._k is None else tuple(self._k.shape[:2]) + (self.length,) + tuple(self._k.shape[3:])
+        return f"KVCache(length={self.length}, shape={shape}, max_len={self.max_len})"
+
+    @property
+    def keys(self) -> Tensor | None:
+        return None if self._k is None else self._k[:, :, :self.length]
+
+    @property
+    def values(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, :self.length]
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self.length = 0
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first `length` tokens (e.g. to roll back a draft)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k (B, h_kv, n, d) and v (B, h_kv, n, dv); return all keys and values so far."""
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"KVCache.update expects k (B, h, n, d) and v (B, h, n, dv) with matching "
+                             f"(B, h, n), got k {tuple(k.shape)} and v {tuple(v.shape)}")
+        B, h, n, _ = k.shape
+        if self._k is not None:
+            want = (self._k.shape[0], self._k.shape[1], self._k.shape[3], self._v.shape[3])
+            got = (B, h, k.shape[3], v.shape[3])
+            if want != got or k.dtype != self._k.dtype or k.device != self._k.device:
+                raise ValueError(f"KVCache holds (B, h, d, dv) = {want} {self._k.dtype} on {self._k.device}, "
+                                 f"got {got} {k.dtype} on {k.device}; use one cache per layer and batch")
+        needed = self.length + n
+        if self.max_len is not None and needed > self.max_len:
+            raise ValueError(f"KVCache is full: max_len={self.max_len}, it holds {self.length} and got {n} more")
+        if self._k is None or needed > self._k.shape[2]:
+            capacity = self.max_len or max(needed, 2 * (0 if self._k is None else self._k.shape[2]), 16)
+            new_k = k.new_empty(B, h, capacity, k.shape[3])
+            new_v = v.new_empty(B, h, capacity, v.shape[3])
+            if self.length:
+                new_k[:, :, :self.length] = self._k[:, :, :self.length]
+                new_v[:, :, :self.length] = self._v[:, :, :self.length]
+            self._k, self._v = new_k, new_v
+        # Written without autograd history: a cache is for inference. Gradients through the
+        # cached past are not supported (use a full forward for training).
+        with torch.no_grad():
+            self._k[:, :, self.length:needed] = k
+            self._v[:, :, self.length:needed] = v
+        self.length = needed
+        keys, values = self.keys, self.values
+        if k.requires_grad or v.requires_grad:
+            # Keep the gradient path for the new tokens (the past is constant).
+            keys = torch.cat([keys[:, :, :needed - n], k], dim=2)
+            values = torch.cat([values[:, :, :needed - n], v], dim=2)
+        return keys, values

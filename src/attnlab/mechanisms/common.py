@@ -1,0 +1,35 @@
+"""Checks every mechanism shares: constructor arguments and the forward call's inputs."""
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def check_dims(name: str, dim: int, num_heads: int) -> int:
+    """Validate width and heads; return the head dim."""
+    for arg, value in (("dim", dim), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+    if dim % num_heads:
+        raise ValueError(f"{name}: dim ({dim}) must be divisible by num_heads ({num_heads})")
+    return dim // num_heads
+
+
+def check_tokens(name: str, x: Tensor, dim: int) -> None:
+    """x must be (B, N, C) floating point with C == dim."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected x as a torch.Tensor (B, N, C), got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name}: expected x of shape (B, N, C={dim}), got {tuple(x.shape)} ({x.dim()}-D)")
+    if x.shape[-1] != dim:
+        raise ValueError(f"{name}: expected x of width C={dim}, got {x.shape[-1]} (shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected floating point x, got {x.dtype}")
+
+
+def check_features(module, *, attn_mask=None, is_causal: bool = False, cache=None) -> None:
+    """Raise NotImplementedError for a feature the module's spec does not claim."""
+    spec = type(module).spec
+    asked = (("attn_mask", attn_mask is not None), ("causal", bool(is_causal)), ("kv_cache", cache is not None))
+    for feature, used in asked:
+        if used and not getattr(spec, feature):
+            raise NotImplementedError(f"mechanism {spec.name!r} does not support {feature}")

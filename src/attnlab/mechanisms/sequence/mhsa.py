@@ -1,0 +1,85 @@
+"""Multi-head self-attention (MHSA), with optional grouped-query attention and QK-norm.
+
+Paper: Attention Is All You Need (2017); grouped-query attention from GQA (2023); QK-norm as
+in timm's `Attention` (LayerNorm over the head dim of q and k).
+Status: exact softmax attention through `attnlab.ops.attention` (SDPA by default).
+Parameters follow timm: `qkv = Linear(dim, 3 * dim)` whose output reshapes as (B, N, 3, h, d)
+and `proj = Linear(dim, dim)`. With `num_kv_heads < num_heads` the fused projection is
+`Linear(dim, (h + 2 * h_kv) * d)`, laid out as [q heads | k heads | v heads].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from attnlab.cache import KVCache
+from attnlab.mechanisms.common import check_dims, check_features, check_tokens
+from attnlab.ops.attention import attention
+from attnlab.registry import MechanismSpec, register
+
+
+@register(MechanismSpec(
+    name="mhsa", paper="Attention Is All You Need", year=2017, family="softmax", layout="seq",
+    time="O(N^2 d)", memory="O(N) with fused SDPA, O(N^2) eager", exact=True,
+    causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
+    url="https://arxiv.org/abs/1706.03762",
+    test_kwargs=dict(qkv_bias=True)))
+class MultiHeadAttention(nn.Module):
+    """x (B, N, C) -> (B, N, C). Softmax runs in float32 (or float64 for float64 input)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, qk_norm: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, num_kv_heads: int | None = None,
+                 proj_bias: bool = True, scale: float | None = None, norm_layer: type[nn.Module] = nn.LayerNorm,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        self.head_dim = check_dims("mhsa", dim, num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 \
+                or num_heads % num_kv_heads:
+            raise ValueError(f"mhsa: num_kv_heads must be a positive divisor of num_heads ({num_heads}), "
+                             f"got {num_kv_heads!r}")
+        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
+            raise ValueError(f"mhsa: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        factory = dict(device=device, dtype=dtype)
+        self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
+        self.scale = scale
+        self.backend = backend
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias, **factory)
+        self.q_norm = norm_layer(self.head_dim, **factory) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **factory) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # Identity hook points for probes (see attnlab.probes): shapes in comments.
+        self.hook_q = nn.Identity()    # (B, h, N, d)
+        self.hook_k = nn.Identity()    # (B, h_kv, M, d), after the cache
+        self.hook_v = nn.Identity()    # (B, h_kv, M, d), after the cache
+        self.hook_out = nn.Identity()  # (B, h, N, d), per-head outputs before proj
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}"
+
+    def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+                cache: KVCache | None = None) -> Tensor:
+        check_tokens("mhsa", x, self.dim)
+        check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
+        B, N, C = x.shape
+        h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)                                                # (B, N, (h + 2 h_kv) d)
+        if h_kv == h:
+            q, k, v = qkv.reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+        else:
+            q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], dim=-1)
+            q = q.reshape(B, N, h, d).transpose(1, 2)                    # (B, h, N, d)
+            k = k.reshape(B, N, h_kv, d).transpose(1, 2)                 # (B, h_kv, N, d)
+            v = v.reshape(B, N, h_kv, d).transpose(1, 2)                 # (B, h_kv, N, d)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None:
+            k, v = cache.update(k, v)                                    # (B, h_kv, M, d), M = past + N
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        out = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = self.hook_out(out)                                         # (B, h, N, d)
+        out = out.transpose(1, 2).reshape(B, N, C)                       # (B, N, C)
+        return self.proj_drop(self.proj(out))

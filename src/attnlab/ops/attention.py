@@ -1,0 +1,213 @@
+"""`attention(q, k, v, ...)`: scaled dot-product attention over several backends.
+
+Backends, in default priority order:
+- `sdpa`: torch.nn.functional.scaled_dot_product_attention (fused kernels where torch has them).
+- `flex`: FlexAttention (torch.nn.attention.flex_attention); compiled on GPU, forward-only on CPU.
+- `reference`: the naive eager oracle in `attnlab.ops.reference`.
+
+`backend=None` picks the first backend that can run the call (the default can be changed with
+`use_backend(name)` or the ATTNLAB_BACKEND environment variable). An explicit backend never
+falls back: when it cannot run, the error says why; when none can, it lists every reason.
+
+Equivalent PyTorch (for every backend):
+    scores = q @ k.transpose(-2, -1) * scale + mask      # (B, h, N, M)
+    out = scores.softmax(-1) @ v                         # (B, h, N, dv); empty rows -> 0
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+import os
+import warnings
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.masks import PreparedMask, prepare_mask
+from attnlab.ops.reference import reference_attention
+
+log = logging.getLogger(__name__)
+
+PRIORITY = ("sdpa", "flex", "reference")
+_default_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnlab_backend", default=None)
+
+
+class BackendUnavailable(RuntimeError):
+    """No backend (or not the requested one) can run this call; the message says why."""
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Within the block, `attention(..., backend=None)` uses `name` (None restores auto-pick)."""
+    if name is not None and name not in PRIORITY:
+        raise ValueError(f"unknown backend {name!r}; expected one of {PRIORITY}")
+    token = _default_backend.set(name)
+    try:
+        yield
+    finally:
+        _default_backend.reset(token)
+
+
+def default_backend() -> str | None:
+    name = _default_backend.get()
+    if name is None:
+        name = os.environ.get("ATTNLAB_BACKEND") or None
+        if name is not None and name not in PRIORITY:
+            raise ValueError(f"ATTNLAB_BACKEND={name!r} is not a backend; expected one of {PRIORITY}")
+    return name
+
+
+# --- backends: each is a pair (reasons it cannot run, run) -------------------------------------
+
+def _sdpa_reasons(q, k, v, prepared, dropout_p) -> list[str]:
+    return []
+
+
+def _sdpa_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_causal):
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.mask, is_causal=prepared.is_causal,
+                                          dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return None
+    return fa
+
+
+_compiled_flex: dict[str, Callable] = {}
+
+
+def _flex_reasons(q, k, v, prepared, dropout_p) -> list[str]:
+    reasons = []
+    if _flex_module() is None:
+        reasons.append("torch.nn.attention.flex_attention is not available in this torch")
+    if dropout_p > 0.0:
+        reasons.append("FlexAttention has no attention dropout")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        reasons.append("FlexAttention has no backward on CPU (inputs require grad)")
+    if q.shape[-1] != v.shape[-1]:
+        reasons.append("FlexAttention here needs the same head dim for q/k and v")
+    return reasons
+
+
+def _flex_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_causal):
+    fa = _flex_module()
+    B, h, N, _ = q.shape
+    M = k.shape[-2]
+    block_mask = score_mod = None
+    mask = prepared.mask
+    if prepared.is_causal:
+        def causal_mask(b, hh, q_idx, kv_idx):
+            return kv_idx <= q_idx
+        block_mask = fa.create_block_mask(causal_mask, None, None, N, M, device=q.device)
+    elif mask is not None and mask.dtype == torch.bool:
+        full = mask.expand(B, h, N, M)
+
+        def tensor_mask(b, hh, q_idx, kv_idx):
+            return full[b, hh, q_idx, kv_idx]
+        block_mask = fa.create_block_mask(tensor_mask, B, h, N, M, device=q.device)
+    elif mask is not None:
+        bias = mask.expand(B, h, N, M)
+
+        def add_bias(score, b, hh, q_idx, kv_idx):
+            return score + bias[b, hh, q_idx, kv_idx]
+        score_mod = add_bias
+    if q.device.type == "cpu":
+        fn = fa.flex_attention
+    else:  # FlexAttention is only fast compiled
+        fn = _compiled_flex.setdefault(q.device.type, torch.compile(fa.flex_attention, dynamic=False))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                  enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _reference_reasons(q, k, v, prepared, dropout_p) -> list[str]:
+    return []
+
+
+def _reference_run(q, k, v, prepared, scale, dropout_p, attn_mask, is_causal):
+    # The oracle gets the caller's raw mask, not the prepared one, so it checks the preparation.
+    return reference_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                               dropout_p=dropout_p)
+
+
+BACKENDS: dict[str, tuple[Callable, Callable]] = {
+    "sdpa": (_sdpa_reasons, _sdpa_run),
+    "flex": (_flex_reasons, _flex_run),
+    "reference": (_reference_reasons, _reference_run),
+}
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, h, N, d), got shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k, v must share the batch size, got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share the head dim, got q {_shape(q)} and k {_shape(k)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must share heads and length, got k {_shape(k)} and v {_shape(v)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
+              is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+              backend: str | None = None) -> Tensor:
+    """Scaled dot-product attention in the SDPA layout.
+
+    q (B, h, N, d), k (B, h_kv, M, d), v (B, h_kv, M, dv), h a multiple of h_kv (grouped-query
+    attention) -> out (B, h, N, dv) in q's dtype. See `attnlab.masks` for the mask conventions.
+    """
+    _check_qkv(q, k, v)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    B, h, N, d = q.shape
+    M = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    prepared = prepare_mask(attn_mask, B=B, h=h, N=N, M=M, is_causal=is_causal, dtype=q.dtype, device=q.device)
+
+    requested = backend if backend is not None else default_backend()
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; expected one of {PRIORITY}")
+
+    if B == 0 or N == 0 or M == 0 or h == 0:  # nothing to attend: defined as zeros, on every backend
+        return q.new_zeros(B, h, N, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
+
+    candidates = [requested] if requested is not None else list(PRIORITY)
+    reasons: dict[str, list[str]] = {}
+    for name in candidates:
+        why_not, run = BACKENDS[name]
+        reasons[name] = why_not(q, k, v, prepared, dropout_p)
+        if reasons[name]:
+            log.debug("attnlab.attention: skipping backend %s: %s", name, "; ".join(reasons[name]))
+            continue
+        out = run(q, k, v, prepared, scale, dropout_p, attn_mask, is_causal)
+        if prepared.row_valid is not None and name != "reference":
+            out = out.masked_fill(~prepared.row_valid, 0.0)
+        return out
+    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
+    if requested is not None:
+        raise BackendUnavailable(f"backend {requested!r} cannot run this call ({detail})")
+    raise BackendUnavailable(f"no attention backend can run this call ({detail})")
