@@ -36,6 +36,7 @@ class MechanismSpec:
     kv_cache: bool = False          # supports incremental decoding with a KVCache
     cross: bool = False             # supports keys/values from another sequence
     backends: tuple[str, ...] = ()  # ops.attention backends it can run on
+    variants: tuple[str, ...] = ()  # values of its `variant` option ("name:variant" in create)
     url: str = ""
     # A tiny configuration for the shared test suite (options only, dim/num_heads are chosen
     # by the suite). Excluded from hashing/equality because a mapping is not hashable.
@@ -51,6 +52,7 @@ class MechanismSpec:
         if unknown:
             raise ValueError(f"spec {self.name!r}: unknown backends {sorted(unknown)}, known {BACKENDS}")
         object.__setattr__(self, "backends", tuple(self.backends))
+        object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "test_kwargs", types.MappingProxyType(dict(self.test_kwargs)))
 
     def supports(self, feature: str) -> bool:
@@ -86,10 +88,12 @@ def _load_builtin() -> None:
 
 
 def get_spec(name: str) -> MechanismSpec:
-    """The spec registered under `name`; a ValueError lists close names when there is none."""
+    """The spec registered under `name` ("name" or "name:variant"); a ValueError lists close
+    names when there is none."""
     _load_builtin()
     if not isinstance(name, str):
         raise TypeError(f"mechanism name must be a str, got {type(name).__name__}")
+    name = name.split(":", 1)[0]
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -123,8 +127,16 @@ def list_specs(**filters: Any) -> list[MechanismSpec]:
 
 
 def create(name: str, dim: int, num_heads: int = 8, **options: Any) -> nn.Module:
-    """Build the mechanism registered under `name` for width `dim` with `num_heads` heads."""
+    """Build the mechanism registered under `name` for width `dim` with `num_heads` heads.
+
+    "name:variant" is shorthand for `create("name", ..., variant="variant")`, for mechanisms
+    that take a `variant` option (e.g. "deconstructed:fixed").
+    """
     spec = get_spec(name)
+    if ":" in name:
+        if "variant" in options:
+            raise TypeError(f"{name!r} names a variant and variant={options['variant']!r} was also given")
+        options["variant"] = name.split(":", 1)[1]
     accepted = spec.options()
     takes_var_kw = any(p.kind is p.VAR_KEYWORD
                        for p in inspect.signature(spec.cls.__init__).parameters.values())

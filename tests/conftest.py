@@ -1,0 +1,79 @@
+"""Shared fixtures for the attnlab test suite.
+
+- Every test starts from `torch.manual_seed(0)` (autouse), so failures reproduce.
+- `make_mechanism(spec, ...)` builds a registered mechanism from its spec with the spec's own
+  `test_kwargs`, in eval mode and in the requested dtype; the property suite and every
+  per-mechanism test build modules through it, so a new mechanism needs no test plumbing.
+- Hypothesis runs a small, deterministic profile by default (`HYPOTHESIS_PROFILE=thorough`
+  for a longer search).
+- Tests marked `gpu` are skipped when CUDA is absent.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import attnlab
+
+# Typical sizes for the shared suite: 4 heads of width 8.
+DIM = 32
+NUM_HEADS = 4
+
+settings.register_profile(
+    "default", max_examples=60, deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "thorough", max_examples=1000, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same global RNG state."""
+    torch.manual_seed(0)
+    yield
+
+
+def build_mechanism(spec, dim: int = DIM, num_heads: int = NUM_HEADS, *, dtype=torch.float64,
+                    train: bool = False, **overrides) -> torch.nn.Module:
+    """`attnlab.create(spec.name, dim, num_heads, **spec.test_kwargs, **overrides)` in `dtype`.
+
+    The module is in eval mode unless `train=True`; `overrides` replace test_kwargs entries.
+    """
+    name = spec if isinstance(spec, str) else spec.name
+    spec = attnlab.get_spec(name)
+    kwargs = {**spec.test_kwargs, **overrides}
+    module = attnlab.create(name, dim, num_heads, **kwargs)
+    module = module.to(dtype)
+    module.train(train)
+    return module
+
+
+@pytest.fixture
+def make_mechanism():
+    """Factory fixture: `make_mechanism(spec_or_name, dim=32, num_heads=4, dtype=float64, **kw)`."""
+    return build_mechanism
+
+
+@pytest.fixture
+def registry_snapshot():
+    """Restore attnlab's registry after a test that registers throwaway mechanisms."""
+    from attnlab import registry
+    attnlab.list_specs()  # load the built-in mechanisms before the snapshot
+    saved = dict(registry._REGISTRY)
+    yield registry
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
