@@ -6,9 +6,10 @@
 """
 from attnlab import ops
 from attnlab.cache import KVCache
+from attnlab.models import Block, CausalLM, Classifier, Transformer
 from attnlab.ops.attention import use_backend
 from attnlab.registry import MechanismSpec, create, get_spec, list_specs, register
 
 __version__ = "0.1.0"
 __all__ = ["create", "get_spec", "list_specs", "register", "MechanismSpec", "KVCache", "ops",
-           "use_backend", "__version__"]
+           "use_backend", "Block", "Transformer", "CausalLM", "Classifier", "__version__"]
