@@ -58,9 +58,11 @@ class KVCache:
         if self._k is not None:
             want = (self._k.shape[0], self._k.shape[1], self._k.shape[3], self._v.shape[3])
             got = (B, h, k.shape[3], v.shape[3])
-            if want != got or k.dtype != self._k.dtype or k.device != self._k.device:
-                raise ValueError(f"KVCache holds (B, h, d, dv) = {want} {self._k.dtype} on {self._k.device}, "
-                                 f"got {got} {k.dtype} on {k.device}; use one cache per layer and batch")
+            held = (self._k.dtype, self._v.dtype, self._k.device)
+            if want != got or (k.dtype, v.dtype, k.device) != held:
+                raise ValueError(f"KVCache holds (B, h, d, dv) = {want}, dtypes {held[0]}/{held[1]} on {held[2]}, "
+                                 f"got {got}, dtypes {k.dtype}/{v.dtype} on {k.device}; "
+                                 "use one cache per layer and batch")
         needed = self.length + n
         if self.max_len is not None and needed > self.max_len:
             raise ValueError(f"KVCache is full: max_len={self.max_len}, it holds {self.length} and got {n} more")
