@@ -150,7 +150,7 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _check_qkv(q, k, v) -> None:
+def check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -180,7 +180,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = Non
     q (B, h, N, d), k (B, h_kv, M, d), v (B, h_kv, M, dv), h a multiple of h_kv (grouped-query
     attention) -> out (B, h, N, dv) in q's dtype. See `attnlab.masks` for the mask conventions.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     B, h, N, d = q.shape

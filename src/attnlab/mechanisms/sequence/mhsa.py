@@ -3,6 +3,8 @@
 Paper: Attention Is All You Need (2017); grouped-query attention from GQA (2023); QK-norm as
 in timm's `Attention` (LayerNorm over the head dim of q and k).
 Status: exact softmax attention through `attnlab.ops.attention` (SDPA by default).
+`softmax="edgemoe"` instead runs attention eagerly with the Edge-MoE single-pass softmax
+(`attnlab.ops.numerics`; Edge-MoE, ICCAD 2023), an approximation: such an instance is not exact.
 Parameters follow timm: `qkv = Linear(dim, 3 * dim)` whose output reshapes as (B, N, 3, h, d)
 and `proj = Linear(dim, dim)`. With `num_kv_heads < num_heads` the fused projection is
 `Linear(dim, (h + 2 * h_kv) * d)`, laid out as [q heads | k heads | v heads].
@@ -16,6 +18,7 @@ from torch import Tensor
 from attnlab.cache import KVCache
 from attnlab.mechanisms.common import check_dims, check_features, check_tokens
 from attnlab.ops.attention import attention
+from attnlab.ops.numerics import SOFTMAXES, softmax_attention
 from attnlab.registry import MechanismSpec, register
 
 
@@ -31,7 +34,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, qk_norm: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, num_kv_heads: int | None = None,
                  proj_bias: bool = True, scale: float | None = None, norm_layer: type[nn.Module] = nn.LayerNorm,
-                 backend: str | None = None, device=None, dtype=None):
+                 backend: str | None = None, softmax: str = "exact", device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims("mhsa", dim, num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -41,10 +44,16 @@ class MultiHeadAttention(nn.Module):
                              f"got {num_kv_heads!r}")
         if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
             raise ValueError(f"mhsa: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        if not isinstance(softmax, str) or softmax not in SOFTMAXES:
+            raise ValueError(f"mhsa: softmax must be one of {sorted(SOFTMAXES)}, got {softmax!r}")
+        if softmax != "exact" and backend is not None:
+            raise ValueError(f"mhsa: softmax={softmax!r} runs eagerly and takes no attention backend, "
+                             f"got backend={backend!r} (use backend=None)")
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.scale = scale
         self.backend = backend
+        self.softmax = softmax
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias, **factory)
         self.q_norm = norm_layer(self.head_dim, **factory) if qk_norm else nn.Identity()
@@ -58,7 +67,8 @@ class MultiHeadAttention(nn.Module):
         self.hook_out = nn.Identity()  # (B, h, N, d), per-head outputs before proj
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}"
+        extra = "" if self.softmax == "exact" else f", softmax={self.softmax!r}"
+        return f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}{extra}"
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache: KVCache | None = None) -> Tensor:
@@ -78,8 +88,12 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)                                    # (B, h_kv, M, d), M = past + N
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        out = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        if self.softmax == "exact":
+            out = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                            dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        else:  # an approximate softmax: eager scores -> SOFTMAXES[softmax] -> @ v, same mask rules
+            out = softmax_attention(q, k, v, softmax=self.softmax, attn_mask=attn_mask, is_causal=is_causal,
+                                    scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
         out = self.hook_out(out)                                         # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)                       # (B, N, C)
         return self.proj_drop(self.proj(out))
