@@ -118,9 +118,14 @@ def prepare_mask(attn_mask: Tensor | None, *, B: int, h: int, N: int, M: int, is
         row_valid = attn_mask.any(-1, keepdim=True)
         attn_mask = attn_mask | ~row_valid      # a fully masked row attends everywhere, then is zeroed
     else:
-        attn_mask = attn_mask.to(dtype)
         if is_causal:
             attn_mask = attn_mask.masked_fill(~causal_grid(N, M, device), float("-inf"))
+        # Decide which rows are empty before any cast: a large finite bias (HF uses
+        # finfo(float32).min) must not turn into -inf in float16 and silently empty a row.
         row_valid = (attn_mask != float("-inf")).any(-1, keepdim=True)
         attn_mask = attn_mask.masked_fill(~row_valid, 0.0)
+        if attn_mask.dtype != dtype:
+            info = torch.finfo(dtype)
+            finite = attn_mask.clamp(info.min, info.max)
+            attn_mask = torch.where(torch.isinf(attn_mask), attn_mask, finite).to(dtype)
     return PreparedMask(attn_mask, False, row_valid)
