@@ -2,15 +2,19 @@
 
 - Every test starts from `torch.manual_seed(0)` (autouse), so failures reproduce.
 - `make_mechanism(spec, ...)` builds a registered mechanism from its spec with the spec's own
-  `test_kwargs`, in eval mode and in the requested dtype; the property suite and every
-  per-mechanism test build modules through it, so a new mechanism needs no test plumbing.
+  `test_kwargs`, in eval mode and in the requested dtype (float64 by default); the shared
+  property suite builds every module through it, so a new mechanism needs no test plumbing.
+- `registry_snapshot` restores the registry after a test registers throwaway mechanisms;
+  `backend_spy` records which attention backend ran and can make one refuse.
 - Hypothesis runs a small, deterministic profile by default (`HYPOTHESIS_PROFILE=thorough`
   for a longer search).
 - Tests marked `gpu` are skipped when CUDA is absent.
 """
 from __future__ import annotations
 
+import importlib
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,6 +72,31 @@ def registry_snapshot():
     yield registry
     registry._REGISTRY.clear()
     registry._REGISTRY.update(saved)
+
+
+@pytest.fixture
+def backend_spy(monkeypatch):
+    """Record which `attnlab.ops.attention` backend runs each call.
+
+    Returns `spy` with `spy.ran` (backend names in call order) and `spy.refuse(name, reason)`,
+    which makes that backend report that it cannot run. ATTNLAB_BACKEND is cleared so the
+    default is the automatic pick.
+    """
+    # `attnlab.ops.attention` is the function; the module is reached through importlib.
+    table = importlib.import_module("attnlab.ops.attention").BACKENDS
+    monkeypatch.delenv("ATTNLAB_BACKEND", raising=False)
+    ran: list[str] = []
+    for name, (reasons, run) in list(table.items()):
+        def spy_run(*args, _name=name, _run=run):
+            ran.append(_name)
+            return _run(*args)
+        monkeypatch.setitem(table, name, (reasons, spy_run))
+
+    def refuse(name: str, reason: str) -> None:
+        _, run = table[name]
+        monkeypatch.setitem(table, name, (lambda *args: [reason], run))
+
+    return SimpleNamespace(ran=ran, refuse=refuse)
 
 
 def pytest_collection_modifyitems(config, items):
