@@ -1,2 +1,2 @@
 """Every built-in mechanism; importing this package registers them all."""
-from attnlab.mechanisms import pool, sequence  # noqa: F401
+from attnlab.mechanisms import pool, sequence, spatial  # noqa: F401
