@@ -58,6 +58,24 @@ def causal_grid(N: int, M: int, device=None) -> Tensor:
     return materialize_mask(causal(M - N), 1, 1, N, M, device)[0, 0]
 
 
+def allowed_and_bias(attn_mask: Tensor | None, is_causal: bool, B: int, h: int, N: int, M: int,
+                     device) -> tuple[Tensor, Tensor | None]:
+    """The mask conventions for eager mechanisms with their own weighting (not softmax over
+    ops.attention): (allowed: bool (B|1, h|1, N, M), bias: the float mask or None)."""
+    allowed = torch.ones(1, 1, N, M, dtype=torch.bool, device=device)
+    bias = None
+    if attn_mask is not None:
+        mask = check_attn_mask(attn_mask, B, h, N, M).to(device)
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            allowed = allowed & (mask != float("-inf"))
+            bias = mask
+    if is_causal:   # bottom-right aligned: query i is position M - N + i
+        allowed = allowed & causal_grid(N, M, device)
+    return allowed, bias
+
+
 @dataclass
 class PreparedMask:
     """What a backend needs: a mask (bool or float, 4-D broadcastable) or the causal flag."""

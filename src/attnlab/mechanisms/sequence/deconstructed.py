@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab.masks import causal_grid, check_attn_mask
+from attnlab.masks import allowed_and_bias, check_attn_mask
 from attnlab.mechanisms.common import check_dims, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
@@ -133,23 +133,6 @@ def hybrid_variants(num_layers: int, variant: str, standard_layers: str | Iterab
         if bad:
             raise ValueError(f"hybrid_variants: standard layer ids must be ints in [1, {num_layers}], got {bad}")
     return [f"deconstructed:{'standard' if i in keep else variant}" for i in range(1, num_layers + 1)]
-
-
-def _allowed_and_bias(attn_mask: Tensor | None, is_causal: bool, B: int, h: int, N: int, M: int,
-                      device) -> tuple[Tensor, Tensor | None]:
-    """attnlab's mask conventions as (allowed: bool (B|1, h|1, N, M), bias: float or None)."""
-    allowed = torch.ones(1, 1, N, M, dtype=torch.bool, device=device)
-    bias = None
-    if attn_mask is not None:
-        mask = check_attn_mask(attn_mask, B, h, N, M).to(device)
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask
-        else:
-            allowed = allowed & (mask != float("-inf"))
-            bias = mask
-    if is_causal:   # bottom-right aligned: query i is position M - N + i
-        allowed = allowed & causal_grid(N, M, device)
-    return allowed, bias
 
 
 def _taylor_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Tensor | None, scale: float,
@@ -399,7 +382,7 @@ class DeconstructedAttention(nn.Module):
         M = k.shape[2]
 
         if self.variant == "approximate":
-            allowed, bias = _allowed_and_bias(attn_mask, is_causal, B, h, N, M, x.device)
+            allowed, bias = allowed_and_bias(attn_mask, is_causal, B, h, N, M, x.device)
             out = _taylor_attention(q, k, v, allowed, bias, scale, dropout_p)
         elif self.variant == "fixed":
             logits = self.logits[:, start:end, :M].to(x.dtype)[None]         # (1, h, N, M)
@@ -428,7 +411,7 @@ class DeconstructedAttention(nn.Module):
         M = (len(cache) if cache is not None else N)
         out = self.down(F.silu(self.gate(x)) * self.up(x))                  # (B, N, C)
         if attn_mask is not None or is_causal:
-            allowed, _ = _allowed_and_bias(attn_mask, is_causal, B, h, N, M, x.device)
+            allowed, _ = allowed_and_bias(attn_mask, is_causal, B, h, N, M, x.device)
             idx = torch.arange(N, device=x.device)
             self_allowed = allowed[..., idx, idx + (M - N)]                  # (B|1, h|1, N): key i for query i
             out = self._heads(out) * self_allowed[..., None].to(out.dtype)  # (B, h, N, d)

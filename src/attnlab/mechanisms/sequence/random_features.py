@@ -49,29 +49,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab.masks import causal_grid, check_attn_mask
+from attnlab.masks import allowed_and_bias
 from attnlab.mechanisms.common import check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
 ACTIVATIONS = ("relu", "softmax")
-
-
-def _allowed_and_bias(attn_mask: Tensor | None, is_causal: bool, B: int, h: int, N: int, M: int,
-                      device) -> tuple[Tensor, Tensor | None]:
-    """attnlab's mask conventions as (allowed: bool (B|1, h|1, N, M), bias: float or None)."""
-    allowed = torch.ones(1, 1, N, M, dtype=torch.bool, device=device)
-    bias = None
-    if attn_mask is not None:
-        mask = check_attn_mask(attn_mask, B, h, N, M).to(device)
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask
-        else:
-            allowed = allowed & (mask != float("-inf"))
-            bias = mask
-    if is_causal:   # bottom-right aligned: query i is position M - N + i
-        allowed = allowed & causal_grid(N, M, device)
-    return allowed, bias
 
 
 def _relu_mean_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Tensor | None,
@@ -179,7 +162,7 @@ class RandomFeatureAttention(nn.Module):
             phi = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
                             dropout_p=dropout_p, backend=self.backend)
         else:
-            allowed, bias = _allowed_and_bias(attn_mask, is_causal, B, h, N, k.shape[2], x.device)
+            allowed, bias = allowed_and_bias(attn_mask, is_causal, B, h, N, k.shape[2], x.device)
             phi = _relu_mean_attention(q, k, v, allowed, bias, self.scale, dropout_p)
         phi = self.hook_out(phi)                                            # (B, M, N, C)
         return phi.transpose(1, 2).reshape(B, N, h * C)                     # (B, N, M C)
