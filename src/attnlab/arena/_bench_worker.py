@@ -1,0 +1,454 @@
+"""The measuring processes of `attnlab bench`: `python -m attnlab.arena._bench_worker [--serve]`.
+
+Every job runs in a fresh process, so that nothing one configuration allocated, initialised or
+warmed up is left for the next. A job is JSON in, JSON out:
+
+- "time": all entries (mechanisms and the baseline) of one shape. After a trial call of each
+  module and `warmup` untimed rounds, each round times every module's forward (under no_grad),
+  then every module's forward+backward (`out.backward(grad_out)`, x requiring grad, gradients
+  cleared outside the timed region), in an order that rotates each round, so that drift hits
+  every module alike and the calls compared with each other run close together. Without a fixed
+  `repeats`, the rounds fill `budget_s`, and go on (to twice that) while the standard error of
+  some median ratio to the baseline is over 1%.
+- "memory": one entry of one shape. Peak memory growth of one forward+backward over the memory
+  in use just before it (module, input and output gradient built, code paths already loaded by a
+  forward+backward on a 16-token input). On CPU: VmHWM, reset through /proc/self/clear_refs,
+  minus the RSS from /proc/self/statm. Not `ru_maxrss` against that RSS: a process starts with
+  its parent's high-water mark (Linux carries it across fork and exec), which made small configs
+  report the parent's size; where /proc cannot be reset, the increase of `ru_maxrss` during the
+  call is reported instead, a lower bound.
+  glibc's mmap threshold is fixed at 64 KiB first, so every large tensor is unmapped when freed
+  and RSS follows live memory (with the default, dynamic threshold the peak of one configuration
+  varied by ~15% from run to run). On CUDA: max_memory_allocated over memory_allocated. The same
+  process then counts FLOPs: the class's `useful_flops`, or a FlopCounterMode run.
+
+Modes:
+- no flag: read one job on stdin, write its answer as one JSON line on stdout.
+- `--serve` (Linux): a fork server. It imports torch and the mechanisms once, writes a "ready"
+  line, then for each job line on stdin forks a child that runs the job and sends its answer
+  back; the server writes it as one line. A fork of a process that has imported torch but never
+  run an op (no thread pool, no allocator state) is fresh for measuring purposes, and costs
+  milliseconds where a new interpreter costs seconds.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import select
+import signal
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from attnlab.arena.bench import DTYPES, build_module
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def environment(threads: int | None, device: str) -> dict[str, Any]:
+    """What the numbers depend on (sets the thread count first); no hostname."""
+    import attnlab
+    _set_threads(threads)
+    return {"torch": torch.__version__, "attnlab": attnlab.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "num_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+
+
+class _Shape:
+    """One job's inputs and the two calls that are measured."""
+
+    def __init__(self, job: dict[str, Any]):
+        self.device = torch.device(job["device"])
+        self.dtype = DTYPES[job["dtype"]]
+        self.batch, self.seq_len, self.heads = job["batch"], job["seq_len"], job["heads"]
+        self.dim = job["heads"] * job["head_dim"]
+        self.causal = job["causal"]
+        self.kwargs = {"is_causal": True} if self.causal else {}
+        torch.manual_seed(0)
+        self.x, self.grad_out = self.inputs(self.seq_len)
+        self.sync: Callable[[], None] = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    def inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.batch, n, self.dim)                             # (B, N, C)
+        x = torch.randn(shape, device=self.device, dtype=self.dtype, requires_grad=True)
+        return x, torch.randn(shape, device=self.device, dtype=self.dtype)
+
+    def build(self, entry: dict[str, Any]) -> nn.Module:
+        torch.manual_seed(0)
+        module = build_module(entry["name"], self.dim, self.heads, entry.get("options", {}))
+        return module.to(device=self.device, dtype=self.dtype)
+
+    def fwd(self, m: nn.Module, x: torch.Tensor | None = None) -> None:
+        with torch.no_grad():
+            m(self.x if x is None else x, **self.kwargs)
+
+    def fwd_bwd(self, m: nn.Module, x: torch.Tensor | None = None, grad_out: torch.Tensor | None = None) -> None:
+        out = m(self.x if x is None else x, **self.kwargs)
+        out.backward(self.grad_out if grad_out is None else grad_out)
+
+    def clear_grads(self, m: nn.Module) -> None:
+        for p in m.parameters():
+            p.grad = None
+        self.x.grad = None
+
+    def timed(self, call: Callable[[nn.Module], None], m: nn.Module) -> float:
+        """Milliseconds of one call; gradients are cleared first, outside the timed region."""
+        self.clear_grads(m)
+        self.sync()
+        t0 = time.perf_counter()
+        call(m)
+        self.sync()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def _reason(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+RATIO_TOLERANCE = 0.01  # wanted standard error of a median ratio to the baseline, relative
+
+
+def _ratio_uncertainty(samples: dict[str, dict[str, list[float]]], baseline: str, alive: list[str]) -> float:
+    """The largest relative standard error of a median paired ratio to the baseline.
+
+    Standard error of a median ~ 1.2533 * sigma / sqrt(n), with sigma estimated as IQR / 1.349.
+    """
+    if baseline not in alive:
+        return 0.0
+    worst = 0.0
+    for name in alive:
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            ratios = [a / b for a, b in zip(samples[name][key], samples[baseline][key])]
+            if name == baseline or len(ratios) < 4:
+                continue
+            q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+            worst = max(worst, 1.2533 * (q3 - q1) / 1.349 / math.sqrt(len(ratios)) / med)
+    return worst
+
+
+def time_job(job: dict[str, Any]) -> dict[str, Any]:
+    env = environment(job["threads"], job["device"])
+    s = _Shape(job)
+    modules: dict[str, nn.Module] = {}
+    results: dict[str, dict[str, Any]] = {}
+    last: dict[str, float] = {}  # each module's latest fwd + fwd_bwd ms, to size the run
+    for entry in job["entries"]:  # trial call: a module that raises here is skipped, not fatal
+        name = entry["name"]
+        try:
+            m = s.build(entry)
+            last[name] = s.timed(s.fwd, m) + s.timed(s.fwd_bwd, m)
+            modules[name] = m
+        except Exception as e:
+            results[name] = {"status": "skipped", "reason": _reason(e)}
+            gc.collect()
+
+    samples = {name: {"fwd_ms": [], "fwd_bwd_ms": []} for name in modules}
+    alive = list(modules)
+
+    def one_round(r: int, record: bool) -> None:
+        # Every module's forward, then every module's forward+backward, so that the calls whose
+        # times are compared run next to each other; the order rotates, so none always goes first.
+        k = r % len(alive) if alive else 0
+        order = alive[k:] + alive[:k]
+        times: dict[str, dict[str, float]] = {name: {} for name in order}
+        for key, call in (("fwd_ms", s.fwd), ("fwd_bwd_ms", s.fwd_bwd)):
+            for name in order:
+                if name not in alive:
+                    continue
+                try:
+                    times[name][key] = s.timed(call, modules[name])
+                except Exception as e:
+                    results[name] = {"status": "skipped", "reason": _reason(e)}
+                    alive.remove(name)
+        for name in alive:
+            last[name] = sum(times[name].values())
+            if record:
+                for key, ms in times[name].items():
+                    samples[name][key].append(ms)
+
+    gc.collect()
+    gc.disable()  # no collector pauses inside timed calls
+    try:
+        warmup = job["warmup"]
+        if warmup is None:  # a round, unless the trial calls took so long that they warmed up enough
+            warmup = 0 if sum(last.values()) / 1e3 > job["budget_s"] else 1
+        for r in range(warmup):
+            one_round(r, record=False)
+        if job["repeats"] is not None:
+            for r in range(job["repeats"]):
+                one_round(r, record=True)
+        else:
+            # As many rounds as fit in the budget, within bounds; then, while some ratio to the
+            # baseline is still uncertain (a noisy machine), more, up to twice the budget.
+            round_s = sum(last[n] for n in alive) / 1e3
+            repeats = math.ceil(job["budget_s"] / round_s) if round_s > 0 else job["max_repeats"]
+            repeats = max(job["min_repeats"], min(job["max_repeats"], repeats))
+            t0, r = time.perf_counter(), 0
+            while r < repeats or (r < job["max_repeats"] and time.perf_counter() - t0 < 2 * job["budget_s"]
+                                  and _ratio_uncertainty(samples, job["baseline"], alive) > RATIO_TOLERANCE):
+                one_round(r, record=True)
+                r += 1
+    finally:
+        gc.enable()
+    for name in alive:
+        results[name] = {"status": "ok", **samples[name]}
+    return {"env": env, "results": results, "warmup": warmup}
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _hwm_bytes() is not None
+
+
+def _ru_maxrss_bytes() -> int:
+    import resource  # POSIX only
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _fix_mmap_threshold(nbytes: int = 64 * 1024) -> None:
+    """glibc: allocations from `nbytes` up are mmapped and given back when freed; no-op elsewhere."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, nbytes)  # -3 is M_MMAP_THRESHOLD in glibc's malloc.h
+    except (OSError, AttributeError):
+        pass
+
+
+def _attention_pairs(n: int, m: int, causal: bool) -> int:
+    """(query, key) pairs that matter: all N*M, or those with key <= query (top-left causal)."""
+    if not causal:
+        return n * m
+    return m * (m + 1) // 2 + (n - m) * m if n > m else n * (n + 1) // 2
+
+
+def _sdpa_formula(op, backward: bool) -> Callable[..., int]:
+    """A FlopCounterMode formula for one fused SDPA op that counts the useful work only.
+
+    Forward: scores and weighted sum, 2 * (d + dv) per (query, key) pair and query head. Backward:
+    twice that (dq, dk, dv and the score gradients), without the kernel's recompute of the scores.
+    torch's own formulas count every pair even when causal, add the recompute, and miss the CPU
+    kernel; with these, dense attention counts the same whichever kernel runs it.
+    """
+    names = [a.name for a in op.default._schema.arguments]
+
+    def count(*args, out_shape=None, **kwargs) -> int:
+        bound = {**dict(zip(names, args)), **kwargs}                 # tensors arrive as their shapes
+        (b, h, n, d), m, dv = bound["query"], bound["key"][-2], bound["value"][-1]
+        fwd = 2 * b * h * _attention_pairs(n, m, bool(bound.get("is_causal", False))) * (d + dv)
+        return 2 * fwd if backward else fwd
+    return count
+
+
+def _flop_counter_mapping() -> dict:
+    aten = torch.ops.aten
+    mapping = {}
+    for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention"):
+        for backward in (False, True):
+            op = getattr(aten, f"_scaled_dot_product_{kernel}{'_backward' if backward else ''}", None)
+            if op is not None:
+                mapping[op] = _sdpa_formula(op, backward)
+    return mapping
+
+
+def count_flops(s: _Shape, m: nn.Module) -> tuple[int, int, str]:
+    """(forward, backward) FLOPs of one call at this shape, and where they come from."""
+    useful = getattr(m, "useful_flops", None)
+    if callable(useful):
+        try:
+            counts = useful(s.batch, s.seq_len, s.dim, s.heads, s.causal)
+        except NotImplementedError:
+            counts = None
+        if counts is not None:
+            fwd, bwd = counts
+            return int(fwd), int(bwd), "useful_flops"
+    from torch.utils.flop_counter import FlopCounterMode
+    s.clear_grads(m)
+    with FlopCounterMode(display=False, custom_mapping=_flop_counter_mapping()) as counter:
+        out = m(s.x, **s.kwargs)
+    fwd = counter.get_total_flops()
+    with FlopCounterMode(display=False, custom_mapping=_flop_counter_mapping()) as counter:
+        out.backward(s.grad_out)
+    return int(fwd), int(counter.get_total_flops()), "flop_counter"
+
+
+def memory_job(job: dict[str, Any]) -> dict[str, Any]:
+    if job["device"] == "cpu":
+        _fix_mmap_threshold()
+    _set_threads(job["threads"])
+    s = _Shape(job)
+    try:
+        m = s.build(job["entries"][0])
+        # A forward+backward on a short input first loads code and initialises libraries, which
+        # would otherwise count as this configuration's memory, while allocating little.
+        xs, gs = s.inputs(min(s.seq_len, 16))
+        s.fwd(m, xs)
+        s.fwd_bwd(m, xs, gs)
+        del xs, gs
+        s.clear_grads(m)
+        gc.collect()
+        # No collection inside the measured call: besides its own cost, a collection in a forked
+        # child writes to the headers of objects shared with the server and copies their pages.
+        gc.disable()
+        if s.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            s.fwd_bwd(m)
+            torch.cuda.synchronize()
+            peak, method = torch.cuda.max_memory_allocated() - before, "cuda_max_memory_allocated"
+        elif _reset_hwm():
+            before = _rss_bytes()
+            s.fwd_bwd(m)
+            peak, method = _hwm_bytes() - before, "vmhwm"
+        else:  # no /proc to reset: how far the call raised the process's peak, a lower bound
+            before = _ru_maxrss_bytes()
+            s.fwd_bwd(m)
+            peak, method = _ru_maxrss_bytes() - before, "ru_maxrss_increase"
+        result = {"status": "ok", "peak_mem_mb": max(peak, 0) / 2**20, "mem_method": method}
+    except Exception as e:
+        return {"status": "skipped", "reason": "memory: " + _reason(e)}
+    finally:
+        gc.enable()
+    try:
+        fwd, bwd, source = count_flops(s, m)
+        result.update(flops_fwd=fwd, flops_bwd=bwd, flops_source=source)
+    except Exception as e:
+        result["reason"] = "flops: " + _reason(e)
+    return result
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return time_job(job) if job["kind"] == "time" else memory_job(job)
+    except Exception as e:  # a broken job is an answer, never a traceback in place of JSON
+        return {"error": _reason(e)}
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+def _fork_run(job: dict[str, Any]) -> dict[str, Any]:
+    """Run `job` in a forked child; kill it after job["timeout"] seconds."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: answer through the pipe, print nothing on the server's stdout
+        try:
+            os.close(read_fd)
+            os.dup2(2, 1)
+            data = json.dumps(run_job(job)).encode()
+            with os.fdopen(write_fd, "wb") as f:
+                f.write(data)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    deadline = time.monotonic() + job.get("timeout", 900)
+    chunks: list[bytes] = []
+    timed_out = False
+    with os.fdopen(read_fd, "rb", buffering=0) as f:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([f], [], [], left)[0]:
+                timed_out = True
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = f.read(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if timed_out:
+        return {"error": f"timed out after {job.get('timeout', 900)} s"}
+    try:
+        return json.loads(b"".join(chunks))
+    except json.JSONDecodeError:
+        code = os.waitstatus_to_exitcode(status)
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        return {"error": f"worker process died ({how}) without an answer"}
+
+
+def serve() -> int:
+    import warnings
+
+    import attnlab
+    attnlab.list_specs()  # import every mechanism once, here, rather than in each child
+    # FlopCounterMode imports torch._dynamo on first use (seconds); import it here instead. This
+    # imports modules only: the server never runs an op, so children inherit no thread pool.
+    import torch._dynamo  # noqa: F401
+    import torch.utils.flop_counter  # noqa: F401
+    environment(None, "cpu")  # caches platform's answers (one runs `uname -p`) for the children
+    gc.collect()
+    gc.freeze()  # children's collections skip everything imported so far: less time, no page copies
+    warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*")
+    answer = sys.stdout
+    answer.write('{"ready": true}\n')
+    answer.flush()
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        answer.write(json.dumps(_fork_run(json.loads(line))) + "\n")
+        answer.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--serve"]:
+        return serve()
+    job = json.loads(sys.stdin.read())
+    answer = sys.stdout
+    sys.stdout = sys.stderr  # whatever a mechanism prints must not corrupt the answer
+    answer.write(json.dumps(run_job(job)) + "\n")
+    answer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
