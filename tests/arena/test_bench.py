@@ -174,3 +174,32 @@ def test_baseline_matches_mhsa():
     x = torch.randn(2, 9, 16)
     for causal in (False, True):
         torch.testing.assert_close(base(x, is_causal=causal), mhsa(x, is_causal=causal))
+
+
+def test_numerics_mode_writes_rows_with_same_run_ratios(tmp_path):
+    from attnlab.cli import main
+    assert main(["bench", "--numerics", "--seq-lens", "8", "--heads", "1", "--repeats", "1",
+                 "--out", str(tmp_path), "--json"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "numerics.jsonl").read_text().splitlines()]
+    impls = {(r["op"], r["impl"]) for r in rows}
+    assert {("softmax", "torch.softmax"), ("softmax", "edgemoe(chunk=1)"), ("gelu", "gelu_edgemoe")} <= impls
+    for r in rows:
+        assert r["median_ms"] > 0 and math.isfinite(r["max_abs_err"])
+        if r["impl"] in ("torch.softmax", "gelu"):
+            assert r["ratio"] == 1.0
+
+
+def test_spatial_mechanisms_run_on_square_token_counts():
+    import torch
+
+    from attnlab.arena.bench import SpatialAsSequence, build_module
+    torch.manual_seed(0)
+    m = build_module("halo2d", 32, 4, {"block_size": 4, "halo_size": 1})
+    assert isinstance(m, SpatialAsSequence)
+    x = torch.randn(2, 64, 32)
+    torch.testing.assert_close(m(x), m.inner(x.reshape(2, 8, 8, 32)).reshape(2, 64, 32))
+    assert m.useful_flops(2, 64, 32, 4, False) == m.inner.useful_flops(2, 64, 32, 4, False)
+    with pytest.raises(ValueError, match="perfect square, got N=60"):
+        m(torch.randn(1, 60, 32))
+    with pytest.raises(NotImplementedError, match="no causal mode"):
+        m(x, is_causal=True)

@@ -102,11 +102,46 @@ def module_class(name: str) -> type:
     return get_spec(name).cls
 
 
+SPATIAL_AXES = {"2d": 2, "3d": 3}
+BENCH_LAYOUTS = ("seq", *SPATIAL_AXES)
+
+
+class SpatialAsSequence(nn.Module):
+    """Times a channels-last spatial mechanism on the bench's (B, N, C) tokens.
+
+    N must be a perfect square (2d: an s x s image) or cube (3d: s x s x s volume); the tokens
+    are reshaped to (B, *spatial, C), attended, and flattened back. `is_causal` is refused:
+    spatial mechanisms take no causal flag.
+    """
+
+    def __init__(self, inner: nn.Module, axes: int):
+        super().__init__()
+        self.inner, self.axes = inner, axes
+        if hasattr(inner, "useful_flops"):  # N = prod(spatial) tokens, as the bench counts them
+            self.useful_flops = inner.useful_flops
+
+    def side(self, seq_len: int) -> int:
+        side = round(seq_len ** (1.0 / self.axes))
+        if side ** self.axes != seq_len:
+            kind = "square" if self.axes == 2 else "cube"
+            raise ValueError(f"a {self.axes}-D mechanism needs N to be a perfect {kind}, got N={seq_len}")
+        return side
+
+    def forward(self, x: Tensor, *, is_causal: bool = False) -> Tensor:
+        if is_causal:
+            raise NotImplementedError(f"{type(self.inner).spec.name} is spatial and has no causal mode")
+        B, N, C = x.shape
+        spatial = (self.side(N),) * self.axes
+        return self.inner(x.reshape(B, *spatial, C)).reshape(B, N, C)   # (B, *spatial, C) inside
+
+
 def build_module(name: str, dim: int, num_heads: int, options: dict[str, Any]) -> nn.Module:
     if name == BASELINE:
         return SDPABaseline(dim, num_heads, **options)
-    from attnlab.registry import create
-    return create(name, dim, num_heads, **options)
+    from attnlab.registry import create, get_spec
+    module = create(name, dim, num_heads, **options)
+    axes = SPATIAL_AXES.get(get_spec(name).layout)
+    return SpatialAsSequence(module, axes) if axes else module
 
 
 def resolve_names(mechanisms: str | None, baseline: str) -> list[str]:
@@ -126,8 +161,8 @@ def resolve_names(mechanisms: str | None, baseline: str) -> list[str]:
         if name == BASELINE:
             continue
         spec = get_spec(name)  # ValueError: unknown mechanism, with close names
-        if spec.layout != "seq":
-            raise ValueError(f"bench times sequence mechanisms (layout 'seq'); {name!r} has layout {spec.layout!r}")
+        if spec.layout not in BENCH_LAYOUTS:
+            raise ValueError(f"bench times layouts {BENCH_LAYOUTS} on N tokens; {name!r} has layout {spec.layout!r}")
     return names
 
 
@@ -219,6 +254,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines instead of the table")
     parser.add_argument("--timeout", type=positive, default=900,
                         help="seconds before one measuring process is abandoned (default: 900)")
+    parser.add_argument("--numerics", action="store_true",
+                        help="instead of mechanisms, time the Edge-MoE softmax/GELU approximations against "
+                             "the exact ops on (rows, M) = (N*h, N) score rows, with their max errors")
+
+
+def run_numerics(args: argparse.Namespace) -> int:
+    """`attnlab bench --numerics`: exact vs approximate softmax and GELU, ratios in the same run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from attnlab.ops.numerics import bench_numerics
+    threads = args.threads
+    if threads:
+        torch.set_num_threads(threads)
+    sizes = [(n * args.heads * args.batch, n) for n in args.seq_lens]   # one score row per query
+    rows = bench_numerics(sizes, repeats=args.repeats or 5, dtype=DTYPES[args.dtype])
+    base = {(r["op"], r["rows"], r["M"]): r["median_ms"] for r in rows
+            if r["impl"] in ("torch.softmax", "gelu")}
+    out_dir = args.out if args.out is not None else _default_out()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {"torch": torch.__version__, "num_threads": torch.get_num_threads()}
+    table = Table(title=f"attnlab bench --numerics: {args.dtype}, {torch.get_num_threads()} threads; "
+                        "x base = time / torch.softmax (softmax) or exact GELU (gelu) in the same run")
+    for col in ("op", "impl", "rows x M", "median ms", "x base", "max |err|"):
+        table.add_column(col, justify="left" if col in ("op", "impl") else "right")
+    with open(out_dir / "numerics.jsonl", "w") as f:
+        for r in rows:
+            r["ratio"] = r["median_ms"] / base[(r["op"], r["rows"], r["M"])]
+            f.write(json.dumps({**r, "env": env}) + "\n")
+            table.add_row(r["op"], r["impl"], f"{r['rows']} x {r['M']}", f"{r['median_ms']:.3f}",
+                          f"{r['ratio']:.2f}", f"{r['max_abs_err']:.2e}")
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        Console().print(table)
+    print(f"wrote {out_dir / 'numerics.jsonl'}", file=sys.stderr)
+    return 0
 
 
 # --- measuring processes -------------------------------------------------------------------------
@@ -428,6 +501,8 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    if args.numerics:
+        return run_numerics(args)
     started = time.perf_counter()
     try:
         names = resolve_names(args.mechanisms, args.baseline)
