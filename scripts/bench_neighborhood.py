@@ -1,0 +1,141 @@
+"""Neighborhood attention vs dense SDPA, forward + backward, useful GFLOP/s (issue 4, section 1).
+
+    .venv/bin/python scripts/bench_neighborhood.py                 # the three cases, 3 rounds
+    .venv/bin/python scripts/bench_neighborhood.py --cases 1d --repeats 5 --json
+
+Cases (fp32, B = 1, h = 8, d = 64; N = 16384 tokens in each):
+  1d: N = 16384, kernel 127;  2d: 128 x 128, kernel 13;  3d: 16 x 32 x 32, kernel (3, 7, 7).
+Both sides run on the same q, k, v (B, h, *spatial, d), in one process: neighborhood attention
+(`attnlab.ops.neighborhood.neighborhood_attention`, default backend: blocked on CPU) and dense
+`F.scaled_dot_product_attention` on the flattened tokens. Each round times one forward+backward
+of each, the order alternating, after `--warmup` untimed rounds; gradients are cleared outside
+the timed region. Useful FLOPs, as the issue counts them: forward 4 * pairs * d * h (scores and
+weighted sum; pairs = N * prod(kernel) for the neighborhood, N^2 dense), backward twice that.
+Reported: median times, GFLOP/s from the medians, and the median over rounds of the paired
+ratio (neighborhood GFLOP/s / dense GFLOP/s). The load average is printed because on a shared
+machine it moves every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention, neighborhood_pairs
+
+CASES = {
+    "1d": ((16384,), (127,)),
+    "2d": ((128, 128), (13, 13)),
+    "3d": ((16, 32, 32), (3, 7, 7)),
+}
+HEADS, HEAD_DIM = 8, 64
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fwd_bwd(fn, tensors, grad) -> float:
+    """Seconds of one forward + backward; gradients cleared before the clock starts."""
+    for t in tensors:
+        t.grad = None
+    t0 = time.perf_counter()
+    out = fn(*tensors)
+    out.backward(grad)
+    return time.perf_counter() - t0
+
+
+def run_case(name: str, repeats: int, warmup: int, config: BlockedConfig | None, backend: str | None) -> dict:
+    spatial, kernel = CASES[name]
+    N = math.prod(spatial)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, *spatial, HEAD_DIM, requires_grad=True) for _ in range(3))
+    grad = torch.randn(1, HEADS, *spatial, HEAD_DIM)
+
+    def local(q, k, v):
+        return neighborhood_attention(q, k, v, kernel, backend=backend, config=config)
+
+    def dense(q, k, v):                       # (B, h, N, d) views of the same tensors
+        return F.scaled_dot_product_attention(q.flatten(2, -2), k.flatten(2, -2), v.flatten(2, -2))
+
+    dense_grad = grad.flatten(2, -2)
+    pairs = neighborhood_pairs(spatial, kernel)
+    useful_local = 3 * 4 * pairs * HEAD_DIM * HEADS          # forward + backward (2x forward)
+    useful_dense = 3 * 4 * N * N * HEAD_DIM * HEADS
+    load_before = os.getloadavg()[0]
+    for _ in range(warmup):
+        fwd_bwd(local, (q, k, v), grad)
+        fwd_bwd(dense, (q, k, v), dense_grad)
+    t_local, t_dense, ratios = [], [], []
+    for r in range(repeats):
+        order = [("local", local, grad), ("dense", dense, dense_grad)]
+        if r % 2:
+            order.reverse()
+        times = {label: fwd_bwd(fn, (q, k, v), g) for label, fn, g in order}
+        t_local.append(times["local"])
+        t_dense.append(times["dense"])
+        ratios.append((useful_local / times["local"]) / (useful_dense / times["dense"]))
+    med_local, med_dense = statistics.median(t_local), statistics.median(t_dense)
+    return {
+        "case": name, "spatial": list(spatial), "kernel_size": list(kernel), "tokens": N, "pairs": pairs,
+        "local_ms": 1e3 * med_local, "dense_ms": 1e3 * med_dense,
+        "local_gflops": useful_local / med_local / 1e9, "dense_gflops": useful_dense / med_dense / 1e9,
+        "ratio": statistics.median(ratios), "ratios": ratios, "speedup": med_dense / med_local,
+        "ideal_speedup": N * N / pairs, "load_before": load_before, "load_after": os.getloadavg()[0],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="1d,2d,3d", help="comma-separated subset of 1d,2d,3d")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per case (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--backend", default=None, help="neighborhood backend (default: auto = blocked on CPU)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per case")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown or args.repeats < 1 or args.warmup < 0:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}" if unknown
+                     else "--repeats must be >= 1 and --warmup >= 0")
+    env = {"torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+           "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if not args.json:
+        print(f"# {env['cpu']}, {env['cpu_count']} CPUs, torch {env['torch']}, {env['threads']} threads; "
+              f"fp32, B=1, h={HEADS}, d={HEAD_DIM}; forward+backward, medians of {args.repeats} rounds")
+        print(f"{'case':<4} {'shape':<14} {'kernel':<11} {'NA ms':>8} {'dense ms':>9} {'NA GF/s':>8} "
+              f"{'dense GF/s':>10} {'ratio':>6} {'speedup':>8} {'ideal':>6} {'load':>10}")
+    for name in names:
+        row = run_case(name, args.repeats, args.warmup, None, args.backend)
+        if args.json:
+            print(json.dumps({**row, **env}), flush=True)
+            continue
+        shape = "x".join(map(str, row["spatial"]))
+        kernel = "x".join(map(str, row["kernel_size"]))
+        print(f"{name:<4} {shape:<14} {kernel:<11} {row['local_ms']:8.0f} {row['dense_ms']:9.0f} "
+              f"{row['local_gflops']:8.1f} {row['dense_gflops']:10.1f} {row['ratio']:6.2f} "
+              f"{row['speedup']:7.1f}x {row['ideal_speedup']:5.0f}x "
+              f"{row['load_before']:4.1f}->{row['load_after']:.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

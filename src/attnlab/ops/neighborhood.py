@@ -1,0 +1,828 @@
+"""`neighborhood_attention(q, k, v, kernel_size, ...)`: Generalized Neighborhood Attention, 1-3 spatial axes.
+
+Papers: Neighborhood Attention Transformer (2022); Dilated Neighborhood Attention Transformer
+(2022); Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of
+Light (2025). Semantics are NATTEN's (`na1d/na2d/na3d`, its reference and FlexAttention
+masks), per spatial axis of length n with kernel k, dilation r, stride s:
+
+- dilation: the axis splits into r interleaved groups (positions with the same index mod r);
+  a query only sees keys of its own group, and everything below is counted in group
+  coordinates (position // r) inside a group of length L = ceil((n - g) / r). Needs k * r <= n.
+- stride (GNA): queries are grouped in tiles of s (in group coordinates) and every query of a
+  tile uses the window of the tile's leader: the centre query (the right-hand one when s is
+  even), or with causal masking the last query; a leader past the end of the group is
+  clamped to its last position. Needs s <= k.
+- not causal: the window is k keys around the leader, k // 2 to the left and k // 2 + k % 2 - 1
+  to the right; near a border it shifts inward instead of shrinking:
+  start = clamp(leader - k // 2, 0, L - k), keys [start, start + k - 1].
+- causal: keys [max(leader - k + 1, 0), query]: the query itself and up to k - 1 before it
+  (with stride, the leader's window cut at the query, so key <= query always holds).
+- several axes: the neighborhood is the product of the per-axis ones.
+stride == kernel_size is blocked (window) attention; kernel_size == n (stride 1) is full
+attention on that axis.
+
+Backends (`backend=None` picks the first that can run the call, in this order):
+- `flex` (CUDA first choice): FlexAttention with a block mask built from the predicate
+  `neighborhood_mask_mod`; on CPU only without autograd (FlexAttention has no CPU backward).
+- `blocked`: attnlab's own tiled kernel, any device, with backward (a custom autograd
+  Function). Queries are tiled per axis; the keys a query tile can see form one box per tile
+  (a contiguous range per axis, thanks to the shift-inward rule), gathered per chunk of tiles
+  and attended with batched matmuls and a small in-tile mask. See `_BlockedNeighborhood`.
+- `reference`: the full (N, N) mask from `reference_neighborhood_mask` (plain Python loops
+  over the rules above) and dense masked attention through `attnlab.ops.attention`'s naive
+  oracle. O(N^2) memory; the correctness oracle.
+An explicit backend never falls back; when it cannot run, the error says why.
+
+Blocked backend, what to know: it runs its chunks inline by default; `BlockedConfig(threads=n)`
+or ATTNLAB_NA_THREADS=n (opt-in) runs them on a pool of n worker threads with one intra-op
+thread each. That was faster on a loaded 2-core machine, but it changes torch's thread settings,
+which made LAPACK calls elsewhere in the same process spin. With more than one worker the order in
+which overlapping key gradients are summed varies and dk, dv can differ in the last bits
+from run to run (forward outputs and dq do not). Masked pairs weigh e^-80 relative to the
+row maximum instead of exactly 0 (see `_EXP_FLOOR`). Half-precision inputs are computed in
+float32. Memory: q, k, v, out, a per-query log-sum-exp and one workspace per worker.
+
+Equivalent PyTorch (every backend):
+    allowed = reference_neighborhood_mask(spatial, kernel_size, dilation, stride, is_causal)  # (N, N)
+    scores = q.flatten(2, -2) @ k.flatten(2, -2).transpose(-2, -1) * scale                     # (B, h, N, N)
+    out = scores.masked_fill(~allowed, -inf).softmax(-1) @ v.flatten(2, -2)                    # (B, h, N, dv)
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from attnlab.ops.attention import BackendUnavailable
+
+__all__ = ["neighborhood_attention", "reference_neighborhood_mask", "neighborhood_mask_mod",
+           "neighborhood_args", "neighborhood_options", "neighborhood_pairs", "BlockedConfig", "NA_BACKENDS"]
+
+NA_BACKENDS = ("flex", "blocked", "reference")
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+def _per_axis(who: str, name: str, value, ndim: int, *, kind: type) -> tuple:
+    """An int (bool for is_causal) or a tuple of ndim of them -> a tuple of ndim."""
+    def ok(x):
+        return isinstance(x, bool) if kind is bool else (isinstance(x, int) and not isinstance(x, bool))
+    if ok(value):
+        return (value,) * ndim
+    if isinstance(value, (tuple, list)) and all(ok(x) for x in value):
+        if len(value) != ndim:
+            raise ValueError(f"{who}: {name} has {len(value)} entries {tuple(value)}, expected one per "
+                             f"spatial axis ({ndim})")
+        return tuple(value)
+    what = "a bool or a tuple of bools" if kind is bool else "an int or a tuple of ints"
+    raise TypeError(f"{who}: {name} must be {what} (one per spatial axis), got {value!r}")
+
+
+def neighborhood_options(ndim: int, kernel_size, dilation=1, stride=1, is_causal=False, *,
+                         who: str = "neighborhood_attention"
+                         ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """Check the options on their own (no input shape yet); return per-axis tuples.
+
+    kernel_size >= 1, dilation >= 1, 1 <= stride <= kernel_size; `who` starts the messages.
+    """
+    ks = _per_axis(who, "kernel_size", kernel_size, ndim, kind=int)
+    dil = _per_axis(who, "dilation", dilation, ndim, kind=int)
+    st = _per_axis(who, "stride", stride, ndim, kind=int)
+    causal = _per_axis(who, "is_causal", is_causal, ndim, kind=bool)
+    for axis, (k, r, s) in enumerate(zip(ks, dil, st)):
+        if k < 1:
+            raise ValueError(f"{who}: kernel_size must be >= 1, got {k} on axis {axis}")
+        if r < 1:
+            raise ValueError(f"{who}: dilation must be >= 1, got {r} on axis {axis}")
+        if s < 1:
+            raise ValueError(f"{who}: stride must be >= 1, got {s} on axis {axis}")
+        if s > k:
+            raise ValueError(f"{who}: stride ({s}) must be <= kernel_size ({k}) on axis {axis}")
+    return ks, dil, st, causal
+
+
+def neighborhood_args(spatial_shape: Sequence[int], kernel_size, dilation=1, stride=1, is_causal=False
+                      ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """Check the options against the spatial shape; return them as per-axis tuples.
+
+    ValueError/TypeError name the axis and the expected versus received values.
+    """
+    spatial = tuple(int(n) for n in spatial_shape)
+    ndim = len(spatial)
+    if not 1 <= ndim <= 3:
+        raise ValueError(f"neighborhood_attention: expected 1 to 3 spatial axes, got {ndim} (shape {spatial})")
+    ks, dil, st, causal = neighborhood_options(ndim, kernel_size, dilation, stride, is_causal)
+    for axis, (n, k, r) in enumerate(zip(spatial, ks, dil)):
+        if k * r > n:
+            raise ValueError(f"neighborhood_attention: kernel_size * dilation must be <= the axis length; "
+                             f"axis {axis} has length {n}, got kernel_size {k} * dilation {r} = {k * r}")
+    return ks, dil, st, causal
+
+
+# --- the naive mask: the rules written out, one query at a time ----------------------------------
+
+def _reference_axis_mask(n: int, k: int, r: int, s: int, causal: bool) -> Tensor:
+    """(n, n) bool along one axis: [query, key] True when the key is in the query's window."""
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for query in range(n):
+        group = query % r
+        length = len(range(group, n, r))            # positions of this dilation group
+        i = query // r                              # the query inside its group
+        if causal:
+            leader = min((i // s) * s + s - 1, length - 1)      # last query of the stride tile
+            first, last = max(leader - k + 1, 0), i             # ... cut at the query itself
+        else:
+            leader = min((i // s) * s + s // 2, length - 1)     # centre (right-hand) query of the tile
+            first = min(max(leader - k // 2, 0), length - k)    # shift inward at the borders
+            last = first + k - 1
+        for j in range(first, last + 1):
+            allowed[query, group + j * r] = True
+    return allowed
+
+
+def reference_neighborhood_mask(spatial_shape: Sequence[int], kernel_size, dilation=1, stride=1,
+                                is_causal=False) -> Tensor:
+    """The full (N, N) bool mask, N = prod(spatial_shape), token order row-major (`flatten`).
+
+    Built per axis with plain loops over the rules (see the module docstring), then combined:
+    a key is allowed when it is allowed along every axis. The naive oracle for every backend.
+    """
+    spatial = tuple(int(n) for n in spatial_shape)
+    ks, dil, st, causal = neighborhood_args(spatial, kernel_size, dilation, stride, is_causal)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for n, k, r, s, c in zip(spatial, ks, dil, st, causal):
+        axis = _reference_axis_mask(n, k, r, s, c)
+        # outer AND: (Q, K) x (n, n) -> (Q * n, K * n), row-major like flatten()
+        mask = (mask[:, None, :, None] & axis[None, :, None, :]).reshape(mask.shape[0] * n, mask.shape[1] * n)
+    return mask
+
+
+# --- vectorised windows (shared by the blocked plan, flex and the FLOP count) --------------------
+
+def _axis_windows(n: int, k: int, r: int, s: int, causal: bool, device=None):
+    """Per position: group g, index in group i, group length L, window [first, last] (group coords)."""
+    x = torch.arange(n, device=device)
+    g, i = x % r, x // r
+    length = (n - g + r - 1) // r
+    if causal:
+        leader = torch.minimum((i // s) * s + s - 1, length - 1)
+        first = (leader - k + 1).clamp(min=0)
+        last = i
+    else:
+        leader = torch.minimum((i // s) * s + s // 2, length - 1)
+        first = torch.minimum((leader - k // 2).clamp(min=0), length - k)
+        last = first + k - 1
+    return g, i, length, first, last
+
+
+def neighborhood_pairs(spatial_shape: Sequence[int], kernel_size, dilation=1, stride=1, is_causal=False) -> int:
+    """Number of (query, key) pairs the neighborhood keeps (N * prod(kernel) without causal)."""
+    spatial = tuple(int(n) for n in spatial_shape)
+    ks, dil, st, causal = neighborhood_args(spatial, kernel_size, dilation, stride, is_causal)
+    pairs = 1
+    for n, k, r, s, c in zip(spatial, ks, dil, st, causal):
+        _, _, _, first, last = _axis_windows(n, k, r, s, c)
+        pairs *= int((last - first + 1).sum())
+    return pairs
+
+
+def neighborhood_mask_mod(spatial_shape: Sequence[int], kernel_size, dilation=1, stride=1, is_causal=False,
+                          device=None) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """A FlexAttention-style predicate `(b, h, q_idx, kv_idx) -> bool` over row-major token indices."""
+    spatial = tuple(int(n) for n in spatial_shape)
+    ks, dil, st, causal = neighborhood_args(spatial, kernel_size, dilation, stride, is_causal)
+    tables = []
+    for n, k, r, s, c in zip(spatial, ks, dil, st, causal):
+        g, _, _, first, last = _axis_windows(n, k, r, s, c, device=device)
+        tables.append((n, r, g + first * r, g + last * r))   # first/last allowed key position
+    inner = [math.prod(spatial[a + 1:]) for a in range(len(spatial))]
+
+    def neighborhood_mask(b, h, q_idx, kv_idx):
+        ok = None
+        for (n, r, first_pos, last_pos), stride_a in zip(tables, inner):
+            qa, ka = (q_idx // stride_a) % n, (kv_idx // stride_a) % n
+            axis_ok = (ka % r == qa % r) & (ka >= first_pos[qa]) & (ka <= last_pos[qa])
+            ok = axis_ok if ok is None else ok & axis_ok
+        return ok
+    return neighborhood_mask
+
+
+# --- blocked kernel: the plan --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockedConfig:
+    """Tuning knobs of the blocked backend; None picks a default per call.
+
+    tile: queries per tile along each spatial axis. chunk_scores: score elements one worker
+    holds at a time (its working set). threads: worker threads (default: 1, i.e. inline,
+    or the ATTNLAB_NA_THREADS environment variable). Each worker runs its chunks with one
+    intra-op thread: a chunk is a dozen small ops, and small ops each run on an OpenMP team
+    stall whenever one thread of the team is descheduled, which on a shared CPU costs about
+    a time slice per op (measured here: 5-10x slower forward+backward at 2 threads under load).
+    """
+
+    tile: tuple[int, ...] | None = None
+    chunk_scores: int | None = None
+    threads: int | None = None
+
+
+@dataclass
+class _AxisPlan:
+    tile: int                 # query slots per tile along this axis
+    span: int                 # key slots per tile along this axis
+    q_pos: Tensor             # (tiles, tile) query positions, -1 = padding slot
+    k_pos: Tensor             # (tiles, span) key positions, -1 = no key
+    allowed: Tensor           # (tiles, tile, span) bool, False on padding rows and empty key slots
+    group: Tensor             # (tiles,) dilation group
+    q_start: Tensor           # (tiles,) first query slot, in group coordinates
+    k_start: Tensor           # (tiles,) first key slot, in group coordinates
+
+
+def _plan_axis(n: int, k: int, r: int, s: int, causal: bool, tile: int) -> _AxisPlan:
+    """Tiles of `tile` queries inside each dilation group and the key range each tile can see.
+
+    The windows' first and last keys are non-decreasing in the query (leaders and the inward
+    shift are monotone), so the keys of a tile are the contiguous group range from its first
+    query's first key to its last query's last key. Every tile gets `span` key slots (the
+    longest such range), starting at the tile's first key, or earlier where that would overrun
+    the group; slots past the group's end hold no key.
+    """
+    _, _, _, first, last = _axis_windows(n, k, r, s, causal)
+    groups = []
+    for g in range(r):
+        members = torch.arange(g, n, r)                                    # positions, in group order
+        L = members.numel()
+        n_tiles = -(-L // tile)
+        slot = torch.arange(n_tiles * tile).view(n_tiles, tile)            # query index in the group
+        valid = slot < L
+        idx = slot.clamp(max=L - 1)
+        lo, hi = first[members[idx[:, 0]]], last[members[idx[:, -1]]]     # (tiles,) group coords
+        groups.append((g, L, members, slot, valid, idx, lo, hi))
+    span = max(int((hi - lo + 1).max()) for *_, lo, hi in groups)
+    parts = []
+    for g, L, members, slot, valid, idx, lo, hi in groups:
+        start = lo.clamp(max=max(L - span, 0))                             # (tiles,)
+        key = start[:, None] + torch.arange(span)                          # (tiles, span) group coords
+        key_valid = key < L
+        q_first, q_last = first[members[idx]], last[members[idx]]          # (tiles, tile)
+        ok = (key[:, None, :] >= q_first[:, :, None]) & (key[:, None, :] <= q_last[:, :, None])
+        ok &= key_valid[:, None, :] & valid[:, :, None]
+        parts.append((torch.where(valid, members[idx], -1), torch.where(key_valid, g + key * r, -1), ok,
+                      torch.full_like(lo, g), slot[:, 0], start))
+    return _AxisPlan(tile, span, *(torch.cat(p) for p in zip(*parts)))
+
+
+def _default_tile(spatial, ks, st) -> tuple[int, ...]:
+    ndim = len(spatial)
+    # measured on the issue's cases: fewer query slots per tile waste fewer scores on masked
+    # pairs, more make larger GEMMs and fewer gathered key rows per query (3-D (1, 4, 8) beat
+    # (1, 8, 8) and (2, 4, 4); 2-D (8, 8) and (4, 8) tie)
+    if ndim == 1:
+        tile = (64,)
+    elif ndim == 2:
+        tile = (8, 8)
+    else:
+        tile = (1, 4, 8) if ks[0] <= 4 else (2, 4, 8)
+    # no longer than the axis; a multiple of the stride keeps the in-tile masks alike
+    return tuple(min(max(s, t - t % s), n) for t, s, n in zip(tile, st, spatial))
+
+
+class _Plan:
+    """The N-d tiling: the product of the per-axis plans, tiles numbered row-major.
+
+    Tiles whose in-tile mask is the same (all interior tiles, and each kind of border tile)
+    share a class: a chunk of same-class tiles uses one broadcast (M, S) mask.
+    """
+
+    def __init__(self, spatial, ks, dil, st, causal, tile):
+        self.spatial, self.tile, self.dilation = spatial, tile, dil
+        axes = [_plan_axis(n, k, r, s, c, t) for n, k, r, s, c, t in zip(spatial, ks, dil, st, causal, tile)]
+        self.axes = axes
+        self.M = math.prod(a.tile for a in axes)            # query slots per tile
+        self.S = math.prod(a.span for a in axes)            # key slots per tile
+        inner = [math.prod(spatial[a + 1:]) for a in range(len(spatial))]
+        q = qv = kk = cls = None
+        self._patterns = []                                  # per axis: (classes, tile, span) bool
+        for axis, stride_a in zip(axes, inner):
+            key = torch.cat([axis.allowed.flatten(1), axis.q_pos >= 0, axis.k_pos >= 0], 1)
+            uniq, inv = torch.unique(key, dim=0, return_inverse=True)
+            first_of = [int((inv == u).nonzero()[0]) for u in range(uniq.shape[0])]
+            self._patterns.append(axis.allowed[first_of])
+            qpos, qval = axis.q_pos.clamp(min=0) * stride_a, axis.q_pos >= 0
+            kpos = axis.k_pos.clamp(min=0) * stride_a
+            if q is None:
+                q, qv, kk, cls = qpos, qval, kpos, inv
+            else:   # tiles (A, B) -> A * B row-major; slots (a, b) -> a * b row-major
+                q = (q[:, None, :, None] + qpos[None, :, None, :]).flatten(0, 1).flatten(1)
+                qv = (qv[:, None, :, None] & qval[None, :, None, :]).flatten(0, 1).flatten(1)
+                kk = (kk[:, None, :, None] + kpos[None, :, None, :]).flatten(0, 1).flatten(1)
+                cls = (cls[:, None] * uniq.shape[0] + inv[None, :]).flatten()
+        self.q_index, self.q_valid, self.k_index = q, qv, kk  # (tiles, M), (tiles, M), (tiles, S)
+        self.n_tiles = q.shape[0]
+        self.tile_class = cls
+        self._masks: dict = {}
+        self._on: dict = {}
+        self._chunks: dict = {}
+
+    def class_mask(self, cls: int, dtype, device) -> tuple[Tensor, Tensor | None]:
+        """Class `cls`: additive mask (1, S, M), keys x queries (0 or -inf), and valid query slots
+        (1, 1, M) (None when all are)."""
+        key = (cls, dtype, str(device))
+        if key not in self._masks:
+            ok = torch.ones(1, 1, dtype=torch.bool)
+            rest = cls
+            for pats in reversed(self._patterns):
+                rest, j = divmod(rest, pats.shape[0])
+                p = pats[j]                                            # (tile, span) this axis
+                ok = (p[:, None, :, None] & ok[None, :, None, :]).reshape(p.shape[0] * ok.shape[0], -1)
+            rows = ok.any(-1)                                          # valid query slots
+            ok = ok | ~rows[:, None]                                   # padding rows: any finite row
+            bias_t = torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, float("-inf")).t().contiguous()
+            valid = None if bool(rows.all()) else rows.to(dtype).view(1, 1, -1).to(device)
+            self._masks[key] = (bias_t[None].to(device), valid)
+        return self._masks[key]
+
+    def index(self, device):
+        """q_index, q_valid, k_index on `device`."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = tuple(t.to(device) for t in (self.q_index, self.q_valid, self.k_index))
+        return self._on[key]
+
+    def chunks(self, BH: int, chunk_scores: int) -> list[tuple]:
+        key = (BH, chunk_scores)
+        if key not in self._chunks:
+            self._chunks[key] = self._make_chunks(BH, chunk_scores)
+        return self._chunks[key]
+
+    def _make_chunks(self, BH: int, chunk_scores: int) -> list[tuple]:
+        """Work items (bh0, bh1, tiles, cls, run) of about chunk_scores score elements.
+
+        Same-class tiles only. In 1-D, full tiles (no padding slot, every key slot a key) that
+        follow each other with evenly spaced queries and keys (all interior tiles) form a `_Run`
+        of one (batch, head), whose queries and key windows are strided views of q and k: no
+        copy. Other tiles, and every tile in 2-D/3-D, are gathered (run None), all heads at once.
+        (Tried for 2-D/3-D: one strided key slab per run of tiles along the first axis, which
+        copies ~4x less than the gathers; no faster, since runs are then per head and the
+        Python work per chunk grows as much as the copying shrinks.)
+        """
+        pairs = max(1, chunk_scores // (self.M * self.S))             # (bh, tile) pairs per chunk
+        out = []
+        axis = self.axes[0]
+        for cls in sorted(set(self.tile_class.tolist())):
+            tiles = (self.tile_class == cls).nonzero().flatten()
+            gathered = tiles
+            if len(self.axes) == 1:
+                full = (axis.q_pos[tiles] >= 0).all(1) & (axis.k_pos[tiles] >= 0).all(1)
+                for run in _runs(axis, tiles, full):
+                    if run is None:
+                        continue
+                    t_first, n = run
+                    for i in range(0, n, pairs):
+                        m = min(pairs, n - i)
+                        part = torch.arange(t_first + i, t_first + i + m)
+                        r = _Run(int(axis.q_pos[t_first + i, 0]), int(axis.k_pos[t_first + i, 0]), m)
+                        out.extend((b, b + 1, part, cls, r) for b in range(BH))
+                gathered = tiles[~full]
+            if gathered.numel() == 0:
+                continue
+            if pairs >= BH:
+                step = pairs // BH
+                for i in range(0, gathered.numel(), step):
+                    out.append((0, BH, gathered[i:i + step], cls, None))
+            else:
+                for t in gathered:
+                    for b in range(0, BH, pairs):
+                        out.append((b, min(b + pairs, BH), t[None], cls, None))
+        return out
+
+
+@dataclass(frozen=True)
+class _Run:
+    q0: int          # first query position of the run
+    k0: int          # first key position of the run
+    n: int           # tiles in the run
+
+
+def _runs(axis: _AxisPlan, idx: Tensor, full: Tensor):
+    """Maximal runs (first tile, count) of full tiles along the first axis, evenly spaced."""
+    out, start = [], 0
+    n = idx.numel()
+    for i in range(1, n + 1):
+        if i < n:
+            a, b = int(idx[i - 1]), int(idx[i])
+            if (bool(full[i - 1]) and bool(full[i]) and b == a + 1 and int(axis.group[a]) == int(axis.group[b])
+                    and int(axis.q_start[b] - axis.q_start[a]) == axis.tile
+                    and int(axis.k_start[b] - axis.k_start[a]) == axis.tile):
+                continue
+        out.append((int(idx[start]), i - start) if bool(full[start]) else None)
+        start = i
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_plan(spatial, ks, dil, st, causal, tile) -> _Plan:
+    return _Plan(spatial, ks, dil, st, causal, tile)
+
+
+# --- blocked kernel: workers ---------------------------------------------------------------------
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_KEY: tuple[int, int] = (0, 0)     # (size, pid): a forked child inherits no threads
+_POOL_LOCK = threading.Lock()
+
+
+def _one_intra_op_thread(barrier: threading.Barrier) -> None:
+    torch.set_num_threads(1)   # this worker's OpenMP and MKL teams: one thread (thread-local settings)
+    barrier.wait()
+
+
+def _worker_pool(n: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_KEY
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_KEY != (n, os.getpid()):
+            if _POOL is not None and _POOL_KEY[1] == os.getpid():
+                _POOL.shutdown(wait=True)
+            before = torch.get_num_threads()
+            pool = ThreadPoolExecutor(n, thread_name_prefix="attnlab-na")
+            barrier = threading.Barrier(n + 1)
+            for _ in range(n):          # start every worker now and let each set its thread count
+                pool.submit(_one_intra_op_thread, barrier)
+            barrier.wait()
+            # torch.set_num_threads also sets the count that new threads start with: restore it
+            torch.set_num_threads(before)
+            _POOL, _POOL_KEY = pool, (n, os.getpid())
+        return _POOL
+
+
+def _threads(config: BlockedConfig) -> int:
+    if config.threads is not None:
+        return config.threads
+    # Default 1 (inline, torch's own intra-op threads): the worker pool changes torch's thread
+    # settings, which made LAPACK calls elsewhere in the same process spin (seen in the bench).
+    env = os.environ.get("ATTNLAB_NA_THREADS")
+    return int(env) if env else 1
+
+
+def _run_chunks(chunks: list, work: Callable, threads: int, device) -> None:
+    """work(chunk, workspace) for every chunk: inline, or pulled by `threads` pool workers (CPU)."""
+    if threads <= 1 or len(chunks) <= 1 or device.type != "cpu":
+        space: dict = {}
+        for chunk in chunks:
+            work(chunk, space)
+        return
+    pool = _worker_pool(threads)
+    it = iter(chunks)
+    take = threading.Lock()
+
+    def worker():
+        space: dict = {}
+        with torch.no_grad():   # grad mode is per thread; pool threads start with it on
+            while True:
+                with take:
+                    chunk = next(it, None)
+                if chunk is None:
+                    return
+                work(chunk, space)
+    for f in [pool.submit(worker) for _ in range(min(threads, len(chunks)))]:
+        f.result()
+
+
+def _buffer(space: dict, name: str, shape, like: Tensor) -> Tensor:
+    """A workspace tensor of `shape`, reused by the chunks one worker runs."""
+    numel = math.prod(shape)
+    buf = space.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = like.new_empty(numel)
+        space[name] = buf
+    return buf[:numel].view(shape)
+
+
+def _strided(t: Tensor, c: int, rows: int, first_row: int, step: int, dilation: int) -> Tensor:
+    """(c, rows, width) view of a contiguous (N, width) t: block i starts at row first_row + i * step."""
+    w = t.shape[-1]
+    return t.as_strided((c, rows, w), (step * dilation * w, dilation * w, 1), t.storage_offset() + first_row * w)
+
+
+# exp() of -inf (a masked pair) or of anything that underflows to a denormal takes a slow path
+# in the vectorised exp (measured 5-150x slower), so exponents are floored here first: a masked
+# pair then weighs e^-80 ~ 1.8e-35 of the row's largest, far below float64 resolution.
+_EXP_FLOOR = -80.0
+
+
+class _BlockedNeighborhood(torch.autograd.Function):
+    """Tiled neighborhood attention on q, k (BH, N, d), v (BH, N, dv), tokens row-major.
+
+    Per chunk of n same-class tiles (M query slots, S key slots each), on one worker thread:
+        qc (n, M, d), kc (n, S, d), vc (n, S, dv)   gathered, or strided views for 1-D runs
+        sT = maskT + kc @ qc^T * scale              (n, S, M): keys x queries, maskT (1, S, M) shared
+        pT = exp(sT - max), l = sum over keys       unnormalised probabilities
+        out[tile queries] = (pT^T @ vc) / l,  lse = max + log(l)
+    Scores are kept keys x queries so that every product but two is a plain (non-transposed)
+    GEMM: here MKL runs `a @ b^T` with both operands d-contiguous ~40% slower than `a @ b`.
+    Backward recomputes pT = exp(sT - lse) per chunk (nothing of size N x S is stored):
+        dPT = vc @ (scale dO)^T, dST = pT * (dPT - scale rowsum(dO * out))
+        dq = dST^T @ kc, dk += dST @ qc, dv += pT @ dO
+    dk and dv are accumulated under a lock, since neighbouring tiles' key boxes overlap.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan, scale: float, config: BlockedConfig, chunk_scores: int):
+        BH, N, d = q.shape
+        dv_ = v.shape[-1]
+        M, S = plan.M, plan.S
+        out = q.new_empty(BH, N, dv_)
+        lse = q.new_empty(BH, N, 1)
+        q_index, q_valid, k_index = plan.index(q.device)
+        r0 = plan.dilation[0]
+
+        def work(chunk, space):
+            b0, b1, tiles, cls, view = chunk
+            n = (b1 - b0) * tiles.numel()
+            bias_t, rows = plan.class_mask(cls, q.dtype, q.device)
+            run = view
+            if run is not None:                                             # 1-D run: strided views
+                q0, k0 = run.q0, run.k0
+                qc = _strided(q[b0], n, M, q0, M, r0)
+                kc = _strided(k[b0], n, S, k0, M, r0)
+                vc = _strided(v[b0], n, S, k0, M, r0)
+            else:
+                qi, ki = q_index[tiles].view(-1), k_index[tiles].view(-1)
+                qc = torch.index_select(q[b0:b1], 1, qi, out=_buffer(space, "q", (b1 - b0, qi.numel(), d), q))
+                kc = torch.index_select(k[b0:b1], 1, ki, out=_buffer(space, "k", (b1 - b0, ki.numel(), d), q))
+                vc = torch.index_select(v[b0:b1], 1, ki, out=_buffer(space, "v", (b1 - b0, ki.numel(), dv_), q))
+                qc, kc, vc = qc.view(n, M, d), kc.view(n, S, d), vc.view(n, S, dv_)
+            q_t = _buffer(space, "qT", (n, d, M), q).copy_(qc.transpose(1, 2))
+            s_t = torch.baddbmm(bias_t, kc, q_t, alpha=scale, out=_buffer(space, "s", (n, S, M), q))
+            m = torch.amax(s_t, 1, keepdim=True, out=_buffer(space, "m", (n, 1, M), q))
+            p_t = s_t.sub_(m).clamp_(min=_EXP_FLOOR).exp_()
+            l = torch.sum(p_t, 1, keepdim=True, out=_buffer(space, "l", (n, 1, M), q))
+            lse_c = m.add_(l.log())                                         # (n, 1, M)
+            l_rows = l.view(n, M, 1)
+            if run is not None:
+                target = _strided(out[b0], n, M, q0, M, r0)
+                if r0 == 1:
+                    torch.bmm(p_t.transpose(1, 2), vc, out=target).div_(l_rows)
+                else:
+                    oc = torch.bmm(p_t.transpose(1, 2), vc, out=_buffer(space, "o", (n, M, dv_), q))
+                    target.copy_(oc.div_(l_rows))
+                _strided(lse[b0], n, M, q0, M, r0).copy_(lse_c.view(n, M, 1))
+                return
+            oc = torch.bmm(p_t.transpose(1, 2), vc, out=_buffer(space, "o", (n, M, dv_), q)).div_(l_rows)
+            oc, lse_c = oc.view(b1 - b0, -1, dv_), lse_c.view(b1 - b0, -1, 1)
+            if rows is not None:
+                keep = q_valid[tiles].view(-1)
+                qi, oc, lse_c = qi[keep], oc[:, keep], lse_c[:, keep]
+            out[b0:b1].index_copy_(1, qi, oc)
+            lse[b0:b1].index_copy_(1, qi, lse_c)
+
+        _run_chunks(plan.chunks(BH, chunk_scores), work, _threads(config), q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale, ctx.config, ctx.chunk_scores = plan, scale, config, chunk_scores
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        BH, N, d = q.shape
+        dv_ = v.shape[-1]
+        M, S = plan.M, plan.S
+        grad_out = grad_out.contiguous()
+        dq = torch.empty_like(q)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        q_index, q_valid, k_index = plan.index(q.device)
+        r0 = plan.dilation[0]
+        lock = threading.Lock()
+
+        def work(chunk, space):
+            b0, b1, tiles, cls, view = chunk
+            nb = b1 - b0
+            n = nb * tiles.numel()
+            bias_t, rows = plan.class_mask(cls, q.dtype, q.device)
+            run = view
+            if run is not None:                                             # 1-D run: strided views
+                q0, k0 = run.q0, run.k0
+                qc = _strided(q[b0], n, M, q0, M, r0)
+                gc = _strided(grad_out[b0], n, M, q0, M, r0)
+                oc = _strided(out[b0], n, M, q0, M, r0)
+                lc = _strided(lse[b0], n, M, q0, M, r0)
+                kc = _strided(k[b0], n, S, k0, M, r0)
+                vc = _strided(v[b0], n, S, k0, M, r0)
+            else:
+                qi, ki = q_index[tiles].view(-1), k_index[tiles].view(-1)
+                qc = torch.index_select(q[b0:b1], 1, qi, out=_buffer(space, "q", (nb, qi.numel(), d), q))
+                gc = torch.index_select(grad_out[b0:b1], 1, qi, out=_buffer(space, "g", (nb, qi.numel(), dv_), q))
+                oc = torch.index_select(out[b0:b1], 1, qi, out=_buffer(space, "o", (nb, qi.numel(), dv_), q))
+                lc = torch.index_select(lse[b0:b1], 1, qi, out=_buffer(space, "lse", (nb, qi.numel(), 1), q))
+                kc = torch.index_select(k[b0:b1], 1, ki, out=_buffer(space, "k", (nb, ki.numel(), d), q))
+                vc = torch.index_select(v[b0:b1], 1, ki, out=_buffer(space, "v", (nb, ki.numel(), dv_), q))
+                qc, gc, oc, lc = qc.view(n, M, d), gc.view(n, M, dv_), oc.view(n, M, dv_), lc.view(n, M, 1)
+                kc, vc = kc.view(n, S, d), vc.view(n, S, dv_)
+            q_t = _buffer(space, "qT", (n, d, M), q).copy_(qc.transpose(1, 2))
+            g_t = torch.mul(gc.transpose(1, 2), scale, out=_buffer(space, "gT", (n, dv_, M), q))   # scale dO^T
+            # the softmax-gradient term scale * rowsum(dO * out), one per query: (n, 1, M)
+            delta = torch.sum(torch.mul(gc, oc, out=_buffer(space, "go", (n, M, dv_), q)), -1, keepdim=True,
+                              out=_buffer(space, "delta", (n, M, 1), q)).mul_(scale).view(n, 1, M)
+            s_t = torch.sub(bias_t, lc.view(n, 1, M), out=_buffer(space, "s", (n, S, M), q))
+            p_t = s_t.baddbmm_(kc, q_t, alpha=scale).clamp_(min=_EXP_FLOOR).exp_()   # (n, S, M) probabilities
+            if rows is not None:                                             # padding query slots: no gradient
+                p_t.mul_(rows)
+            dp_t = torch.bmm(vc, g_t, out=_buffer(space, "dp", (n, S, M), q))
+            ds_t = dp_t.sub_(delta).mul_(p_t)                                # scale * dS^T
+            dkc = torch.bmm(ds_t, qc, out=_buffer(space, "dk", (n, S, d), q))
+            dvc = torch.bmm(p_t, gc, out=_buffer(space, "dv", (n, S, dv_), q))
+            if run is not None:
+                if r0 == 1:
+                    torch.bmm(ds_t.transpose(1, 2), kc, out=_strided(dq[b0], n, M, q0, M, r0))
+                else:
+                    _strided(dq[b0], n, M, q0, M, r0).copy_(
+                        torch.bmm(ds_t.transpose(1, 2), kc, out=_buffer(space, "dq", (n, M, d), q)))
+                with lock:     # key windows of consecutive tiles overlap: add them M rows at a time
+                    for part in range(0, S, M):
+                        width = min(M, S - part)
+                        _strided(dk[b0], n, width, k0 + part * r0, M, r0).add_(dkc[:, part:part + width])
+                        _strided(dv[b0], n, width, k0 + part * r0, M, r0).add_(dvc[:, part:part + width])
+                return
+            dqc = torch.bmm(ds_t.transpose(1, 2), kc, out=_buffer(space, "dq", (n, M, d), q)).view(nb, -1, d)
+            if rows is None:
+                dq[b0:b1].index_copy_(1, qi, dqc)
+            else:
+                keep = q_valid[tiles].view(-1)
+                dq[b0:b1].index_copy_(1, qi[keep], dqc[:, keep])
+            with lock:
+                dk[b0:b1].index_add_(1, ki, dkc.view(nb, -1, d))
+                dv[b0:b1].index_add_(1, ki, dvc.view(nb, -1, dv_))
+
+        _run_chunks(plan.chunks(BH, ctx.chunk_scores), work, _threads(ctx.config), q.device)
+        return dq, dk, dv, None, None, None, None
+
+
+def _blocked(q, k, v, spatial, ks, dil, st, causal, scale, config: BlockedConfig | None):
+    """q (B, h, *spatial, d) etc. -> (B, h, *spatial, dv) through `_BlockedNeighborhood`."""
+    config = config or BlockedConfig()
+    B, h = q.shape[:2]
+    N = math.prod(spatial)
+    d, dv_ = q.shape[-1], v.shape[-1]
+    compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    tile = config.tile or _default_tile(spatial, ks, st)
+    if len(tile) != len(spatial) or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tile):
+        raise ValueError(f"neighborhood_attention: BlockedConfig.tile must be {len(spatial)} positive ints, got {tile}")
+    tile = tuple(min(t, n) for t, n in zip(tile, spatial))
+    plan = _cached_plan(spatial, ks, dil, st, causal, tile)
+    qf = q.reshape(B * h, N, d).to(compute).contiguous()
+    kf = k.reshape(B * h, N, d).to(compute).contiguous()
+    vf = v.reshape(B * h, N, dv_).to(compute).contiguous()
+    # 1-D chunks are strided views of one head (small, cache-resident); gathered chunks hold
+    # every head, so they are larger to keep the Python work per score element small
+    chunk_scores = config.chunk_scores or (1 << 18 if len(spatial) == 1 else 1 << 20)
+    out = _BlockedNeighborhood.apply(qf, kf, vf, plan, scale, config, chunk_scores)
+    return out.view(B, h, *spatial, dv_).to(q.dtype)
+
+
+# --- other backends ------------------------------------------------------------------------------
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return None
+    return fa
+
+
+_compiled_flex: dict[str, Callable] = {}
+
+
+def _flex_reasons(q, k, v) -> list[str]:
+    reasons = []
+    if _flex_module() is None:
+        reasons.append("torch.nn.attention.flex_attention is not available in this torch")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        reasons.append("FlexAttention has no backward on CPU (inputs require grad)")
+    if q.shape[-1] != v.shape[-1]:
+        reasons.append("FlexAttention here needs the same head dim for q/k and v")
+    return reasons
+
+
+def _flex(q, k, v, spatial, ks, dil, st, causal, scale):
+    import warnings
+    fa = _flex_module()
+    B, h = q.shape[:2]
+    N = math.prod(spatial)
+    mask_mod = neighborhood_mask_mod(spatial, ks, dil, st, causal, device=q.device)
+    block_mask = fa.create_block_mask(mask_mod, None, None, N, N, device=q.device)
+    qf, kf, vf = (t.reshape(t.shape[0], t.shape[1], N, t.shape[-1]) for t in (q, k, v))
+    if q.device.type == "cpu":
+        fn = fa.flex_attention
+    else:  # FlexAttention is only fast compiled
+        fn = _compiled_flex.setdefault(q.device.type, torch.compile(fa.flex_attention, dynamic=False))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        out = fn(qf, kf, vf, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.view(B, h, *spatial, v.shape[-1])
+
+
+def _reference(q, k, v, spatial, ks, dil, st, causal, scale):
+    from attnlab.ops.attention import attention
+    B, h = q.shape[:2]
+    N = math.prod(spatial)
+    mask = reference_neighborhood_mask(spatial, ks, dil, st, causal).to(q.device)[None, None]  # (1, 1, N, N)
+    qf, kf, vf = (t.reshape(t.shape[0], t.shape[1], N, t.shape[-1]) for t in (q, k, v))
+    out = attention(qf, kf, vf, attn_mask=mask, scale=scale, backend="reference")
+    return out.view(B, h, *spatial, v.shape[-1])
+
+
+def _blocked_reasons(q, k, v) -> list[str]:
+    return []
+
+
+def _reference_reasons(q, k, v) -> list[str]:
+    return []
+
+
+_BACKENDS = {"flex": _flex_reasons, "blocked": _blocked_reasons, "reference": _reference_reasons}
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_tensors(q, k, v) -> int:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"neighborhood_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"neighborhood_attention: {name} must be floating point, got {t.dtype}")
+        if not 4 <= t.dim() <= 6:
+            raise ValueError(f"neighborhood_attention: {name} must be (B, h, *spatial, d) with 1 to 3 spatial "
+                             f"axes (4 to 6 dims), got shape {_shape(t)} ({t.dim()}-D)")
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(f"neighborhood_attention: q, k, v must have the same rank, got q {_shape(q)}, "
+                         f"k {_shape(k)}, v {_shape(v)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"neighborhood_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"neighborhood_attention: q, k, v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+    if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0] or q.shape[2:-1] != k.shape[2:-1] \
+            or k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"neighborhood_attention: q, k, v must share batch and spatial shape (k and v also heads), "
+                         f"got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"neighborhood_attention: q and k must share the head dim, got q {_shape(q)} and "
+                         f"k {_shape(k)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"neighborhood_attention: query heads ({q.shape[1]}) must be a multiple of key/value "
+                         f"heads ({k.shape[1]})")
+    return q.dim() - 3
+
+
+def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, dilation=1, stride=1,
+                           is_causal=False, scale: float | None = None, backend: str | None = None, *,
+                           config: BlockedConfig | None = None) -> Tensor:
+    """Generalized neighborhood attention in the SDPA layout with 1 to 3 spatial axes.
+
+    q (B, h, *spatial, d), k (B, h_kv, *spatial, d), v (B, h_kv, *spatial, dv), h a multiple of
+    h_kv -> out (B, h, *spatial, dv) in q's dtype. `kernel_size`, `dilation`, `stride` are ints
+    or per-axis tuples, `is_causal` a bool or a per-axis tuple; semantics in the module
+    docstring. `backend`: None (auto), "flex", "blocked" or "reference"; `config` tunes
+    the blocked backend.
+    """
+    ndim = _check_tensors(q, k, v)
+    spatial = tuple(q.shape[2:-1])
+    ks, dil, st, causal = neighborhood_args(spatial, kernel_size, dilation, stride, is_causal)
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"neighborhood_attention: unknown backend {backend!r}; expected one of {NA_BACKENDS}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    B, h = q.shape[:2]
+    if B == 0 or h == 0 or math.prod(spatial) == 0:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
+    if backend is None:
+        order = ("flex", "blocked", "reference") if q.device.type == "cuda" else ("blocked", "reference")
+    else:
+        order = (backend,)
+    reasons = {}
+    for name in order:
+        reasons[name] = _BACKENDS[name](q, k, v)
+        if reasons[name]:
+            continue
+        if name == "reference":
+            return _reference(q, k, v, spatial, ks, dil, st, causal, scale)
+        if name == "flex":
+            return _flex(q, k, v, spatial, ks, dil, st, causal, scale)
+        if k.shape[1] != h:  # grouped-query attention: each kv head serves h // h_kv query heads
+            k = k.repeat_interleave(h // k.shape[1], dim=1)
+            v = v.repeat_interleave(h // v.shape[1], dim=1)
+        return _blocked(q, k, v, spatial, ks, dil, st, causal, scale, config)
+    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
+    raise BackendUnavailable(f"neighborhood_attention: backend {backend or 'auto'!r} cannot run this call ({detail})")
