@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from attnlab.arena._bench_worker import cpu_model
 from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention, neighborhood_pairs
 
 CASES = {
@@ -37,17 +38,6 @@ CASES = {
     "3d": ((16, 32, 32), (3, 7, 7)),
 }
 HEADS, HEAD_DIM = 8, 64
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fwd_bwd(fn, tensors, grad) -> float:

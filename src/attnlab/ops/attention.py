@@ -73,7 +73,8 @@ def _sdpa_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_c
                                           dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
 
 
-def _flex_module():
+def flex_module():
+    """torch.nn.attention.flex_attention, or None where this torch lacks it."""
     try:
         from torch.nn.attention import flex_attention as fa
     except ImportError:  # pragma: no cover - torch < 2.5
@@ -84,9 +85,20 @@ def _flex_module():
 _compiled_flex: dict[str, Callable] = {}
 
 
+def flex_function(device_type: str) -> Callable:
+    """flex_attention for a device: eager on CPU (forward only there), compiled once elsewhere,
+    since FlexAttention is only fast compiled."""
+    fa = flex_module()
+    if device_type == "cpu":
+        return fa.flex_attention
+    if device_type not in _compiled_flex:
+        _compiled_flex[device_type] = torch.compile(fa.flex_attention, dynamic=False)
+    return _compiled_flex[device_type]
+
+
 def _flex_reasons(q, k, v, prepared, dropout_p) -> list[str]:
     reasons = []
-    if _flex_module() is None:
+    if flex_module() is None:
         reasons.append("torch.nn.attention.flex_attention is not available in this torch")
     if dropout_p > 0.0:
         reasons.append("FlexAttention has no attention dropout")
@@ -98,7 +110,7 @@ def _flex_reasons(q, k, v, prepared, dropout_p) -> list[str]:
 
 
 def _flex_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_causal):
-    fa = _flex_module()
+    fa = flex_module()
     B, h, N, _ = q.shape
     M = k.shape[-2]
     block_mask = score_mod = None
@@ -119,10 +131,7 @@ def _flex_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_c
         def add_bias(score, b, hh, q_idx, kv_idx):
             return score + bias[b, hh, q_idx, kv_idx]
         score_mod = add_bias
-    if q.device.type == "cpu":
-        fn = fa.flex_attention
-    else:  # FlexAttention is only fast compiled
-        fn = _compiled_flex.setdefault(q.device.type, torch.compile(fa.flex_attention, dynamic=False))
+    fn = flex_function(q.device.type)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,

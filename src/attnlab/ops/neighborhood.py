@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from attnlab.ops.attention import BackendUnavailable
+from attnlab.ops.attention import BackendUnavailable, flex_function, flex_module
 
 __all__ = ["neighborhood_attention", "reference_neighborhood_mask", "neighborhood_mask_mod",
            "neighborhood_args", "neighborhood_options", "neighborhood_pairs", "BlockedConfig", "NA_BACKENDS"]
@@ -692,20 +692,9 @@ def _blocked(q, k, v, spatial, ks, dil, st, causal, scale, config: BlockedConfig
 
 # --- other backends ------------------------------------------------------------------------------
 
-def _flex_module():
-    try:
-        from torch.nn.attention import flex_attention as fa
-    except ImportError:  # pragma: no cover - torch < 2.5
-        return None
-    return fa
-
-
-_compiled_flex: dict[str, Callable] = {}
-
-
 def _flex_reasons(q, k, v) -> list[str]:
     reasons = []
-    if _flex_module() is None:
+    if flex_module() is None:
         reasons.append("torch.nn.attention.flex_attention is not available in this torch")
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         reasons.append("FlexAttention has no backward on CPU (inputs require grad)")
@@ -716,16 +705,13 @@ def _flex_reasons(q, k, v) -> list[str]:
 
 def _flex(q, k, v, spatial, ks, dil, st, causal, scale):
     import warnings
-    fa = _flex_module()
+    fa = flex_module()
     B, h = q.shape[:2]
     N = math.prod(spatial)
     mask_mod = neighborhood_mask_mod(spatial, ks, dil, st, causal, device=q.device)
     block_mask = fa.create_block_mask(mask_mod, None, None, N, N, device=q.device)
     qf, kf, vf = (t.reshape(t.shape[0], t.shape[1], N, t.shape[-1]) for t in (q, k, v))
-    if q.device.type == "cpu":
-        fn = fa.flex_attention
-    else:  # FlexAttention is only fast compiled
-        fn = _compiled_flex.setdefault(q.device.type, torch.compile(fa.flex_attention, dynamic=False))
+    fn = flex_function(q.device.type)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         out = fn(qf, kf, vf, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
