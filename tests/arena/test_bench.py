@@ -203,3 +203,17 @@ def test_spatial_mechanisms_run_on_square_token_counts():
         m(torch.randn(1, 60, 32))
     with pytest.raises(NotImplementedError, match="no causal mode"):
         m(x, is_causal=True)
+
+
+def test_pooling_mechanisms_are_timed_through_a_broadcast():
+    import torch
+
+    from attnlab.arena.bench import PoolAsSequence, build_module
+    m = build_module("lowrank", 32, 4, {})
+    assert isinstance(m, PoolAsSequence)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    out = m(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out[:, 0, 0], m.inner(x).mean(-1))
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

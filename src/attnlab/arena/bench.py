@@ -103,7 +103,7 @@ def module_class(name: str) -> type:
 
 
 SPATIAL_AXES = {"2d": 2, "3d": 3}
-BENCH_LAYOUTS = ("seq", *SPATIAL_AXES)
+BENCH_LAYOUTS = ("seq", "pool", *SPATIAL_AXES)
 
 
 class SpatialAsSequence(nn.Module):
@@ -135,12 +135,35 @@ class SpatialAsSequence(nn.Module):
         return self.inner(x.reshape(B, *spatial, C)).reshape(B, N, C)   # (B, *spatial, C) inside
 
 
+class PoolAsSequence(nn.Module):
+    """Times an attention-pooling mechanism (B, N, C) -> (B, C_out) on the bench's tokens.
+
+    The pooled vector is reduced to one number per sample and broadcast back to (B, N, C), so the
+    bench's backward (a (B, N, C) gradient) runs through the whole pooling at negligible extra cost.
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        if hasattr(inner, "useful_flops"):
+            self.useful_flops = inner.useful_flops
+
+    def forward(self, x: Tensor, *, is_causal: bool = False) -> Tensor:
+        if is_causal:
+            raise NotImplementedError(f"{type(self.inner).spec.name} pools the sequence and has no causal mode")
+        pooled = self.inner(x)                                           # (B, C_out)
+        return pooled.mean(-1)[:, None, None].expand_as(x)               # (B, N, C)
+
+
 def build_module(name: str, dim: int, num_heads: int, options: dict[str, Any]) -> nn.Module:
     if name == BASELINE:
         return SDPABaseline(dim, num_heads, **options)
     from attnlab.registry import create, get_spec
     module = create(name, dim, num_heads, **options)
-    axes = SPATIAL_AXES.get(get_spec(name).layout)
+    layout = get_spec(name).layout
+    if layout == "pool":
+        return PoolAsSequence(module)
+    axes = SPATIAL_AXES.get(layout)
     return SpatialAsSequence(module, axes) if axes else module
 
 
