@@ -14,7 +14,8 @@ def _cmd_list(args) -> int:
     if args.layout:
         filters["layout"] = args.layout
     table = Table(title="attnlab mechanisms")
-    for col in ("name", "paper", "year", "layout", "time", "memory", "exact", "causal", "mask", "cache"):
+    table.add_column("name", no_wrap=True)   # names are what users copy: never wrapped
+    for col in ("paper", "year", "layout", "time", "memory", "exact", "causal", "mask", "cache"):
         table.add_column(col)
     for s in list_specs(**filters):
         yes = lambda b: "yes" if b else "-"  # noqa: E731

@@ -1,0 +1,45 @@
+"""`attnlab list` and `attnlab info`: what a user sees in the shell (bench has tests/arena)."""
+import subprocess
+import sys
+
+import pytest
+
+from attnlab import cli
+from attnlab.registry import list_specs
+
+
+def test_list_shows_every_mechanism(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for spec in list_specs():
+        assert spec.name in out
+
+
+def test_list_filters_by_layout(capsys):
+    assert cli.main(["list", "--layout", "2d"]) == 0
+    out = capsys.readouterr().out
+    assert "halo2d" in out and "mhsa" not in out
+
+
+def test_info_shows_spec_options_and_notes(capsys):
+    assert cli.main(["info", "moh"]) == 0
+    out = capsys.readouterr().out
+    assert "MoH: Multi-Head Attention as Mixture-of-Head Attention" in out
+    assert "top_k" in out and "shared_heads" in out       # constructor options
+    assert "Deviations" in out                             # the file header's notes
+
+
+def test_info_unknown_name_suggests_close_names(capsys):
+    assert cli.main(["info", "mosh"]) == 2
+    assert "did you mean 'moh'" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "attnlab", "list"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "mhsa" in done.stdout
+
+
+def test_missing_subcommand_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
