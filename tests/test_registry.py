@@ -328,3 +328,15 @@ def test_cache_repr_mentions_length():
     cache = KVCache(max_len=10)
     cache.update(*kv(n=3))
     assert "length=3" in repr(cache) and "max_len=10" in repr(cache)
+
+
+def test_test_configs_are_frozen_mappings():
+    import types
+
+    spec = attnlab.get_spec("mhsa")
+    assert spec.test_configs, "mhsa declares extra configurations for the property suite"
+    assert all(isinstance(c, types.MappingProxyType) for c in spec.test_configs)
+    with pytest.raises(TypeError):
+        spec.test_configs[0]["qkv_bias"] = False
+    for config in spec.test_configs:   # each one builds
+        attnlab.create("mhsa", 32, 4, **config)

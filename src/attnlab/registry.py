@@ -41,6 +41,9 @@ class MechanismSpec:
     # A tiny configuration for the shared test suite (options only, dim/num_heads are chosen
     # by the suite). Excluded from hashing/equality because a mapping is not hashable.
     test_kwargs: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # More configurations the shared suite also runs (e.g. other variants), each a full options
+    # mapping; every one must support what the spec's flags claim.
+    test_configs: tuple[Mapping[str, Any], ...] = field(default=(), compare=False, hash=False)
     cls: type | None = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
@@ -54,6 +57,8 @@ class MechanismSpec:
         object.__setattr__(self, "backends", tuple(self.backends))
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "test_kwargs", types.MappingProxyType(dict(self.test_kwargs)))
+        object.__setattr__(self, "test_configs",
+                           tuple(types.MappingProxyType(dict(c)) for c in self.test_configs))
 
     def supports(self, feature: str) -> bool:
         return bool(getattr(self, feature))
@@ -75,7 +80,8 @@ def register(spec: MechanismSpec) -> Callable[[type], type]:
             raise TypeError(f"register expects an nn.Module subclass, got {cls!r}")
         if spec.name in _REGISTRY and _REGISTRY[spec.name].cls is not cls:
             raise ValueError(f"mechanism {spec.name!r} is already registered by {_REGISTRY[spec.name].cls}")
-        bound = dataclasses.replace(spec, test_kwargs=dict(spec.test_kwargs), cls=cls)
+        bound = dataclasses.replace(spec, test_kwargs=dict(spec.test_kwargs),
+                                    test_configs=tuple(dict(c) for c in spec.test_configs), cls=cls)
         cls.spec = bound
         _REGISTRY[spec.name] = bound
         return cls

@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 import re
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -29,7 +31,15 @@ from attnlab import KVCache
 
 DIM, NUM_HEADS = 32, 4      # what make_mechanism builds by default
 
-SEQ_SPECS = attnlab.list_specs(layout="seq")
+# Each spec with its test_kwargs, then once more per extra entry of spec.test_configs (the same
+# spec with those options as its test_kwargs), so options that change the code path are covered.
+SEQ_SPECS, SEQ_IDS = [], []
+for _spec in attnlab.list_specs(layout="seq"):
+    SEQ_SPECS.append(_spec)
+    SEQ_IDS.append(_spec.name)
+    for _i, _config in enumerate(_spec.test_configs, start=1):
+        SEQ_SPECS.append(dataclasses.replace(_spec, test_kwargs=dict(_config), test_configs=()))
+        SEQ_IDS.append(f"{_spec.name}-cfg{_i}")
 FEATURES = ("causal", "attn_mask", "kv_cache")
 
 # float64 comparisons of two computations that should agree up to reassociation.
@@ -37,7 +47,7 @@ TIGHT = dict(rtol=1e-10, atol=1e-12)
 
 
 def spec_params(**kwargs):
-    return pytest.mark.parametrize("spec", SEQ_SPECS, ids=lambda s: s.name, **kwargs)
+    return pytest.mark.parametrize("spec", SEQ_SPECS, ids=SEQ_IDS, **kwargs)
 
 
 def require(spec, *features):

@@ -165,7 +165,9 @@ def _taylor_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Te
     memory="O(N^2) (O(N) on SDPA for the softmax variants)",
     exact=False, causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/2510.11602", variants=VARIANTS,
-    test_kwargs=dict(variant="rnd_emb_qk", max_seq_len=16, seed=0)))
+    test_kwargs=dict(variant="rnd_emb_qk", max_seq_len=16, seed=0),
+    test_configs=tuple(dict(variant=v, max_seq_len=16, seed=0)
+                       for v in ("standard", "approximate", "non_approximate", "fixed"))))
 class DeconstructedAttention(nn.Module):
     """x (B, N, C) -> (B, N, C), one of the paper's attention variants (see the module docstring).
 

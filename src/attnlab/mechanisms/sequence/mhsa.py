@@ -27,7 +27,8 @@ from attnlab.registry import MechanismSpec, register
     time="O(N^2 d)", memory="O(N) with fused SDPA, O(N^2) eager", exact=True,
     causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/1706.03762",
-    test_kwargs=dict(qkv_bias=True)))
+    test_kwargs=dict(qkv_bias=True),
+    test_configs=(dict(num_kv_heads=2, qk_norm=True), dict(softmax="edgemoe"))))
 class MultiHeadAttention(nn.Module):
     """x (B, N, C) -> (B, N, C). Softmax runs in float32 (or float64 for float64 input)."""
 

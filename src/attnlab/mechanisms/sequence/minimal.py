@@ -80,7 +80,8 @@ def _check_bool(name: str, value) -> None:
     memory="O(N) with fused SDPA, O(N^2) eager", exact=False, causal=True, attn_mask=True,
     kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/2410.13732",
-    test_kwargs=dict(collapse_qk=True, symmetric=True, collapse_vo="one")))
+    test_kwargs=dict(collapse_qk=True, symmetric=True, collapse_vo="one"),
+    test_configs=(dict(collapse_qk=False, collapse_vo="separate", qkv_bias=True), dict(collapse_vo="none"))))
 class MinimalAttention(nn.Module):
     """x (B, N, C) -> (B, N, C). Softmax runs in float32 (or float64 for float64 input).
 

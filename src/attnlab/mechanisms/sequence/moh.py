@@ -79,7 +79,8 @@ def _check_count(name: str, value, low: int, high: int, why: str) -> int:
     memory="O(N) with fused SDPA, O(N^2) eager", exact=False,
     causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/2410.11842", variants=VARIANTS,
-    test_kwargs=dict(shared_heads=2, top_k=1, qkv_bias=True)))
+    test_kwargs=dict(shared_heads=2, top_k=1, qkv_bias=True),
+    test_configs=(dict(variant="official", shared_heads=1, top_k=2), dict(shared_heads=0, top_k=2))))
 class MoHAttention(nn.Module):
     """x (B, N, C) -> (B, N, C). Routers run in float32 (float64 for float64 input).
 

@@ -80,7 +80,8 @@ def _check_float(arg: str, value, *, min_value: float | None = None) -> float:
     memory="O(N) with fused SDPA, O(N^2) eager", exact=False,
     causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/2411.12892",
-    test_kwargs=dict(qkv_bias=True, alpha_init=0.0, temp_std=0.5)))
+    test_kwargs=dict(qkv_bias=True, alpha_init=0.0, temp_std=0.5),
+    test_configs=(dict(num_kv_heads=2, alpha_init=0.0, temp_std=0.5),)))
 class SelectiveAttention(nn.Module):
     """x (B, N, C) -> (B, N, C). Temperatures and softmax run in float32 (float64 for float64)."""
 

@@ -138,7 +138,8 @@ class _Neighborhood(nn.Module):
     name="neighborhood1d", paper=PAPER, year=2025, family="local", layout="seq",
     time="O(N k d)", memory="O(N d) (blocked: O(chunk) workspace)", exact=False,
     causal=True, attn_mask=False, kv_cache=True, backends=("flex", "reference"), url=URL,
-    test_kwargs=dict(kernel_size=3)))
+    test_kwargs=dict(kernel_size=3),
+    test_configs=(dict(kernel_size=4, dilation=2),)))
 class NeighborhoodAttention1d(_Neighborhood):
     """x (B, N, C) -> (B, N, C): each token attends kernel_size tokens around it (GNA rules).
 
