@@ -22,6 +22,12 @@ from hypothesis import HealthCheck, settings
 
 import attnlab
 
+# Under pytest-xdist each worker gets one intra-op thread: `make test` runs as many workers as
+# cores, and two processes with two OpenMP/MKL threads each on two cores made a LAPACK-heavy
+# test spin for two minutes instead of one second.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # Typical sizes for the shared suite: 4 heads of width 8.
 DIM = 32
 NUM_HEADS = 4
