@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 LAYOUTS = ("seq", "2d", "3d", "cross", "pool")
-BACKENDS = ("sdpa", "reference", "flex")
+BACKENDS = ("sdpa", "reference", "flex", "blocked")  # blocked: the neighborhood CPU kernel
 
 
 @dataclass(frozen=True)
