@@ -72,11 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time and memory of mechanisms against a baseline in the same run")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+    from attnlab.arena import claims
+    p = sub.add_parser("reproduce", help="reproduce a paper's claim at small scale; writes docs/claims/NAME.md")
+    claims.add_arguments(p)
+    p.set_defaults(func=claims.main, takes_extra=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "takes_extra", False):
+        return args.func(args, extra)       # a claim's own options are parsed by the claim
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -1,0 +1,31 @@
+import argparse
+
+import pytest
+
+from attnlab.arena.claims import Claim, Report, Table, get_claim, list_claims, render
+
+
+def test_every_claim_module_defines_a_claim():
+    for c in list_claims():
+        assert isinstance(c, Claim) and c.statement and c.paper
+
+
+def test_unknown_claim_names_close_ones():
+    with pytest.raises(ValueError, match="unknown claim"):
+        get_claim("no_such_claim")
+
+
+def test_render_has_command_machine_and_tables():
+    claim = Claim(name="demo", paper="A paper", statement="X beats Y.", run=lambda a: None)
+    report = Report(verdict="partly", summary="X beats Y on one of two tasks.",
+                    tables=[Table("results", ["model", "acc"], [["X", 0.91234], ["Y", 0.5]])], notes=["small"])
+    page = render(claim, report, "attnlab reproduce demo", 3.0)
+    assert "`attnlab reproduce demo`" in page and "Machine:" in page and "| X | 0.9123 |" in page
+    assert "Verdict: partly" in page
+
+
+def test_bad_verdict_and_ragged_rows_raise():
+    with pytest.raises(ValueError, match="verdict"):
+        Report(verdict="maybe", summary="")
+    with pytest.raises(ValueError, match="cells"):
+        Table("t", ["a", "b"], [[1]]).to_markdown()
