@@ -40,3 +40,23 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   pip install -e ".[dev]"
   touch "$STAMP"
 fi
+
+# Fashion-MNIST for `--task fashion_mnist` (the Debian package ships its four IDX .gz files).
+# Best effort: without it every other task still runs, `digits` included; setup never fails here.
+FASHION=/usr/share/datasets/fashion-mnist
+if [ ! -d "$FASHION" ] && command -v apt-get >/dev/null 2>&1; then
+  as_root=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as_root="sudo -n"; else as_root="none"; fi
+  fi
+  if [ "$as_root" = none ]; then
+    echo "attnlab setup: warning: $FASHION missing and apt-get needs root; run 'sudo apt-get install dataset-fashion-mnist' for --task fashion_mnist" >&2
+  else
+    echo "attnlab setup: installing dataset-fashion-mnist (apt)"
+    if ! { $as_root apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 ||
+           { $as_root apt-get update -q >/dev/null 2>&1 &&
+             $as_root apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; }; then
+      echo "attnlab setup: warning: could not install dataset-fashion-mnist; --task fashion_mnist needs it (or ATTNLAB_FASHION_MNIST)" >&2
+    fi
+  fi
+fi
