@@ -195,24 +195,97 @@ def neighborhood_pairs(spatial_shape: Sequence[int], kernel_size, dilation=1, st
 
 
 def neighborhood_mask_mod(spatial_shape: Sequence[int], kernel_size, dilation=1, stride=1, is_causal=False,
-                          device=None) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """A FlexAttention-style predicate `(b, h, q_idx, kv_idx) -> bool` over row-major token indices."""
+                          device=None, tile: Sequence[int] | None = None
+                          ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """A FlexAttention-style predicate `(b, h, q_idx, kv_idx) -> bool` over token indices.
+
+    Indices are row-major (`flatten`) by default; with `tile` they are in tiled order (see
+    `tile_tokens`): consecutive indices fill one tile of that shape before the next tile.
+    """
     spatial = tuple(int(n) for n in spatial_shape)
     ks, dil, st, causal = neighborhood_args(spatial, kernel_size, dilation, stride, is_causal)
     tables = []
     for n, k, r, s, c in zip(spatial, ks, dil, st, causal):
         g, _, _, first, last = _axis_windows(n, k, r, s, c, device=device)
         tables.append((n, r, g + first * r, g + last * r))   # first/last allowed key position
-    inner = [math.prod(spatial[a + 1:]) for a in range(len(spatial))]
+    coords = _coordinates(spatial, tile)
 
     def neighborhood_mask(b, h, q_idx, kv_idx):
         ok = None
-        for (n, r, first_pos, last_pos), stride_a in zip(tables, inner):
-            qa, ka = (q_idx // stride_a) % n, (kv_idx // stride_a) % n
+        for (n, r, first_pos, last_pos), qa, ka in zip(tables, coords(q_idx), coords(kv_idx)):
             axis_ok = (ka % r == qa % r) & (ka >= first_pos[qa]) & (ka <= last_pos[qa])
             ok = axis_ok if ok is None else ok & axis_ok
         return ok
     return neighborhood_mask
+
+
+def _coordinates(spatial: tuple[int, ...], tile: Sequence[int] | None) -> Callable[[Tensor], list[Tensor]]:
+    """idx -> per-axis positions, for row-major (tile None) or tiled token order."""
+    ndim = len(spatial)
+    if tile is None:
+        inner = [math.prod(spatial[a + 1:]) for a in range(ndim)]
+        return lambda idx: [(idx // inner[a]) % spatial[a] for a in range(ndim)]
+    tile = tuple(tile)
+    grid = tuple(n // t for n, t in zip(spatial, tile))
+    per_tile = math.prod(tile)
+    grid_inner = [math.prod(grid[a + 1:]) for a in range(ndim)]
+    tile_inner = [math.prod(tile[a + 1:]) for a in range(ndim)]
+
+    def coords(idx):
+        which, within = idx // per_tile, idx % per_tile
+        return [((which // grid_inner[a]) % grid[a]) * tile[a] + (within // tile_inner[a]) % tile[a]
+                for a in range(ndim)]
+    return coords
+
+
+def flex_tile(spatial: Sequence[int], kernel_size, dilation=1, block: int = 128) -> tuple[int, ...] | None:
+    """A tile shape of `block` tokens (powers of two dividing each axis) that minimises the key
+    blocks a query block touches, or None when row-major order is as good (1-D) or none fits.
+
+    FlexAttention skips work per (128 query, 128 key) block; in row-major order a 2-D window
+    spans `kernel` rows, so most of each visited block is masked. Tiled order makes a block a
+    compact patch, as GNA's token permutation does.
+    """
+    spatial = tuple(int(n) for n in spatial)
+    if len(spatial) == 1:
+        return None
+    ks, dil, _, _ = neighborhood_args(spatial, kernel_size, dilation, 1, False)
+    best, best_cost = None, None
+
+    def search(axis, remaining, chosen):
+        nonlocal best, best_cost
+        if axis == len(spatial):
+            if remaining == 1:
+                cost = math.prod(min(n, t + (k - 1) * r) / t for n, t, k, r in zip(spatial, chosen, ks, dil))
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = tuple(chosen), cost
+            return
+        t = 1
+        while t <= remaining and spatial[axis] % t == 0:
+            search(axis + 1, remaining // t, chosen + [t])
+            t *= 2
+    search(0, block, [])
+    return best
+
+
+def tile_tokens(x: Tensor, spatial: Sequence[int], tile: Sequence[int]) -> Tensor:
+    """(B, h, *spatial, d) -> (B, h, N, d) in tiled order (tiles row-major, tokens row-major inside)."""
+    nd = len(spatial)
+    B, h, d = x.shape[0], x.shape[1], x.shape[-1]
+    split = [s for n, t in zip(spatial, tile) for s in (n // t, t)]
+    x = x.reshape(B, h, *split, d)
+    order = [0, 1] + [2 + 2 * a for a in range(nd)] + [3 + 2 * a for a in range(nd)] + [2 + 2 * nd]
+    return x.permute(order).reshape(B, h, math.prod(spatial), d)
+
+
+def untile_tokens(x: Tensor, spatial: Sequence[int], tile: Sequence[int]) -> Tensor:
+    """Inverse of `tile_tokens`: (B, h, N, d) in tiled order -> (B, h, *spatial, d)."""
+    nd = len(spatial)
+    B, h, d = x.shape[0], x.shape[1], x.shape[-1]
+    grid = [n // t for n, t in zip(spatial, tile)]
+    x = x.reshape(B, h, *grid, *tile, d)
+    order = [0, 1] + [p for a in range(nd) for p in (2 + a, 2 + nd + a)] + [2 + 2 * nd]
+    return x.permute(order).reshape(B, h, *spatial, d)
 
 
 # --- blocked kernel: the plan --------------------------------------------------------------------
@@ -703,19 +776,40 @@ def _flex_reasons(q, k, v) -> list[str]:
     return reasons
 
 
+_block_masks: dict[tuple, tuple] = {}   # (shape, options, device) -> (BlockMask, tile)
+
+
+def _flex_block_mask(spatial, ks, dil, st, causal, device):
+    """The BlockMask (and token tiling) for one geometry, built once: building it evaluates the
+    predicate over all N^2 pairs, which costs more than the attention itself."""
+    key = (spatial, ks, dil, st, causal, str(device))
+    if key not in _block_masks:
+        fa = flex_module()
+        N = math.prod(spatial)
+        tile = flex_tile(spatial, ks, dil)
+        mask_mod = neighborhood_mask_mod(spatial, ks, dil, st, causal, device=device, tile=tile)
+        if len(_block_masks) >= 64:
+            _block_masks.pop(next(iter(_block_masks)))
+        _block_masks[key] = (fa.create_block_mask(mask_mod, None, None, N, N, device=device), tile)
+    return _block_masks[key]
+
+
 def _flex(q, k, v, spatial, ks, dil, st, causal, scale):
     import warnings
-    fa = flex_module()
     B, h = q.shape[:2]
     N = math.prod(spatial)
-    mask_mod = neighborhood_mask_mod(spatial, ks, dil, st, causal, device=q.device)
-    block_mask = fa.create_block_mask(mask_mod, None, None, N, N, device=q.device)
-    qf, kf, vf = (t.reshape(t.shape[0], t.shape[1], N, t.shape[-1]) for t in (q, k, v))
+    block_mask, tile = _flex_block_mask(spatial, ks, dil, st, causal, q.device)
+    if tile is None:
+        qf, kf, vf = (t.reshape(t.shape[0], t.shape[1], N, t.shape[-1]) for t in (q, k, v))
+    else:
+        qf, kf, vf = (tile_tokens(t, spatial, tile) for t in (q, k, v))
     fn = flex_function(q.device.type)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         out = fn(qf, kf, vf, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    return out.view(B, h, *spatial, v.shape[-1])
+    if tile is None:
+        return out.view(B, h, *spatial, v.shape[-1])
+    return untile_tokens(out, spatial, tile)
 
 
 def _reference(q, k, v, spatial, ks, dil, st, causal, scale):
