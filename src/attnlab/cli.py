@@ -1,4 +1,4 @@
-"""The `attnlab` command: list, info, bench."""
+"""The `attnlab` command: list, info, bench, reproduce, train."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce a paper's claim at small scale; writes docs/claims/NAME.md")
     claims.add_arguments(p)
     p.set_defaults(func=claims.main, takes_extra=True)
+    from attnlab.arena import train
+    p = sub.add_parser("train", help="train a task's model built from mechanisms; resumable, torchrun-ready")
+    train.add_arguments(p)
+    p.set_defaults(func=train.main)
     return parser
 
 
