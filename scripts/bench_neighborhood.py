@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--backend", default=None, help="neighborhood backend (default: auto = blocked on CPU)")
+    parser.add_argument("--method", default=None, choices=("sdpa", "chunks"),
+                        help="blocked backend's method (default: the library default, sdpa)")
+    parser.add_argument("--tile", default=None, help="blocked tile per axis, e.g. 8,8 (default: the library's)")
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
     args = parser.parse_args(argv)
     if args.threads:
@@ -114,7 +117,9 @@ def main(argv=None) -> int:
         print(f"{'case':<4} {'shape':<14} {'kernel':<11} {'NA ms':>8} {'dense ms':>9} {'NA GF/s':>8} "
               f"{'dense GF/s':>10} {'ratio':>6} {'speedup':>8} {'ideal':>6} {'load':>10}")
     for name in names:
-        row = run_case(name, args.repeats, args.warmup, None, args.backend)
+        tile = tuple(int(t) for t in args.tile.split(",")) if args.tile else None
+        config = BlockedConfig(method=args.method, tile=tile) if (args.method or tile) else None
+        row = run_case(name, args.repeats, args.warmup, config, args.backend)
         if args.json:
             print(json.dumps({**row, **env}), flush=True)
             continue

@@ -145,14 +145,18 @@ CASES = {  # spatial, kernel_size, dilation, stride, is_causal
 TILES = {"default": None, "small": 2, "odd": 3}
 
 
+METHODS = ("sdpa", "chunks")
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("tile", list(TILES), ids=list(TILES))
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_blocked_matches_oracle_outputs_and_gradients(case, tile):
+def test_blocked_matches_oracle_outputs_and_gradients(case, tile, method):
     spatial, ks, dil, st, causal = CASES[case]
     torch.manual_seed(len(case))
     nd = len(spatial)
     config = BlockedConfig(tile=None if TILES[tile] is None else (TILES[tile],) * nd, chunk_scores=300,
-                           threads=2 if tile == "odd" else 1)
+                           threads=2 if tile == "odd" else 1, method=method)
     q, k, v = (torch.randn(2, 3, *spatial, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = neighborhood_attention(q, k, v, ks, dil, st, causal, backend="blocked", config=config)
     want = oracle(q, k, v, ks, dil, st, causal)
@@ -164,13 +168,14 @@ def test_blocked_matches_oracle_outputs_and_gradients(case, tile):
         assert_close(a, b, msg=lambda m: f"d{name}: {m}")
 
 
-def test_blocked_long_1d_runs_and_float32():
+@pytest.mark.parametrize("method", METHODS)
+def test_blocked_long_1d_runs_and_float32(method):
     """Long enough for multi-tile strided-view chunks, several workers, float32 tolerance."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 300, 16, requires_grad=True) for _ in range(3))
     for ks, dil, st, causal in [(31, 1, 1, False), (16, 2, 1, True), (9, 3, 3, False)]:
         out = neighborhood_attention(q, k, v, ks, dil, st, causal, backend="blocked",
-                                     config=BlockedConfig(tile=(16,), chunk_scores=20000, threads=2))
+                                     config=BlockedConfig(tile=(16,), chunk_scores=20000, threads=2, method=method))
         want = oracle(q, k, v, ks, dil, st, causal).float()
         assert_close(out, want, rtol=1e-5, atol=1e-5)
         g = torch.randn_like(out)
@@ -186,13 +191,14 @@ def test_reference_backend_matches_oracle():
                  oracle(q, k, v, ks, dil, st, causal))
 
 
-def test_gradcheck_blocked():
+@pytest.mark.parametrize("method", METHODS)
+def test_gradcheck_blocked(method):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
 
     def f(q, k, v):
         return neighborhood_attention(q, k, v, (2, 3), 1, (1, 2), (True, False), backend="blocked",
-                                      config=BlockedConfig(tile=(2, 2), chunk_scores=50, threads=1))
+                                      config=BlockedConfig(tile=(2, 2), chunk_scores=50, threads=1, method=method))
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
@@ -272,7 +278,7 @@ def test_custom_scale():
 def test_workers_leave_thread_settings_alone():
     before = torch.get_num_threads()
     q, k, v = (torch.randn(1, 2, 200, 8) for _ in range(3))
-    neighborhood_attention(q, k, v, 9, config=BlockedConfig(chunk_scores=2000, threads=2))
+    neighborhood_attention(q, k, v, 9, config=BlockedConfig(chunk_scores=2000, threads=2, method="chunks"))
     assert torch.get_num_threads() == before
     seen = []
     t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -285,7 +291,7 @@ def test_workers_leave_thread_settings_alone():
 def test_forked_child_gets_its_own_workers():
     """A child forked after the pool started inherits no threads: it must not wait on them."""
     q, k, v = (torch.randn(1, 2, 200, 8) for _ in range(3))
-    config = BlockedConfig(chunk_scores=2000, threads=2)
+    config = BlockedConfig(chunk_scores=2000, threads=2, method="chunks")
     want = neighborhood_attention(q, k, v, 9, config=config)
     pid = os.fork()
     if pid == 0:                                   # child: exit code 0 only if the result is right
@@ -323,6 +329,7 @@ def test_kernel_times_dilation_longer_than_axis():
     (dict(kernel_size=3, stride=4), r"stride \(4\) must be <= kernel_size \(3\)"),
     (dict(kernel_size=(3, 3)), r"kernel_size has 2 entries \(3, 3\), expected one per spatial axis \(1\)"),
     (dict(kernel_size=3, backend="cuda"), "unknown backend 'cuda'"),
+    (dict(kernel_size=3, config=BlockedConfig(method="fast")), "method must be 'sdpa' or 'chunks', got 'fast'"),
 ])
 def test_bad_options_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

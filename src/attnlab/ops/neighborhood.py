@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -305,6 +306,7 @@ class BlockedConfig:
     tile: tuple[int, ...] | None = None
     chunk_scores: int | None = None
     threads: int | None = None
+    method: str | None = None       # "sdpa" (tiles through SDPA's fused kernel) or "chunks"; None: default
 
 
 @dataclass
@@ -421,6 +423,22 @@ class _Plan:
             bias_t = torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, float("-inf")).t().contiguous()
             valid = None if bool(rows.all()) else rows.to(dtype).view(1, 1, -1).to(device)
             self._masks[key] = (bias_t[None].to(device), valid)
+        return self._masks[key]
+
+    def sdpa_layout(self, dtype, device) -> tuple[Tensor, Tensor]:
+        """Additive mask (1, tiles, M, S) per tile (padding rows finite) and, per query, its
+        flat slot in (tiles * M) (N,)."""
+        key = ("sdpa", dtype, str(device))
+        if key not in self._masks:
+            classes = sorted(set(self.tile_class.tolist()))
+            per_class = torch.stack([self.class_mask(c, dtype, "cpu")[0][0].t() for c in classes])  # (C, M, S)
+            lookup = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+            lookup[torch.tensor(classes)] = torch.arange(len(classes))
+            mask = per_class[lookup[self.tile_class]]                          # (tiles, M, S)
+            valid = self.q_valid.flatten().nonzero().flatten()
+            slot = torch.empty(math.prod(self.spatial), dtype=torch.long)
+            slot[self.q_index.flatten()[valid]] = valid
+            self._masks[key] = (mask[None].to(device), slot.to(device))
         return self._masks[key]
 
     def index(self, device):
@@ -759,8 +777,31 @@ def _blocked(q, k, v, spatial, ks, dil, st, causal, scale, config: BlockedConfig
     # 1-D chunks are strided views of one head (small, cache-resident); gathered chunks hold
     # every head, so they are larger to keep the Python work per score element small
     chunk_scores = config.chunk_scores or (1 << 18 if len(spatial) == 1 else 1 << 20)
-    out = _BlockedNeighborhood.apply(qf, kf, vf, plan, scale, config, chunk_scores)
+    method = config.method or "sdpa"
+    if method == "sdpa":
+        out = _sdpa_tiles(qf, kf, vf, plan, scale)
+    elif method == "chunks":
+        out = _BlockedNeighborhood.apply(qf, kf, vf, plan, scale, config, chunk_scores)
+    else:
+        raise ValueError(f"neighborhood_attention: BlockedConfig.method must be 'sdpa' or 'chunks', got {method!r}")
     return out.view(B, h, *spatial, dv_).to(q.dtype)
+
+
+def _sdpa_tiles(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, scale: float) -> Tensor:
+    """All tiles at once through SDPA's fused kernel, autograd included. q, k (BH, N, d), v (BH, N, dv).
+
+        qt (BH, tiles, M, d), kt/vt (BH, tiles, S, d)   gathered tile queries and key boxes
+        out_t = SDPA(qt, kt, vt, mask (1, tiles, M, S))  the fused (flash) CPU kernel
+        out = out_t[slot of each query]                  (BH, N, dv)
+    The key boxes are copies (S / M ~ 3 keys per query in 1-D, 6-9 in 2-D/3-D), but the
+    fused kernel never writes the (M, S) scores to memory, which beats the chunked kernel.
+    """
+    q_index, _, k_index = plan.index(q.device)
+    mask, slot = plan.sdpa_layout(q.dtype, q.device)
+    qt = q[:, q_index]                                                   # (BH, tiles, M, d)
+    kt, vt = k[:, k_index], v[:, k_index]                                # (BH, tiles, S, d)
+    out_t = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out_t.flatten(1, 2)[:, slot]                                  # (BH, N, dv)
 
 
 # --- other backends ------------------------------------------------------------------------------
