@@ -2,12 +2,15 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup bench test
+.PHONY: setup bench arena test
 setup:
 	@bash scripts/setup.sh
 
 bench: setup
 	$(PY) -m attnlab bench
+
+arena: setup
+	$(PY) -m attnlab arena
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" -n 2 $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The `attnlab` command: list, info, bench, reproduce, train."""
+"""The `attnlab` command: list, info, bench, reproduce, train, arena."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a task's model built from mechanisms; resumable, torchrun-ready")
     train.add_arguments(p)
     p.set_defaults(func=train.main)
+    from attnlab.arena import leaderboard
+    p = sub.add_parser("arena", help="train every sequence mechanism on a task, time it, and rank it (leaderboard)")
+    leaderboard.add_arguments(p)
+    p.set_defaults(func=leaderboard.main)
     return parser
 
 

@@ -393,6 +393,80 @@ def _start_workers(count: int) -> list:
     return workers
 
 
+def measure(entries: list[dict[str, Any]], seq_lens: list[int], job_common: dict[str, Any], *,
+            baseline: str | None, warmup: int | None = None, repeats: int | None = None,
+            budget_s: float = DEFAULT_BUDGET_S, progress=None, log=lambda text: None) -> dict[str, Any]:
+    """Time and measure `entries` ({"name", "options"}) at every N in `seq_lens`, in fresh processes.
+
+    job_common: heads, head_dim, batch, dtype, causal, device, threads, timeout (seconds per process).
+    For each N, one "time" job interleaves every entry (see the worker); then, only after every
+    timing, one "memory" job per (N, entry) that timed successfully, two at a time on CPU.
+    `baseline` names the entry whose ratios decide whether more rounds are needed (None: no
+    ratios, just the budget). `progress`: an entered rich Progress to advance, or None; `log(text)`
+    gets a line per finished process.
+
+    Returns {"env": the measuring processes' environment or None, "timings": {N: {name: the time
+    job's result}}, "warmups": {N: warm-up rounds}, "memories": {(N, name): the memory job's result}};
+    a failed process is a "skipped" result with its reason, never an exception.
+    """
+    names = [e["name"] for e in entries]
+    by_name = {e["name"]: e for e in entries}
+    device = job_common["device"]
+    timings: dict[int, dict[str, Any]] = {n: {} for n in seq_lens}
+    warmups: dict[int, int | None] = {}  # the warm-up rounds each shape got
+    memories: dict[tuple[int, str], dict[str, Any]] = {}
+    env: dict[str, Any] | None = None
+    # Memory jobs run two at a time on CPU (each measures its own process); CUDA shares one device.
+    workers = _start_workers(1 if device == "cuda" else max(1, min(2, os.cpu_count() or 1))) if names else []
+    try:
+        task = progress.add_task("timing", total=len(seq_lens)) if progress is not None else None
+        for n in seq_lens if names else []:
+            if progress is not None:
+                progress.update(task, description=f"timing N={n}: {len(names)} modules, interleaved")
+            job = {"kind": "time", "seq_len": n, "entries": entries, "baseline": baseline, "warmup": warmup,
+                   "repeats": repeats, "budget_s": budget_s, "min_repeats": MIN_REPEATS,
+                   "max_repeats": MAX_REPEATS, **job_common}
+            result = workers[0].run(job)
+            env = env or result.get("env")
+            warmups[n] = result.get("warmup")
+            timings[n] = result.get("results") or {e: {"status": "skipped", "reason": result.get("error")}
+                                                   for e in names}
+            if progress is not None:
+                progress.advance(task)
+            skipped = [e for e, r in timings[n].items() if r["status"] != "ok"]
+            log(f"timed N={n}: {len(timings[n]) - len(skipped)} ok" + (f", skipped {skipped}" if skipped else ""))
+
+        # Only after every timing, so that memory jobs never disturb one.
+        mem_jobs = [(n, e) for n in seq_lens for e in names if timings[n].get(e, {}).get("status") == "ok"]
+        if progress is not None:
+            task = progress.add_task("peak memory: a fresh process each", total=len(mem_jobs))
+        idle: queue.Queue = queue.Queue()
+        for w in workers:
+            idle.put(w)
+
+        def measure_memory(key: tuple[int, str]) -> tuple[tuple[int, str], dict[str, Any]]:
+            w = idle.get()
+            try:
+                result = w.run({"kind": "memory", "seq_len": key[0], "entries": [by_name[key[1]]], **job_common})
+            finally:
+                idle.put(w)
+            if "error" in result:
+                result = {"status": "skipped", "reason": f"memory: {result['error']}"}
+            return key, result
+
+        with ThreadPoolExecutor(max_workers=max(1, len(workers))) as pool:
+            for key, result in pool.map(measure_memory, mem_jobs):
+                memories[key] = result
+                if progress is not None:
+                    progress.advance(task)
+                done = f"{result['peak_mem_mb']:.1f} MB" if result.get("status") == "ok" else result.get("reason")
+                log(f"memory N={key[0]} {key[1]}: {done}")
+    finally:
+        for w in workers:
+            w.close()
+    return {"env": env, "timings": timings, "warmups": warmups, "memories": memories}
+
+
 # --- rows, table, plot ---------------------------------------------------------------------------
 
 def _median(samples: list[float] | None) -> float | None:
@@ -512,11 +586,12 @@ def _plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
 
 # --- main ----------------------------------------------------------------------------------------
 
-def _default_out() -> Path:
+def _default_out(root: str = "bench-results") -> Path:
+    """root/<timestamp>, with a -1, -2, ... suffix when that folder exists."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out, i = Path("bench-results") / stamp, 1
+    out, i = Path(root) / stamp, 1
     while out.exists():
-        out, i = Path("bench-results") / f"{stamp}-{i}", i + 1
+        out, i = Path(root) / f"{stamp}-{i}", i + 1
     return out
 
 
@@ -562,57 +637,12 @@ def main(args: argparse.Namespace) -> int:
 
     job_common = {"heads": args.heads, "head_dim": args.head_dim, "batch": args.batch, "dtype": args.dtype,
                   "causal": args.causal, "device": device, "threads": args.threads, "timeout": args.timeout}
-    entry = {e: {"name": e, "options": options.get(e, {})} for e in runnable}
-    timings: dict[int, dict[str, Any]] = {n: {} for n in args.seq_lens}
-    warmups: dict[int, int | None] = {}  # the warm-up rounds each shape got
-    memories: dict[tuple[int, str], dict[str, Any]] = {}
-    env: dict[str, Any] | None = None
-    # Memory jobs run two at a time on CPU (each measures its own process); CUDA shares one device.
-    workers = _start_workers(1 if device == "cuda" else max(1, min(2, os.cpu_count() or 1))) if runnable else []
-    try:
-        with progress:
-            task = progress.add_task("timing", total=len(args.seq_lens))
-            for n in args.seq_lens if runnable else []:
-                progress.update(task, description=f"timing N={n}: {len(runnable)} modules, interleaved")
-                job = {"kind": "time", "seq_len": n, "entries": [entry[e] for e in runnable],
-                       "baseline": baseline, "warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget,
-                       "min_repeats": MIN_REPEATS, "max_repeats": MAX_REPEATS, **job_common}
-                result = workers[0].run(job)
-                env = env or result.get("env")
-                warmups[n] = result.get("warmup")
-                timings[n] = result.get("results") or {e: {"status": "skipped", "reason": result.get("error")}
-                                                       for e in runnable}
-                progress.advance(task)
-                skipped = [e for e, r in timings[n].items() if r["status"] != "ok"]
-                log(f"timed N={n}: {len(timings[n]) - len(skipped)} ok" + (f", skipped {skipped}" if skipped else ""))
-
-            # Only after every timing, so that memory jobs never disturb one.
-            mem_jobs = [(n, e) for n in args.seq_lens for e in runnable
-                        if timings[n].get(e, {}).get("status") == "ok"]
-            task = progress.add_task("peak memory: a fresh process each", total=len(mem_jobs))
-            idle: queue.Queue = queue.Queue()
-            for w in workers:
-                idle.put(w)
-
-            def measure(key: tuple[int, str]) -> tuple[tuple[int, str], dict[str, Any]]:
-                w = idle.get()
-                try:
-                    result = w.run({"kind": "memory", "seq_len": key[0], "entries": [entry[key[1]]], **job_common})
-                finally:
-                    idle.put(w)
-                if "error" in result:
-                    result = {"status": "skipped", "reason": f"memory: {result['error']}"}
-                return key, result
-
-            with ThreadPoolExecutor(max_workers=max(1, len(workers))) as pool:
-                for key, result in pool.map(measure, mem_jobs):
-                    memories[key] = result
-                    progress.advance(task)
-                    done = f"{result['peak_mem_mb']:.1f} MB" if result.get("status") == "ok" else result.get("reason")
-                    log(f"memory N={key[0]} {key[1]}: {done}")
-    finally:
-        for w in workers:
-            w.close()
+    with progress:
+        measured = measure([{"name": e, "options": options.get(e, {})} for e in runnable], args.seq_lens,
+                           job_common, baseline=baseline, warmup=args.warmup, repeats=args.repeats,
+                           budget_s=args.budget, progress=progress, log=log)
+    env, timings, warmups, memories = (measured["env"], measured["timings"], measured["warmups"],
+                                       measured["memories"])
 
     if env is None:
         from attnlab.arena._bench_worker import environment

@@ -1,0 +1,637 @@
+"""`attnlab arena`: train every sequence mechanism on a task at one small size, time it, rank it.
+
+    attnlab arena                                            # every seq mechanism, assoc_recall
+    attnlab arena --mechanisms mhsa,moh,minimal --seeds 0,1,2
+    attnlab arena --tasks assoc_recall,selective_copy --steps 1200 --seq-lens 512,2048
+
+For each task, mechanism and seed, a model of `--layers` blocks of that one mechanism is trained
+with `attnlab.arena.train.train` for `--steps` AdamW steps (nothing written to disk); its quality
+is the task's headline metric (`task.quality`, e.g. accuracy) on the task's validation batches
+after the last step. Then one layer of each mechanism is timed in fresh processes by the
+measuring code of `attnlab bench` (`bench.measure`): forward and forward+backward at every N in
+`--seq-lens` (B=1, width `--dim`, `--heads` heads, causal when the task is), and the peak memory of
+one forward+backward. Mechanisms whose spec cannot run a task (a causal task needs spec.causal)
+are skipped and listed with the reason; a mechanism that raises while training is a "failed" row
+with its error, never the end of the arena.
+
+The defaults are sized for about 5 minutes on 2 CPU cores: with the ten causal sequence mechanisms
+registered when this was tuned, `attnlab arena` took 3 min 16 s (load average 0.9 to 1.2; about
+12-27 s of training per mechanism, 12 s of timing and memory), which leaves room for a few more.
+Models are attention only (--mlp-ratio 0, so the mechanism is what differs), 2 layers of width 64
+with 4 heads, 600 AdamW steps of 64 sequences at lr 1e-2, on one thread, on a smaller associative
+recall than the task's default (8 key-value pairs from 16 keys and 16 values, 32 tokens), which
+such models start to learn within a few hundred steps. At this budget no model solves it (the best
+reached about 0.42 accuracy; guessing among the 8 stored values gives 0.125): quality measures how
+far each gets in the same number of steps, not what it could reach with longer training. Ranks
+closer than the spread over seeds (`--seeds 0,1,2`) are noise.
+
+Output folder (default arena-results/<timestamp>):
+    arena.json  {"format", "command", "options", "environment", "tasks", "rows", "skipped", "wall_s"}
+        options      every setting of the run (the resolved defaults included)
+        environment  torch/attnlab/python versions, CPU, threads of training and of the timing
+                     processes, load average (1, 5, 15 min) at the start and at the end
+        tasks        [{"name", "options", "quality", "higher_is_better", "causal", "seq_len"}]
+        rows         one per (task, mechanism), best first within each task:
+                     rank (1 = best; None when failed), task, mechanism, options, status ("ok" or
+                     "failed"), error, quality_metric, higher_is_better, quality (mean over the
+                     seeds that trained), quality_std (sample standard deviation, None with one
+                     seed), quality_per_seed, seeds, failed_seeds [{seed, error}], params,
+                     tokens_per_s and train_s (means over seeds: training tokens per second of
+                     train time, and wall seconds of the whole train call), final (every val_*
+                     metric, mean over seeds), timing: [{seq_len, status ("ok" or "skipped"),
+                     reason (why not timed, or why memory/FLOPs were not measured), fwd_ms,
+                     fwd_bwd_ms (medians), fwd_ms_iqr, fwd_bwd_ms_iqr, repeats, peak_mem_mb,
+                     mem_method, flops_fwd, flops_bwd}] (one layer, B=1; [] with --no-timing)
+        skipped      [{"task", "mechanism", "reason"}]
+    arena.png   per task, quality against one layer's forward+backward time at the largest N
+                (error bars: the standard deviation over seeds)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+DEFAULT_TASKS = ("assoc_recall",)
+# Arena-size options of tasks, used unless --task-option sets them (see the module docstring).
+DEFAULT_TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "assoc_recall": {"num_pairs": 8, "num_queries": 8, "num_keys": 16, "num_values": 16},
+}
+DEFAULT_SEQ_LENS = (256, 1024)
+DEFAULT_TIMING_BUDGET_S = 1.0     # timed seconds per sequence length (all mechanisms interleaved)
+TIMING_PROCESS_TIMEOUT_S = 600
+# One intra-op thread for training and timing: models this small gain nothing from a second one,
+# and on a busy machine a second thread made every step 5-15x slower (measured on 2 shared cores).
+DEFAULT_THREADS = 1
+
+
+@dataclass
+class ArenaConfig:
+    """One arena run. mechanisms=None: every layout='seq' mechanism; options: {mechanism: {option: value}}
+    for every layer of that mechanism; task_options: applied to every task over DEFAULT_TASK_OPTIONS."""
+
+    tasks: list = field(default_factory=lambda: list(DEFAULT_TASKS))
+    mechanisms: list | None = None
+    options: dict = field(default_factory=dict)
+    task_options: dict = field(default_factory=dict)
+    layers: int = 2
+    dim: int = 64
+    heads: int = 4
+    mlp_ratio: float = 0.0
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-2
+    warmup: int = 60
+    eval_batches: int = 8
+    eval_batch_size: int = 128
+    seeds: list = field(default_factory=lambda: [0])
+    seq_lens: list = field(default_factory=lambda: list(DEFAULT_SEQ_LENS))
+    timing: bool = True
+    timing_budget_s: float = DEFAULT_TIMING_BUDGET_S
+    device: str = "cpu"
+    threads: int | None = DEFAULT_THREADS
+
+    def __post_init__(self):
+        for name in ("layers", "dim", "heads", "steps", "batch_size", "eval_batches", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        if self.mechanisms is not None and not self.mechanisms:
+            raise ValueError("mechanisms must name at least one mechanism (or be None for all)")
+        if "seed" in self.task_options:
+            raise ValueError("the task seed follows each run's seed: give --seeds, not --task-option seed=...")
+        if not self.seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be non-negative ints, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds!r}")
+        if not self.seq_lens or any(not isinstance(n, int) or n < 1 for n in self.seq_lens):
+            raise ValueError(f"seq_lens must be positive ints, got {self.seq_lens!r}")
+        if not (isinstance(self.timing_budget_s, (int, float)) and self.timing_budget_s > 0):
+            raise ValueError(f"timing_budget_s must be a positive number, got {self.timing_budget_s!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+
+
+# --- what runs ------------------------------------------------------------------------------------
+
+def _select(config: ArenaConfig) -> tuple[list, list[str], list[dict[str, str]]]:
+    """(task instances for seed 0, mechanism names, skipped entries); ValueError/TypeError on bad names."""
+    from attnlab.arena.tasks import create_task
+    from attnlab.registry import get_spec, list_specs
+
+    tasks = []
+    for name in config.tasks:
+        options = {**DEFAULT_TASK_OPTIONS.get(name, {}), **config.task_options}
+        tasks.append(create_task(name, **options))   # unknown task or option: the registry's errors
+    if config.mechanisms is None:
+        names = [s.name for s in list_specs(layout="seq")]
+    else:
+        names = list(dict.fromkeys(config.mechanisms))
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"mechanism names must be non-empty strings, got {name!r}")
+            spec = get_spec(name)                    # unknown: ValueError with close names
+            if spec.layout != "seq":
+                raise ValueError(f"the arena trains sequence models; {name!r} has layout {spec.layout!r} "
+                                 "(sequence mechanisms: attnlab list --layout seq)")
+    unknown = sorted(set(config.options) - set(names))
+    if unknown:
+        raise ValueError(f"--options names {unknown}, which the arena does not run (running: {', '.join(names)})")
+    skipped = [{"task": task.name, "mechanism": name,
+                "reason": f"task {task.name!r} trains a causal model and {name!r} has no causal mode "
+                          "(spec.causal=False)"}
+               for task in tasks for name in names if task.causal and not get_spec(name).causal]
+    return tasks, names, skipped
+
+
+def _train_one(config: ArenaConfig, task, mechanism: str, seed: int) -> dict[str, Any]:
+    from rich.console import Console
+
+    from attnlab.arena.train import TrainConfig, train
+    layer = {"name": mechanism, **config.options.get(mechanism, {})}
+    train_config = TrainConfig(
+        task=task.name, task_options={k: v for k, v in task.options().items() if k != "seed"},
+        layers=[layer] * config.layers, dim=config.dim, num_heads=config.heads, mlp_ratio=config.mlp_ratio,
+        steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=min(config.warmup, config.steps),
+        eval_every=config.steps, eval_batches=config.eval_batches, eval_batch_size=config.eval_batch_size,
+        log_every=config.steps, checkpoint_every=0, seed=seed, device=config.device, threads=config.threads)
+    t0 = time.perf_counter()
+    result = train(train_config, None, progress=Console(stderr=True).is_terminal)
+    return {"seed": seed, "quality": result.final[f"val_{task.quality}"], "final": result.final,
+            "params": result.params, "tokens_per_s": result.tokens_per_s, "train_s": time.perf_counter() - t0}
+
+
+def _reason(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _timing_entries(measured: dict[str, Any], name: str, seq_lens: list[int]) -> list[dict[str, Any]]:
+    from attnlab.arena.bench import _iqr, _median
+    out = []
+    for n in seq_lens:
+        t = measured["timings"].get(n, {}).get(name, {"status": "skipped", "reason": "not measured"})
+        m = measured["memories"].get((n, name), {})
+        ok = t.get("status") == "ok"
+        out.append({"seq_len": n, "status": "ok" if ok else "skipped",
+                    # why it was not timed, or else why memory or FLOPs were not measured
+                    "reason": m.get("reason") if ok else t.get("reason"),
+                    "fwd_ms": _median(t.get("fwd_ms")), "fwd_bwd_ms": _median(t.get("fwd_bwd_ms")),
+                    "fwd_ms_iqr": _iqr(t.get("fwd_ms")), "fwd_bwd_ms_iqr": _iqr(t.get("fwd_bwd_ms")),
+                    "repeats": len(t.get("fwd_ms") or []),
+                    "peak_mem_mb": m.get("peak_mem_mb"), "mem_method": m.get("mem_method"),
+                    "flops_fwd": m.get("flops_fwd"), "flops_bwd": m.get("flops_bwd")})
+    return out
+
+
+def _aggregate(task, mechanism: str, options: dict, runs: list[dict], failures: list[dict]) -> dict[str, Any]:
+    row: dict[str, Any] = {"rank": None, "task": task.name, "mechanism": mechanism, "options": options,
+                           "status": "ok" if runs else "failed",
+                           "error": None if runs else failures[0]["error"],
+                           "quality_metric": task.quality, "higher_is_better": task.higher_is_better,
+                           "seeds": [r["seed"] for r in runs], "failed_seeds": failures,
+                           "quality": None, "quality_std": None, "quality_per_seed": [r["quality"] for r in runs],
+                           "params": None, "tokens_per_s": None, "train_s": None, "final": {}}
+    if runs:
+        qualities = row["quality_per_seed"]
+        row["quality"] = statistics.fmean(qualities)
+        row["quality_std"] = statistics.stdev(qualities) if len(qualities) > 1 else None
+        row["params"] = runs[0]["params"]
+        row["tokens_per_s"] = statistics.fmean(r["tokens_per_s"] for r in runs)
+        row["train_s"] = statistics.fmean(r["train_s"] for r in runs)
+        row["final"] = {k: statistics.fmean(r["final"][k] for r in runs) for k in runs[0]["final"]}
+    return row
+
+
+def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one task, best quality first (by its direction), failed last; sets `rank`."""
+    ok = [r for r in rows if r["status"] == "ok" and r["quality"] is not None and math.isfinite(r["quality"])]
+    rest = [r for r in rows if r not in ok]
+    ok.sort(key=lambda r: (-r["quality"] if r["higher_is_better"] else r["quality"], r["mechanism"]))
+    for i, r in enumerate(ok, 1):
+        r["rank"] = i
+    for r in rest:
+        r["rank"] = None
+    return ok + sorted(rest, key=lambda r: r["mechanism"])
+
+
+def _environment(config: ArenaConfig, timing_env: dict[str, Any] | None) -> dict[str, Any]:
+    import platform
+
+    import attnlab
+    from attnlab.arena._bench_worker import cpu_model
+    threads = config.threads or torch.get_num_threads()
+    return {"torch": torch.__version__, "attnlab": attnlab.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "train_threads": threads, "timing_threads": (timing_env or {}).get("num_threads"),
+            "gpu": torch.cuda.get_device_name() if _device(config) == "cuda" else None}
+
+
+def _device(config: ArenaConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
+    """Train, time and rank; returns the arena.json document (writes nothing).
+
+    `log(text)` gets a line per trained model and per measuring step (default: stderr).
+    TrainInterrupted (Ctrl-C during training) propagates.
+    """
+    from attnlab.arena import bench
+    from attnlab.arena.train import TrainInterrupted
+
+    if log is None:
+        def log(text: str) -> None:
+            print(text, file=sys.stderr, flush=True)
+    started, load_start = time.perf_counter(), _loadavg()
+    device = _device(config)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda, but torch.cuda.is_available() is False")
+    tasks, names, skipped = _select(config)
+    skipped_keys = {(s["task"], s["mechanism"]) for s in skipped}
+    jobs = [(task, name) for task in tasks for name in names if (task.name, name) not in skipped_keys]
+    for s in skipped:
+        log(f"skip {s['task']} {s['mechanism']}: {s['reason']}")
+
+    rows = []
+    total = len(jobs) * len(config.seeds)
+    done = 0
+    for task, name in jobs:
+        runs, failures = [], []
+        for seed in config.seeds:
+            done += 1
+            t0 = time.perf_counter()
+            try:
+                r = _train_one(config, task, name, seed)
+            except TrainInterrupted:
+                raise
+            except Exception as e:  # a mechanism that cannot train is a failed row, not the end
+                failures.append({"seed": seed, "error": _reason(e)})
+                log(f"[{time.perf_counter() - started:6.1f} s] {done}/{total} {task.name} {name} seed {seed}: "
+                    f"FAILED after {time.perf_counter() - t0:.1f} s: {_reason(e)}")
+                continue
+            runs.append(r)
+            log(f"[{time.perf_counter() - started:6.1f} s] {done}/{total} {task.name} {name} seed {seed}: "
+                f"{task.quality} {r['quality']:.4f}, {r['params']:,} params, {r['tokens_per_s']:,.0f} tokens/s, "
+                f"{r['train_s']:.1f} s")
+        rows.append(_aggregate(task, name, config.options.get(name, {}), runs, failures))
+
+    # One layer of each mechanism that ran, timed causally where its task is causal.
+    timing_env = None
+    if config.timing:
+        for causal in sorted({t.causal for t in tasks}):
+            timed = list(dict.fromkeys(n for t, n in jobs if t.causal == causal))
+            if not timed:
+                continue
+            log(f"[{time.perf_counter() - started:6.1f} s] timing one layer of {len(timed)} mechanism(s) at "
+                f"N={','.join(map(str, config.seq_lens))} ({'causal' if causal else 'not causal'}), "
+                f"a fresh process each")
+            job_common = {"heads": config.heads, "head_dim": config.dim // config.heads, "batch": 1,
+                          "dtype": "float32", "causal": causal, "device": device, "threads": config.threads,
+                          "timeout": TIMING_PROCESS_TIMEOUT_S}
+            measured = bench.measure([{"name": n, "options": config.options.get(n, {})} for n in timed],
+                                     list(config.seq_lens), job_common, baseline=None, warmup=1,
+                                     budget_s=config.timing_budget_s,
+                                     log=lambda text: log(f"[{time.perf_counter() - started:6.1f} s] {text}"))
+            timing_env = timing_env or measured["env"]
+            for row in rows:
+                task = next(t for t in tasks if t.name == row["task"])
+                if task.causal == causal:
+                    row["timing"] = _timing_entries(measured, row["mechanism"], list(config.seq_lens))
+    for row in rows:
+        row.setdefault("timing", [])
+
+    ranked = []
+    for task in tasks:
+        ranked += rank_rows([r for r in rows if r["task"] == task.name])
+    environment = _environment(config, timing_env)
+    environment["loadavg_start"], environment["loadavg_end"] = load_start, _loadavg()
+    return {"format": FORMAT, "options": {**asdict(config), "mechanisms": names},
+            "environment": environment,
+            "tasks": [{"name": t.name, "options": {k: v for k, v in t.options().items() if k != "seed"},
+                       "quality": t.quality, "higher_is_better": t.higher_is_better, "causal": t.causal,
+                       "seq_len": t.seq_len} for t in tasks],
+            "rows": ranked, "skipped": skipped, "wall_s": time.perf_counter() - started}
+
+
+# --- table and plot -------------------------------------------------------------------------------
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _quality_text(row: dict[str, Any]) -> str:
+    if row["quality"] is None:
+        return "-"
+    text = f"{row['quality']:.4f}"
+    return text + (f" ± {row['quality_std']:.4f}" if row["quality_std"] is not None else "")
+
+
+def print_tables(doc: dict[str, Any], console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+    opts = doc["options"]
+    seq_lens = opts["seq_lens"] if opts["timing"] else []
+    for task in doc["tasks"]:
+        rows = [r for r in doc["rows"] if r["task"] == task["name"]]
+        direction = "higher" if task["higher_is_better"] else "lower"
+        seeds = opts["seeds"]
+        mlp = f"MLP ratio {opts['mlp_ratio']:g}" if opts["mlp_ratio"] else "no MLP"
+        layers = f"{opts['layers']} layer{'s' if opts['layers'] > 1 else ''}"
+        table = Table(title=f"attnlab arena: {task['name']} ({task['seq_len']} tokens); {layers} of "
+                            f"the mechanism, {mlp}, dim {opts['dim']}, {opts['heads']} heads; {opts['steps']} steps "
+                            f"of {opts['batch_size']}, lr {opts['lr']:g}; seed{'s' if len(seeds) > 1 else ''} "
+                            f"{','.join(map(str, seeds))}; {doc['environment']['train_threads']} thread(s)")
+        table.add_column("#", justify="right")
+        table.add_column("mechanism", no_wrap=True)
+        table.add_column(f"{task['quality']} ({direction} is better)" + (" mean ± std" if len(seeds) > 1 else ""),
+                         justify="right")
+        for col in ("params", "train tok/s"):
+            table.add_column(col, justify="right")
+        for n in seq_lens:
+            table.add_column(f"fwd ms\nN={n}", justify="right")
+            table.add_column(f"fwd+bwd ms\nN={n}", justify="right")
+        if seq_lens:
+            table.add_column(f"peak MB\nN={seq_lens[-1]}", justify="right")
+        table.add_column("note")
+        for r in rows:
+            timing = {t["seq_len"]: t for t in r.get("timing", [])}
+            cells = []
+            notes = []
+            for n in seq_lens:
+                t = timing.get(n, {})
+                cells += [_fmt(t.get("fwd_ms"), ".2f"), _fmt(t.get("fwd_bwd_ms"), ".2f")]
+                if t.get("reason"):
+                    notes.append(f"N={n}: {t['reason']}")
+            if seq_lens:
+                cells.append(_fmt(timing.get(seq_lens[-1], {}).get("peak_mem_mb"), ".1f"))
+            if r["status"] != "ok":
+                notes.insert(0, f"failed: {r['error']}")
+            elif r["failed_seeds"]:
+                notes.insert(0, "failed seeds " + ", ".join(f"{f['seed']} ({f['error']})" for f in r["failed_seeds"]))
+            table.add_row(_fmt(r["rank"], "d"), escape(r["mechanism"]), _quality_text(r), _fmt(r["params"], ","),
+                          _fmt(r["tokens_per_s"], ",.0f"), *cells, escape("; ".join(notes)),
+                          style="dim" if r["status"] != "ok" else None)
+        console.print(table)
+    if seq_lens:
+        console.print("times: medians of one layer, B=1, float32, causal where the task is; peak MB: growth of a "
+                      "fresh process's memory over one forward+backward of that layer", style="dim", highlight=False)
+    if doc["skipped"]:
+        console.print("skipped: " + "; ".join(f"{s['mechanism']} on {s['task']}: {s['reason']}"
+                                              for s in doc["skipped"]), highlight=False, markup=False)
+
+
+def _label_points(ax, points: list[tuple[float, float, str]], dpi: float) -> None:
+    """Name each point to its upper right, moving a label up or down where it would cover another."""
+    px = dpi / 72                                          # display pixels per typographic point
+    placed: list[tuple[float, float, float, float]] = []  # label boxes in display pixels
+    for x, y, name in sorted(points, key=lambda p: -p[1]):
+        X, Y = ax.transData.transform((x, y))
+        width, height = (5.2 * len(name) + 4) * px, 10 * px
+        for dy in (3, -11, 14, -22, 25, -33, 36):
+            box = (X + 5 * px, Y + dy * px, X + 5 * px + width, Y + dy * px + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Quality against forward+backward time of one layer at the largest N, a subplot per task."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    tasks = doc["tasks"]
+    colors = matplotlib.colormaps["tab20"].colors[::2] + matplotlib.colormaps["tab20"].colors[1::2]
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    order = list(doc["options"]["mechanisms"])
+    n_max = max(doc["options"]["seq_lens"]) if doc["options"]["timing"] else None
+    fig = Figure(figsize=(7.5 * len(tasks), 5.2), dpi=120)
+    FigureCanvasAgg(fig)  # Agg, whatever pyplot's backend is
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        points = []
+        for r in doc["rows"]:
+            t = {e["seq_len"]: e for e in r.get("timing", [])}.get(n_max, {})
+            if r["task"] == task["name"] and r["status"] == "ok" and t.get("fwd_bwd_ms"):
+                points.append((t["fwd_bwd_ms"], r["quality"], r["quality_std"] or 0.0, r["mechanism"]))
+        for x, y, err, name in points:          # a mechanism has the same colour in every subplot
+            color = colors[order.index(name) % len(colors)] if name in order else "black"
+            ax.errorbar([x], [y], yerr=[err] if err else None, fmt="o", capsize=3, color=color)
+        if points:
+            ax.set_xscale("log")
+            ax.margins(x=0.12, y=0.1)
+            xs = [p[0] for p in points]
+            ax.xaxis.set_major_formatter(plain)   # plain milliseconds, not powers of ten
+            ax.xaxis.set_minor_formatter(plain if max(xs) / min(xs) < 20 else NullFormatter())
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+            ax.autoscale_view()
+            _label_points(ax, [(x, y, name) for x, y, _, name in points], fig.dpi)
+        else:
+            ax.text(0.5, 0.5, "no mechanism both trained and timed", ha="center", va="center",
+                    transform=ax.transAxes)
+        direction = "higher" if task["higher_is_better"] else "lower"
+        ax.set_xlabel(f"one layer forward + backward at N={n_max}, median ms (log)")
+        ax.set_ylabel(f"{task['quality']} after {doc['options']['steps']} steps ({direction} is better)")
+        seeds = doc["options"]["seeds"]
+        layers = doc["options"]["layers"]
+        ax.set_title(f"{task['name']}: {layers} layer{'s' if layers > 1 else ''}, dim {doc['options']['dim']}"
+                     + (f"; mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"; seed {seeds[0]}"),
+                     fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty name in {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _seeds(text: str) -> list[int]:
+    seeds = []
+    for part in text.split(","):
+        try:
+            seed = int(part.strip())
+        except ValueError:
+            seed = -1
+        if seed < 0:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+        if seed not in seeds:
+            seeds.append(seed)
+    return seeds
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from attnlab.arena.bench import _int_at_least, _int_list
+    from attnlab.arena.train import _key_value
+    d = ArenaConfig()
+    positive = _int_at_least(1)
+    parser.add_argument("--tasks", type=_names, default=list(DEFAULT_TASKS), metavar="A,B,...",
+                        help=f"tasks to train (default: {','.join(DEFAULT_TASKS)})")
+    parser.add_argument("--mechanisms", type=_names, default=None, metavar="A,B,...",
+                        help="mechanisms, 'name' or 'name:variant' (default: every layout='seq' mechanism)")
+    parser.add_argument("--options", metavar="JSON",
+                        help='mechanism options for every layer, e.g. \'{"moh": {"top_k": 2}}\'')
+    parser.add_argument("--task-option", dest="task_option", type=_key_value, action="append", default=[],
+                        metavar="KEY=VALUE", help="an option of every task, e.g. num_pairs=4 (repeatable; "
+                        f"defaults: {json.dumps(DEFAULT_TASK_OPTIONS)})")
+    parser.add_argument("--layers", type=positive, default=d.layers, help=f"blocks per model (default: {d.layers})")
+    parser.add_argument("--dim", type=positive, default=d.dim, help=f"model width (default: {d.dim})")
+    parser.add_argument("--heads", type=positive, default=d.heads, help=f"attention heads (default: {d.heads})")
+    parser.add_argument("--mlp-ratio", type=_non_negative_float, default=d.mlp_ratio,
+                        help=f"MLP width / dim in each block; 0 = attention only (default: {d.mlp_ratio:g})")
+    parser.add_argument("--steps", type=positive, default=d.steps, help=f"training steps (default: {d.steps})")
+    parser.add_argument("--batch-size", type=positive, default=d.batch_size,
+                        help=f"training batch size (default: {d.batch_size})")
+    parser.add_argument("--lr", type=_positive_float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
+    parser.add_argument("--warmup", type=_int_at_least(0), default=d.warmup,
+                        help=f"linear warm-up steps (default: {d.warmup})")
+    parser.add_argument("--eval-batches", type=positive, default=d.eval_batches,
+                        help=f"validation batches of {d.eval_batch_size} for the quality (default: {d.eval_batches})")
+    parser.add_argument("--seeds", type=_seeds, default=list(d.seeds), metavar="S,S,...",
+                        help="seeds of weights and data; several give mean ± std (default: 0)")
+    parser.add_argument("--seq-lens", type=_int_list, default=list(DEFAULT_SEQ_LENS), metavar="N,N,...",
+                        help=f"sequence lengths of the timing (default: {','.join(map(str, DEFAULT_SEQ_LENS))})")
+    parser.add_argument("--timing-budget", type=_positive_float, default=d.timing_budget_s, metavar="SECONDS",
+                        help=f"timed seconds per sequence length (default: {d.timing_budget_s:g})")
+    parser.add_argument("--no-timing", action="store_true", help="train and rank only; no timing or memory")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="(default: cpu)")
+    parser.add_argument("--threads", type=positive, default=DEFAULT_THREADS,
+                        help=f"torch intra-op threads for training and timing (default: {DEFAULT_THREADS}; "
+                             "these models are too small to gain from more)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: arena-results/<timestamp>)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
+
+
+def config_from_args(args: argparse.Namespace) -> ArenaConfig:
+    from attnlab.arena.bench import parse_options
+    options = {}
+    if args.options:
+        from attnlab.registry import list_specs
+        running = args.mechanisms if args.mechanisms is not None else [s.name for s in list_specs(layout="seq")]
+        options = parse_options(args.options, running)
+    return ArenaConfig(tasks=args.tasks, mechanisms=args.mechanisms, options=options,
+                       task_options=dict(args.task_option), layers=args.layers, dim=args.dim, heads=args.heads,
+                       mlp_ratio=args.mlp_ratio, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       warmup=args.warmup, eval_batches=args.eval_batches, seeds=args.seeds,
+                       seq_lens=args.seq_lens, timing=not args.no_timing, timing_budget_s=args.timing_budget,
+                       device=args.device, threads=args.threads)
+
+
+def command(config: ArenaConfig) -> str:
+    """The `attnlab arena` command line that repeats `config` (every setting spelled out)."""
+    d = config
+    parts = ["attnlab", "arena", "--tasks", ",".join(d.tasks)]
+    if d.mechanisms is not None:
+        parts += ["--mechanisms", ",".join(d.mechanisms)]
+    if d.options:
+        parts += ["--options", json.dumps(d.options)]
+    for key, value in d.task_options.items():
+        parts += ["--task-option", f"{key}={json.dumps(value)}"]
+    parts += ["--layers", str(d.layers), "--dim", str(d.dim), "--heads", str(d.heads),
+              "--mlp-ratio", repr(float(d.mlp_ratio)), "--steps", str(d.steps), "--batch-size", str(d.batch_size),
+              "--lr", repr(float(d.lr)), "--warmup", str(d.warmup), "--eval-batches", str(d.eval_batches),
+              "--seeds", ",".join(map(str, d.seeds))]
+    if d.timing:
+        parts += ["--seq-lens", ",".join(map(str, d.seq_lens)), "--timing-budget", repr(float(d.timing_budget_s))]
+    else:
+        parts.append("--no-timing")
+    parts += ["--device", d.device] + (["--threads", str(d.threads)] if d.threads else [])
+    return shlex.join(parts)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from attnlab.arena.bench import _default_out
+    from attnlab.arena.train import TrainInterrupted
+    try:
+        config = config_from_args(args)
+        _select(config)                                   # every name and option checked before any work
+    except (ValueError, TypeError) as e:
+        print(f"attnlab arena: {e}", file=sys.stderr)
+        return 2
+    err = Console(stderr=True)
+    try:
+        doc = run(config, log=lambda text: err.print(text, highlight=False, markup=False, soft_wrap=True))
+    except TrainInterrupted as e:
+        print(f"attnlab arena: interrupted ({e}); nothing written", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, TypeError) as e:
+        print(f"attnlab arena: {e}", file=sys.stderr)
+        return 2
+    doc["command"] = command(config)
+    out_dir = args.out if args.out is not None else _default_out("arena-results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "arena.json"]
+    written[0].write_text(json.dumps(doc, indent=1) + "\n")
+    if args.json:
+        for row in doc["rows"]:
+            print(json.dumps(row))
+    else:
+        print_tables(doc, Console() if Console().is_terminal else Console(width=200))
+    if not args.no_plot:
+        written.append(out_dir / "arena.png")
+        plot(doc, written[-1])
+    ok = sum(r["status"] == "ok" for r in doc["rows"])
+    err.print(f"{ok}/{len(doc['rows'])} models trained, {len(doc['skipped'])} skipped, in {doc['wall_s']:.1f} s; "
+              f"wrote {', '.join(map(str, written))}", highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
+__all__ = ["ArenaConfig", "run", "rank_rows", "print_tables", "plot", "add_arguments", "config_from_args", "main",
+           "DEFAULT_TASK_OPTIONS"]

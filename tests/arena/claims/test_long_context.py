@@ -1,0 +1,54 @@
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from attnlab.arena import claims
+from attnlab.arena.claims.long_context import causality_gap
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("long_context")
+    parser = argparse.ArgumentParser()
+    claims.add_arguments(parser)
+    args = parser.parse_args(["long_context", "--quick", "--out", str(out)])
+    assert claims.main(args, []) == 0
+    return (out / "long_context.md").read_text(), json.loads((out / "long_context.json").read_text())
+
+
+def test_quick_run_rows_contexts_speeds_and_exclusion(quick_run):
+    page, record = quick_run
+    data = record["data"]
+    assert record["verdict"] in claims.VERDICTS
+    assert sorted(data["results"]) == ["mhsa", "neighborhood1d", "routing"]
+    assert "linear_infsa" in data["excluded"] and "causal" in data["excluded"]["linear_infsa"]
+    for name, r in data["results"].items():
+        assert sorted(map(int, r["trained"])) == sorted(data["contexts"]) and len(data["contexts"]) == 2
+        for context, t in r["trained"].items():
+            assert t["context"] == int(context)
+            assert t["batch_size"] * t["context"] == data["tokens_per_step"]          # same tokens per step
+            assert t["tokens_per_s"] > 0 and math.isfinite(t["val_loss"]) and t["params"] > 0
+            assert t["causality_gap"] <= 1e-5, (name, context)
+        assert all(s > 0 for s in r["timing_s"].values())
+    assert "| linear_infsa |" in page and "excluded: not causal" in page
+
+
+class _SeesTheFuture(nn.Module):
+    """Logits at every position = embedding of the sum of all ids (leaks later positions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(8, 8)
+
+    def forward(self, ids):
+        return self.embed(ids.sum(1, keepdim=True).expand_as(ids) % 8)
+
+
+def test_causality_gap_catches_a_leak():
+    torch.manual_seed(0)
+    assert causality_gap(_SeesTheFuture(), 8, 16, seed=0) > 1e-3
