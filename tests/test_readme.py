@@ -20,7 +20,7 @@ def test_table_has_one_row_per_spec():
 def test_readme_commands_are_make_targets():
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
-    for target in ("bench", "test"):
+    for target in ("arena", "bench", "test"):
         assert f"make {target}" in readme
         assert f"\n{target}:" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()

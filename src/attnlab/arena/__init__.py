@@ -1,1 +1,1 @@
-"""The arena: benchmarks now; training and comparisons later."""
+"""The arena: benchmarks (bench), training (train), leaderboards (leaderboard) and paper claims (claims)."""
