@@ -279,14 +279,8 @@ def _device_kind(config: TrainConfig) -> str:
 def environment(device: torch.device, dist_info: _Dist) -> dict[str, Any]:
     """What the numbers depend on; no hostname."""
     import attnlab
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from attnlab.arena._bench_worker import cpu_model
+    cpu = cpu_model()
     return {"torch": torch.__version__, "attnlab": attnlab.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "num_threads": torch.get_num_threads(), "device": str(device),
