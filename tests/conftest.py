@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -112,3 +113,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _tinyshakespeare_fallback() -> None:
+    """Tests that train on tiny-shakespeare use the 200k-character slice in tests/data when the
+    full corpus (../shared/data) is not beside this checkout, e.g. in a clone elsewhere."""
+    import os
+
+    from attnlab.arena.tasks import tinyshakespeare as ts
+    if os.environ.get(ts.ENV_VAR):
+        return
+    try:
+        ts.find_corpus()
+    except FileNotFoundError:
+        os.environ[ts.ENV_VAR] = str(Path(__file__).parent / "data" / "tinyshakespeare_head.txt")
+
+
+_tinyshakespeare_fallback()

@@ -664,8 +664,14 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, *, resume: str
             torch.set_num_threads(config.threads)
         device = _resolve_device(config, dist_info)
         with _StopFlag() as stop:
-            return _run(config, task, out_dir, device, dist_info, checkpoint_folder, ckpt_state, stop,
-                        progress, slice_batch)
+            result = _run(config, task, out_dir, device, dist_info, checkpoint_folder, ckpt_state, stop,
+                          progress, slice_batch)
+        if dist_info.world > 1:
+            # rank 0 still writes files after the last step; a peer that tears gloo down
+            # first can abort ("terminate called without an active exception")
+            import torch.distributed as dist
+            dist.barrier()
+        return result
     finally:
         torch.set_num_threads(previous_threads)
         if dist_info.owns_group:
