@@ -35,6 +35,7 @@ from torch import nn
 
 from attnlab import create
 from attnlab.arena.claims import Claim, Report, Table
+from attnlab.arena.claims._images import IMAGE_TASKS, image_task, whole_test_split
 from attnlab.arena.tasks import create_task
 from attnlab.arena.train import TrainConfig, TrainResult, lr_at, train
 from attnlab.mechanisms.sequence.minimal import MinimalAttention
@@ -61,14 +62,6 @@ VARIANTS = (
             {"name": "minimal", "collapse_qk": True, "symmetric": True, "collapse_vo": "none"}, False),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
-IMAGE_TASKS = {"fashion_mnist": 7, "digits": 2}     # task -> default patch side (16 tokens either way)
-
-
-def whole_test_split(task) -> tuple[int, int]:
-    """(batches, batch_size) with batches * batch_size = the val (test) split's size, batch_size <= 1000."""
-    n = task.num_examples("val")
-    batch_size = max(d for d in range(1, min(n, 1000) + 1) if n % d == 0)
-    return n // batch_size, batch_size
 
 
 def full_test_accuracy(task, model: nn.Module) -> tuple[float, float]:
@@ -168,16 +161,7 @@ def run(args: argparse.Namespace) -> Report:
         raise ValueError(f"--seeds, --steps and --layers must be >= 1, got {args.seeds}, {args.steps}, {args.layers}")
     torch.set_num_threads(args.threads)
     notes = []
-    task_name = args.task
-    if task_name == "fashion_mnist":
-        try:
-            create_task("fashion_mnist", patch=args.patch or IMAGE_TASKS["fashion_mnist"])
-        except FileNotFoundError as e:
-            notes.append(f"Fashion-MNIST is not installed ({e}); this run used the digits task instead.")
-            task_name, args.patch = "digits", None
-    if args.quick:
-        notes.append("--quick: a smoke run on digits with a tiny model; its numbers mean nothing.")
-    patch = args.patch or IMAGE_TASKS[task_name]
+    task_name, patch = image_task(args, notes)
     eval_batches, eval_batch_size = whole_test_split(create_task(task_name, patch=patch))
     chosen = ["standard"] + [name for name in args.variants if name != "standard"]
     seeds = [args.seed + i for i in range(args.seeds)]

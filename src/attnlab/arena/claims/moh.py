@@ -26,17 +26,10 @@ import torch
 from torch import nn
 
 from attnlab.arena.claims import Claim, Report, Table
+from attnlab.arena.claims._images import IMAGE_TASKS, image_task, whole_test_split
 from attnlab.arena.tasks import create_task
 from attnlab.arena.train import TrainConfig, TrainResult, find_checkpoint, train
 
-IMAGE_TASKS = {"fashion_mnist": 7, "digits": 2}     # task -> default patch side (16 tokens either way)
-
-
-def whole_test_split(task) -> tuple[int, int]:
-    """(batches, batch_size) with batches * batch_size = the val (test) split's size, batch_size <= 1000."""
-    n = task.num_examples("val")
-    batch_size = max(d for d in range(1, min(n, 1000) + 1) if n % d == 0)
-    return n // batch_size, batch_size
 
 
 def moh_split(num_heads: int, shared_heads: int, fraction: float) -> tuple[int, float]:
@@ -150,16 +143,7 @@ def run(args: argparse.Namespace) -> Report:
         raise ValueError(f"--seeds, --steps and --layers must be >= 1, got {args.seeds}, {args.steps}, {args.layers}")
     torch.set_num_threads(args.threads)
     notes = []
-    task_name = args.task
-    if task_name == "fashion_mnist":
-        try:
-            create_task("fashion_mnist", patch=args.patch or IMAGE_TASKS["fashion_mnist"])
-        except FileNotFoundError as e:
-            notes.append(f"Fashion-MNIST is not installed ({e}); this run used the digits task instead.")
-            task_name, args.patch = "digits", None
-    if args.quick:
-        notes.append("--quick: a smoke run on digits with a tiny model; its numbers mean nothing.")
-    patch = args.patch or IMAGE_TASKS[task_name]
+    task_name, patch = image_task(args, notes)
     seeds = [args.seed + i for i in range(args.seeds)]
 
     models = {"mhsa": {"layer": "mhsa", "target": 1.0, "top_k": None, "fraction": 1.0}}
