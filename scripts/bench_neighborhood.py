@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--backend", default=None, help="neighborhood backend (default: auto = blocked on CPU)")
-    parser.add_argument("--method", default=None, choices=("sdpa", "chunks"),
-                        help="blocked backend method (default: the library default, chunks)")
+    parser.add_argument("--method", default=None, choices=("fused", "sdpa", "chunks"),
+                        help="blocked backend method (default: the library default, fused where it runs)")
     parser.add_argument("--tile", default=None, help="blocked tile per axis, e.g. 8,8 (default: the library's)")
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
     args = parser.parse_args(argv)

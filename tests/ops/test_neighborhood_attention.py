@@ -329,7 +329,7 @@ def test_kernel_times_dilation_longer_than_axis():
     (dict(kernel_size=3, stride=4), r"stride \(4\) must be <= kernel_size \(3\)"),
     (dict(kernel_size=(3, 3)), r"kernel_size has 2 entries \(3, 3\), expected one per spatial axis \(1\)"),
     (dict(kernel_size=3, backend="cuda"), "unknown backend 'cuda'"),
-    (dict(kernel_size=3, config=BlockedConfig(method="fast")), "method must be 'sdpa' or 'chunks', got 'fast'"),
+    (dict(kernel_size=3, config=BlockedConfig(method="fast")), "method must be 'fused', 'sdpa' or 'chunks', got 'fast'"),
 ])
 def test_bad_options_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

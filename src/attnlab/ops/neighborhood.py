@@ -306,7 +306,7 @@ class BlockedConfig:
     tile: tuple[int, ...] | None = None
     chunk_scores: int | None = None
     threads: int | None = None
-    method: str | None = None       # "chunks" (default) or "sdpa" (all tiles through SDPA's fused kernel)
+    method: str | None = None       # "fused" (default where it runs, else "chunks"), "chunks" or "sdpa"
 
 
 @dataclass
@@ -777,13 +777,24 @@ def _blocked(q, k, v, spatial, ks, dil, st, causal, scale, config: BlockedConfig
     # 1-D chunks are strided views of one head (small, cache-resident); gathered chunks hold
     # every head, so they are larger to keep the Python work per score element small
     chunk_scores = config.chunk_scores or (1 << 18 if len(spatial) == 1 else 1 << 20)
-    method = config.method or "chunks"
+    method = config.method
+    if method is None or method == "fused":
+        from attnlab.ops.na_fused import fused_neighborhood, fused_reasons
+        reasons = fused_reasons(q, k, v)
+        if not reasons:
+            out = fused_neighborhood(qf, kf, vf, spatial, ks, dil, st, causal, scale, config.threads)
+            return out.view(B, h, *spatial, dv_).to(q.dtype)
+        if method == "fused":
+            raise BackendUnavailable("neighborhood_attention: BlockedConfig(method='fused') cannot run this call ("
+                                     + "; ".join(reasons) + ")")
+        method = "chunks"
     if method == "sdpa":
         out = _sdpa_tiles(qf, kf, vf, plan, scale)
     elif method == "chunks":
         out = _BlockedNeighborhood.apply(qf, kf, vf, plan, scale, config, chunk_scores)
     else:
-        raise ValueError(f"neighborhood_attention: BlockedConfig.method must be 'sdpa' or 'chunks', got {method!r}")
+        raise ValueError(f"neighborhood_attention: BlockedConfig.method must be 'fused', 'sdpa' or 'chunks', "
+                         f"got {method!r}")
     return out.view(B, h, *spatial, dv_).to(q.dtype)
 
 

@@ -1,0 +1,663 @@
+// attnlab: fused CPU kernel for neighborhood attention, forward and backward (fp32).
+//
+// Built on first use by attnlab/ops/na_fused.py (g++ -O3 -march=native) and called through
+// ctypes, which releases the GIL, so Python threads run calls side by side.
+//
+// Geometry. Tokens are (n0, n1, n2) row-major (1-D and 2-D inputs get leading axes of length 1).
+// Along each axis a, the query at position p sees the keys lo_a[p] ..= hi_a[p] (dilation is
+// handled by the caller, which reorders each dilated axis into group order so that every window
+// is a contiguous range). A query sees the product of its per-axis ranges. lo/hi are
+// non-decreasing in p.
+//
+// Work. A "key row" is a run of keys along the last axis at fixed (z, y). Queries are taken G
+// at a time along the last axis (a group); the group's keys are the key rows in the product of
+// its (shared) axis-0/1 ranges, and along the last axis the union a ..= b of its queries' ranges,
+// so that only about (window + G - 1) keys per key row are computed for G queries. The exact
+// per-query mask is applied when the scores become probabilities.
+//
+//   scores   S[i][r][c] = q_i . k_(r, a+c)           G x (R x Wt), Wt = W rounded up to 8
+//   softmax  P = exp(S * scale - m_i) inside the query's window, 0 outside; l_i = sum P
+//   output   o_i = sum_(r,c) P[i][r][c] v_(r, a+c) / l_i,  lse_i = m_i + log l_i
+// Backward (P recomputed from lse, delta_i = dO_i . o_i given):
+//   dP = dO_i . v,  dS = P (dP - delta_i),  dq_i = scale sum dS k,
+//   dk += scale dS^T q,  dv += P^T dO
+//
+// The score products read K transposed (d x keys per key row, padded by 8 zero columns) so that
+// 8 consecutive keys are one vector. All loops use GCC/Clang vector extensions (8 floats).
+#include <algorithm>
+#ifdef NA_PROFILE
+#include <chrono>
+#endif
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace {
+
+#ifdef NA_PROFILE
+double prof_sec[16];
+struct ProfScope {
+    int id;
+    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    explicit ProfScope(int i) : id(i) {}
+    ~ProfScope() { prof_sec[id] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
+};
+#define PROF(i) ProfScope prof_scope_##i(i)
+#else
+#define PROF(i)
+#endif
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+constexpr int PAD = 8;   // zero key columns after each transposed key row
+// Register tiles (16 vector registers): G x tasks score accumulators plus the loaded key vectors,
+// G x vectors accumulators of the weighted sum plus the loaded value vectors.
+template <int G> constexpr int kScoreTasks = G == 4 ? 3 : 4;
+template <int G> constexpr int kWeightVectors = G == 4 ? 3 : 4;
+
+inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+inline void store(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
+// Keeps a loaded vector in a register: without it the compiler folds the load into every FMA
+// that uses it, which makes the products load-bound.
+#define KEEP(x) asm("" : "+x"(x))
+
+inline v8 bcast(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline float hsum(v8 x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
+
+// exp(x) for x <= ~0, relative error ~2e-7; x < -87 gives 0.
+inline v8 vexp(v8 x) {
+    const v8 lo = bcast(-87.0f);
+    i8 under = x < lo;
+    x = x < lo ? lo : x;
+    const v8 magic = bcast(12582912.0f);                       // 1.5 * 2^23: round to nearest
+    v8 n = (x * bcast(1.44269504088896341f) + magic) - magic;
+    v8 r = x - n * bcast(0.693359375f) + n * bcast(2.12194440e-4f);
+    v8 p = bcast(1.0f / 720);
+    p = p * r + bcast(1.0f / 120);
+    p = p * r + bcast(1.0f / 24);
+    p = p * r + bcast(1.0f / 6);
+    p = p * r + bcast(0.5f);
+    p = p * r + bcast(1.0f);
+    p = p * r + bcast(1.0f);
+    i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
+    v8 y = p * (v8)bits;
+    return under ? bcast(0.0f) : y;
+}
+
+struct Geometry {
+    int n0, n1, n2, D, Dv;
+    const int32_t *lo0, *hi0, *lo1, *hi1, *lo2, *hi2;
+    float scale;
+    int64_t N() const { return int64_t(n0) * n1 * n2; }
+};
+
+// dst[row][c][x] = src[row][x][c]; columns n2 .. n2 + PAD - 1 are zero.
+void transpose_rows(const float* src, float* dst, int rows, int n2, int D) {
+#ifdef SKIP_T
+    return;
+#endif
+    const int width = n2 + PAD;
+    for (int r = 0; r < rows; ++r) {
+        const float* s = src + int64_t(r) * n2 * D;
+        float* t = dst + int64_t(r) * D * width;
+        for (int x0 = 0; x0 < n2; x0 += 16) {
+            const int x1 = std::min(n2, x0 + 16);
+            for (int c = 0; c < D; ++c)
+                for (int x = x0; x < x1; ++x) t[int64_t(c) * width + x] = s[int64_t(x) * D + c];
+        }
+        for (int c = 0; c < D; ++c) std::memset(t + int64_t(c) * width + n2, 0, PAD * sizeof(float));
+    }
+}
+
+// T tasks of 8 key columns each, G query rows: out[t][i * ostride + j] = sum_c x[i][c] * kt[t][c * kstride + j]
+// Depth range c0 .. c1 - 1 only; ADD: add to out instead of overwriting it (later depth chunks).
+template <int G, int T, bool ADD>
+inline void scores_tile(const float* x, int D, int c0, int c1, const float* const* kt, int64_t kstride,
+                        float* const* out, int ostride) {
+    v8 acc[G][T];
+    for (int i = 0; i < G; ++i)
+        for (int t = 0; t < T; ++t) acc[i][t] = ADD ? load(out[t] + i * ostride) : bcast(0.0f);
+    for (int c = c0; c < c1; ++c) {
+        if constexpr (G <= 2) {       // few rows: broadcasts first, one key vector live at a time
+            v8 b[G];
+            for (int i = 0; i < G; ++i) b[i] = bcast(x[i * D + c]);
+            for (int t = 0; t < T; ++t) {
+                v8 kv = load(kt[t] + c * kstride);
+                KEEP(kv);
+                for (int i = 0; i < G; ++i) acc[i][t] += b[i] * kv;
+            }
+        } else {                      // many rows: key vectors first, one broadcast live at a time
+            v8 kv[T];
+            for (int t = 0; t < T; ++t) {
+                kv[t] = load(kt[t] + c * kstride);
+                KEEP(kv[t]);
+            }
+            for (int i = 0; i < G; ++i) {
+                const v8 b = bcast(x[i * D + c]);
+                for (int t = 0; t < T; ++t) acc[i][t] += b * kv[t];
+            }
+        }
+    }
+    for (int i = 0; i < G; ++i)
+        for (int t = 0; t < T; ++t) store(out[t] + i * ostride, acc[i][t]);
+}
+
+// n <= T tasks: one full tile, or the remainder in tiles of 2 and 1.
+template <int G, int T, bool ADD>
+inline void scores_tiles(int n, const float* x, int D, int c0, int c1, const float* const* kt, int64_t kstride,
+                         float* const* out, int ostride) {
+    if (n == T) {
+        scores_tile<G, T, ADD>(x, D, c0, c1, kt, kstride, out, ostride);
+        return;
+    }
+    int j = 0;
+    if (T > 2 && n >= 2) {
+        scores_tile<G, 2, ADD>(x, D, c0, c1, kt, kstride, out, ostride);
+        j = 2;
+    }
+    for (; j < n; ++j) scores_tile<G, 1, ADD>(x, D, c0, c1, kt + j, kstride, out + j, ostride);
+}
+
+// One group of G queries inside a block: its query rows, first key column, score width and buffer.
+// Its scores may be computed SG queries at a time (a sub-group, SG dividing G), each sub-group
+// over the union of its own windows only: with short windows (3-D, k = 7) two queries need one
+// vector of 8 keys where four need two.
+struct Group {
+    const float* x;       // G rows of the queries (or of dO), row stride = the product's depth
+    int a, W, Wt, g;      // first key column, union width, score row width (>= W, multiple of 8), valid queries
+    int sub_col[4];       // per sub-group: first key column, relative to a
+    int sub_tasks[4];     // per sub-group: vectors of 8 keys per key row
+    float* S;             // G x (R x Wt) scores, row stride R * Wt
+};
+
+// S[i][r * Wt + c] = x_i . key(r, a + c) for every group of a block, all R key rows (transposed
+// rows krow[r]), per sub-group of SG queries sub_tasks vectors of 8 columns per row (columns
+// outside a sub-group's range are left unset: they are outside its queries' windows). The
+// groups of a block share their key rows, so the loop runs over tiles of tasks outside and
+// (sub-)groups inside: a tile's key vectors are then read from L1 by every group, instead of
+// from L2 once per group.
+template <int G, int SG>
+void scores_block(const Group* groups, int ngroups, int D, const float* const* krow, int R, int64_t kstride) {
+    constexpr int T = kScoreTasks<SG>, NS = G / SG;
+    int most = 0;
+    for (int b = 0; b < ngroups; ++b)
+        for (int u = 0; u < NS; ++u) most = std::max(most, R * groups[b].sub_tasks[u]);
+    const float* kt[T];
+    float* out[T];
+    // Two-query tiles (short windows) read their T key rows in depth chunks of 32, so that the
+    // chunk stays in L1 while the block's groups reuse it (measured on 16 x 32 x 32, k = (3, 7, 7):
+    // 15% faster; with four-query tiles, which read fewer rows, chunking was slower).
+    const int chunk = SG == 2 ? 32 : D;
+    for (int c0 = 0; c0 < D; c0 += chunk) {
+        const int c1 = std::min(D, c0 + chunk);
+        for (int t = 0; t < most; t += T) {
+            for (int b = 0; b < ngroups; ++b) {
+                const Group& grp = groups[b];
+                const int ostride = R * grp.Wt;
+                for (int u = 0; u < NS; ++u) {
+                    const int per_row = grp.sub_tasks[u], tasks = R * per_row, n = std::min(T, tasks - t);
+                    if (n <= 0) continue;
+                    const int first = grp.a + grp.sub_col[u];
+                    for (int j = 0; j < n; ++j) {
+                        const int r = (t + j) / per_row, col = 8 * ((t + j) % per_row);
+                        kt[j] = krow[r] + first + col;
+                        out[j] = grp.S + u * SG * ostride + r * grp.Wt + grp.sub_col[u] + col;
+                    }
+                    const float* x = grp.x + u * SG * D;
+                    if (c0 == 0)
+                        scores_tiles<SG, T, false>(n, x, D, c0, c1, kt, kstride, out, ostride);
+                    else
+                        scores_tiles<SG, T, true>(n, x, D, c0, c1, kt, kstride, out, ostride);
+                }
+            }
+        }
+    }
+}
+
+// acc[i][:] (G x Dx, row stride Dx) = sum_(r, c < W) P[i * pstride + r * Wt + c] * X[r][c][:],
+// X[r] = rows[r] (row-major keys x Dx, already offset to the group's first key).
+template <int G, int NV>
+inline void weighted_block(const float* P, int pstride, int R, int Wt, int W, const float* const* rows, int Dx,
+                           int d0, float* acc_out) {
+    v8 acc[G][NV];
+    for (int i = 0; i < G; ++i)
+        for (int j = 0; j < NV; ++j) acc[i][j] = bcast(0.0f);
+    if (R > 0 && W > 0) {
+        // one flat loop over the R x W keys (a nested loop made GCC keep the accumulators in
+        // memory-backed form, with a store per accumulator per key)
+        const float* xr = rows[0] + d0;
+        const float* pr = P;
+        int r = 0, c = 0;
+        do {
+            v8 xv[NV];
+            for (int j = 0; j < NV; ++j) {
+                xv[j] = load(xr + int64_t(c) * Dx + 8 * j);
+                KEEP(xv[j]);
+            }
+            for (int i = 0; i < G; ++i) {
+                const v8 b = bcast(pr[i * pstride + c]);
+                for (int j = 0; j < NV; ++j) acc[i][j] += b * xv[j];
+            }
+            if (++c == W) {
+                c = 0;
+                if (++r == R) break;
+                xr = rows[r] + d0;
+                pr = P + r * Wt;
+            }
+        } while (true);
+    }
+    for (int i = 0; i < G; ++i)
+        for (int j = 0; j < NV; ++j) store(acc_out + i * Dx + d0 + 8 * j, acc[i][j]);
+}
+
+template <int G>
+void weighted(const float* P, int pstride, int R, int Wt, int W, const float* const* rows, int Dx, float* acc_out) {
+    constexpr int NV = kWeightVectors<G>;
+    int d0 = 0;
+    for (; d0 + 8 * NV <= Dx; d0 += 8 * NV) weighted_block<G, NV>(P, pstride, R, Wt, W, rows, Dx, d0, acc_out);
+    for (; d0 < Dx; d0 += 8) weighted_block<G, 1>(P, pstride, R, Wt, W, rows, Dx, d0, acc_out);
+}
+
+// target[r][c][:] += alpha * sum_i P[i * pstride + r * Wt + c] * X[i][:]   (X: G x Dx local rows)
+template <int G, int NV>
+inline void scatter_block(const float* P, int pstride, int R, int Wt, int W, const float* X, int Dx, float alpha,
+                          float* const* rows, int d0) {
+    v8 xr[G][NV];
+    for (int i = 0; i < G; ++i)
+        for (int j = 0; j < NV; ++j) xr[i][j] = load(X + i * Dx + d0 + 8 * j) * bcast(alpha);
+    for (int r = 0; r < R; ++r) {
+        float* tr = rows[r] + d0;
+        const float* pr = P + r * Wt;
+        for (int c = 0; c < W; ++c) {
+            float* t = tr + int64_t(c) * Dx;
+            v8 acc[NV];
+            for (int j = 0; j < NV; ++j) acc[j] = load(t + 8 * j);
+            for (int i = 0; i < G; ++i) {
+                const v8 b = bcast(pr[i * pstride + c]);
+                for (int j = 0; j < NV; ++j) acc[j] += b * xr[i][j];
+            }
+            for (int j = 0; j < NV; ++j) store(t + 8 * j, acc[j]);
+        }
+    }
+}
+
+template <int G>
+void scatter(const float* P, int pstride, int R, int Wt, int W, const float* X, int Dx, float alpha,
+             float* const* rows) {
+    constexpr int NV = 8 / G;
+    int d0 = 0;
+    for (; d0 + 8 * NV <= Dx; d0 += 8 * NV) scatter_block<G, NV>(P, pstride, R, Wt, W, X, Dx, alpha, rows, d0);
+    for (; d0 < Dx; d0 += 8) scatter_block<G, 1>(P, pstride, R, Wt, W, X, Dx, alpha, rows, d0);
+}
+
+// Blocks: up to kBlock consecutive groups of one query row (z, y), which share their key rows.
+constexpr int kBlock = 8;
+
+// The key rows (flat z' * n1 + y') of the queries in row (z, y).
+int key_rows(const Geometry& geo, int z, int y, int64_t* out) {
+    int R = 0;
+    for (int zz = geo.lo0[z]; zz <= geo.hi0[z]; ++zz)
+        for (int yy = geo.lo1[y]; yy <= geo.hi1[y]; ++yy) out[R++] = int64_t(zz) * geo.n1 + yy;
+    return R;
+}
+
+// Group at xg of a query row, scored SG queries at a time: first key column, union width, valid
+// queries, the sub-groups' ranges, and a row width that holds every sub-group's vectors.
+inline void place(const Geometry& geo, int xg, int G, int SG, Group& grp) {
+    grp.g = std::min(G, geo.n2 - xg);
+    grp.a = geo.lo2[xg];
+    grp.W = geo.hi2[xg + grp.g - 1] - grp.a + 1;
+    grp.Wt = (grp.W + 7) / 8 * 8;
+    for (int u = 0; u < G / SG; ++u) {
+        const int first = std::min(xg + u * SG, xg + grp.g - 1), last = std::min(xg + u * SG + SG, xg + grp.g) - 1;
+        grp.sub_col[u] = geo.lo2[first] - grp.a;
+        grp.sub_tasks[u] = (geo.hi2[last] - geo.lo2[first] + 1 + 7) / 8;
+        grp.Wt = std::max(grp.Wt, (grp.sub_col[u] + 8 * grp.sub_tasks[u] + 7) / 8 * 8);
+    }
+}
+
+// The most key rows of any query row, and the widest score row of any group (workspace sizes).
+void extents(const Geometry& geo, int G, int SG, int64_t& rows, int64_t& width) {
+    rows = width = 0;
+    for (int z = 0; z < geo.n0; ++z)
+        for (int y = 0; y < geo.n1; ++y)
+            rows = std::max<int64_t>(rows, int64_t(geo.hi0[z] - geo.lo0[z] + 1) * (geo.hi1[y] - geo.lo1[y] + 1));
+    Group grp;
+    for (int x = 0; x < geo.n2; x += G) {
+        place(geo, x, G, SG, grp);
+        width = std::max<int64_t>(width, grp.Wt);
+    }
+}
+
+// Per-thread scratch that survives calls (growing only), so that repeated calls do not pay for
+// fresh pages; released when a call needed more than kKeepBytes.
+constexpr size_t kKeepBytes = size_t(64) << 20;
+
+struct Scratch {
+    float* data = nullptr;
+    size_t size = 0, used = 0;     // in floats
+    ~Scratch() { std::free(data); }
+    float* take(size_t n) {        // n floats, 32-byte aligned
+        n = (n + 7) / 8 * 8;
+        float* p = data + used;
+        used += n;
+        return p;
+    }
+};
+
+thread_local Scratch scratch;
+
+// Reserves `total` floats of per-thread scratch (the sum of the rounded-up requests). Backed
+// by 2 MiB pages where the kernel allows it: the transposed keys of a long 1-D sequence are
+// read d rows apart, one 4 KiB page per row otherwise, and TLB misses then cost ~25%.
+void reserve_scratch(size_t total) {
+    scratch.used = 0;
+    if (scratch.size >= total) return;
+    std::free(scratch.data);
+    scratch.data = nullptr;
+    scratch.size = 0;
+    constexpr size_t huge = size_t(2) << 20;
+    const size_t bytes = (total * sizeof(float) + huge - 1) / huge * huge;
+    void* p = nullptr;
+    if (posix_memalign(&p, huge, bytes)) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    scratch.data = static_cast<float*>(p);
+    scratch.size = bytes / sizeof(float);
+}
+
+void release_scratch() {
+    if (scratch.size * sizeof(float) > kKeepBytes) {
+        std::free(scratch.data);
+        scratch.data = nullptr;
+        scratch.size = 0;
+    }
+}
+
+inline size_t rounded(int64_t n) { return size_t((n + 7) / 8 * 8); }
+
+// Copies g rows of width D (src, contiguous) into G rows of dst, zero-filling the rest.
+inline const float* group_rows(const float* src, int g, int G, int D, float* dst) {
+    if (g == G) return src;
+    std::memcpy(dst, src, sizeof(float) * g * D);
+    std::memset(dst + g * D, 0, sizeof(float) * (G - g) * D);
+    return dst;
+}
+
+// Calls fn(z, y, xg0, count) for the blocks of groups group0 .. group1 - 1 (row-major over
+// (n0, n1, groups per row)): runs of at most kBlock groups inside one query row.
+template <typename Fn>
+void for_blocks(const Geometry& geo, int G, int64_t group0, int64_t group1, Fn fn) {
+    const int64_t per_row = (geo.n2 + G - 1) / G;
+    for (int64_t flat = group0; flat < group1;) {
+        const int64_t row = flat / per_row, first = flat % per_row;
+        const int count = int(std::min<int64_t>({kBlock, per_row - first, group1 - flat}));
+        fn(int(row / geo.n1), int(row % geo.n1), int(first) * G, count);
+        flat += count;
+    }
+}
+
+// Lane masks of the columns inside [c0, c1] for a score row of Wt columns (Wt / 8 vectors).
+inline void window_masks(int c0, int c1, int Wt, i8* masks) {
+    const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int j = 0; j < Wt / 8; ++j) {
+        const i8 col = lane + 8 * j;
+        masks[j] = (col >= c0) & (col <= c1);
+    }
+}
+
+// Softmax of group `grp`'s scores for one query in place: probabilities inside the query's
+// window (masks from window_masks), exactly 0 elsewhere. Returns the scaled row maximum;
+// *sum gets the sum of the probabilities.
+inline float softmax_row(const Geometry& geo, int R, int Wt, const i8* masks, float* Si, float* sum) {
+    const int nv = Wt / 8;
+    v8 vmax = bcast(-INFINITY);
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < nv; ++j) {
+            const v8 x = load(Si + r * Wt + 8 * j);
+            vmax = masks[j] && x > vmax ? x : vmax;
+        }
+    float m = vmax[0];
+    for (int l = 1; l < 8; ++l) m = std::max(m, vmax[l]);
+    m *= geo.scale;
+    const v8 sc = bcast(geo.scale), mv = bcast(m), zero = bcast(0.0f);
+    v8 lsum = zero;
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < nv; ++j) {
+            float* p = Si + r * Wt + 8 * j;
+            const v8 e = masks[j] ? vexp(load(p) * sc - mv) : zero;
+            store(p, e);
+            lsum += e;
+        }
+    *sum = hsum(lsum);
+    return m;
+}
+
+template <int G, int SG>
+int forward_impl(const float* q, const float* k, const float* v, float* out, float* lse, int64_t bh0, int64_t bh1,
+                 int64_t group0, int64_t group1, const Geometry& geo) {
+    const int D = geo.D, Dv = geo.Dv, n2 = geo.n2;
+    const int64_t N = geo.N(), rows = int64_t(geo.n0) * geo.n1, width = n2 + PAD;
+    int64_t most_rows, most_width;
+    extents(geo, G, SG, most_rows, most_width);
+    const int64_t SW = most_rows * most_width;
+    reserve_scratch(rounded(rows * D * width) + kBlock * rounded(G * SW) + rounded(G * Dv) + rounded(G * D));
+    float* KT = scratch.take(rows * D * width);
+    float* S = scratch.take(kBlock * G * SW);
+    float* O = scratch.take(G * Dv);
+    float* Qpad = scratch.take(G * D);
+    std::vector<int64_t> krows(most_rows);
+    std::vector<const float*> krow(most_rows), vrow(most_rows);
+    Group groups[kBlock];
+    std::vector<i8> masks_buf(most_width / 8 + 1);
+    i8* masks = masks_buf.data();
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+        const float* qb = q + bh * N * D;
+        const float* vb = v + bh * N * Dv;
+        { PROF(0); transpose_rows(k + bh * N * D, KT, int(rows), n2, D); }
+        for_blocks(geo, G, group0, group1, [&](int z, int y, int x0, int count) {
+            const int R = key_rows(geo, z, y, krows.data());
+            const int64_t row = int64_t(z) * geo.n1 + y;
+            for (int r = 0; r < R; ++r) krow[r] = KT + krows[r] * D * width;
+            for (int b = 0; b < count; ++b) {
+                Group& grp = groups[b];
+                place(geo, x0 + b * G, G, SG, grp);
+                grp.x = group_rows(qb + (row * n2 + x0 + b * G) * D, grp.g, G, D, Qpad);
+                grp.S = S + b * G * SW;
+            }
+            { PROF(1); scores_block<G, SG>(groups, count, D, krow.data(), R, width); }
+            for (int b = 0; b < count; ++b) {
+                const Group& grp = groups[b];
+                const int xg = x0 + b * G, ostride = R * grp.Wt;
+                float m_i[G], l_i[G];
+                for (int i = 0; i < G; ++i) {
+                    if (i < grp.g) {
+                        window_masks(geo.lo2[xg + i] - grp.a, geo.hi2[xg + i] - grp.a, grp.Wt, masks);
+                        m_i[i] = softmax_row(geo, R, grp.Wt, masks, grp.S + i * ostride, &l_i[i]);
+                    } else {
+                        std::memset(grp.S + i * ostride, 0, sizeof(float) * ostride);
+                    }
+                }
+                for (int r = 0; r < R; ++r) vrow[r] = vb + (krows[r] * n2 + grp.a) * Dv;
+                { PROF(3); weighted<G>(grp.S, ostride, R, grp.Wt, grp.W, vrow.data(), Dv, O); }
+                for (int i = 0; i < grp.g; ++i) {
+                    const int64_t qi = bh * N + row * n2 + xg + i;
+                    const float inv = 1.0f / l_i[i];
+                    for (int c = 0; c < Dv; ++c) out[qi * Dv + c] = O[i * Dv + c] * inv;
+                    lse[qi] = m_i[i] + std::log(l_i[i]);
+                }
+            }
+        });
+    }
+    release_scratch();
+    return 0;
+}
+
+template <int G, int SG>
+int backward_impl(const float* q, const float* k, const float* v, const float* o, const float* dout,
+                  const float* lse, bool zero_grads, float* dq, float* dk, float* dv, int64_t bh0, int64_t bh1,
+                  int64_t group0, int64_t group1, const Geometry& geo) {
+    const int D = geo.D, Dv = geo.Dv, n2 = geo.n2;
+    const int64_t N = geo.N(), rows = int64_t(geo.n0) * geo.n1, width = n2 + PAD;
+    int64_t most_rows, most_width;
+    extents(geo, G, SG, most_rows, most_width);
+    const int64_t SW = most_rows * most_width;
+    reserve_scratch(rounded(rows * D * width) + rounded(rows * Dv * width) + 2 * kBlock * rounded(G * SW) +
+                    kBlock * (rounded(G * D) + rounded(G * Dv)) + rounded(G * D));
+    float* KT = scratch.take(rows * D * width);
+    float* VT = scratch.take(rows * Dv * width);
+    float* P = scratch.take(kBlock * G * SW);
+    float* dS = scratch.take(kBlock * G * SW);
+    float* Qpad = scratch.take(kBlock * G * D);
+    float* Gpad = scratch.take(kBlock * G * Dv);
+    float* dQ = scratch.take(G * D);
+    std::vector<int64_t> krows(most_rows);
+    std::vector<const float*> krowT(most_rows), vrowT(most_rows), krow(most_rows);
+    std::vector<float*> dkrow(most_rows), dvrow(most_rows);
+    Group pg[kBlock], dg[kBlock];     // the same groups: P = Q K^T, then dP = dO V^T
+    std::vector<i8> masks_buf(most_width / 8 + 1);
+    i8* masks = masks_buf.data();
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+        const float* qb = q + bh * N * D;
+        const float* kb = k + bh * N * D;
+        const float* gb = dout + bh * N * Dv;
+        { PROF(4); transpose_rows(kb, KT, int(rows), n2, D);
+        transpose_rows(v + bh * N * Dv, VT, int(rows), n2, Dv); }
+        if (zero_grads) {
+            std::memset(dk + bh * N * D, 0, sizeof(float) * N * D);
+            std::memset(dv + bh * N * Dv, 0, sizeof(float) * N * Dv);
+        }
+        for_blocks(geo, G, group0, group1, [&](int z, int y, int x0, int count) {
+            const int R = key_rows(geo, z, y, krows.data());
+            const int64_t row = int64_t(z) * geo.n1 + y;
+            for (int r = 0; r < R; ++r) {
+                krowT[r] = KT + krows[r] * D * width;
+                vrowT[r] = VT + krows[r] * Dv * width;
+            }
+            for (int b = 0; b < count; ++b) {
+                const int64_t first = row * n2 + x0 + b * G;
+                place(geo, x0 + b * G, G, SG, pg[b]);
+                pg[b].x = group_rows(qb + first * D, pg[b].g, G, D, Qpad + b * G * D);
+                pg[b].S = P + b * G * SW;
+                dg[b] = pg[b];
+                dg[b].x = group_rows(gb + first * Dv, pg[b].g, G, Dv, Gpad + b * G * Dv);
+                dg[b].S = dS + b * G * SW;
+            }
+            { PROF(5); scores_block<G, SG>(pg, count, D, krowT.data(), R, width);
+            scores_block<G, SG>(dg, count, Dv, vrowT.data(), R, width); }
+            for (int b = 0; b < count; ++b) {
+                const Group& grp = pg[b];
+                const int xg = x0 + b * G, a = grp.a, Wt = grp.Wt, ostride = R * Wt;
+                for (int i = 0; i < G; ++i) {
+                    float* Pi = grp.S + i * ostride;
+                    float* dSi = dg[b].S + i * ostride;
+                    if (i >= grp.g) {
+                        std::memset(Pi, 0, sizeof(float) * ostride);
+                        std::memset(dSi, 0, sizeof(float) * ostride);
+                        continue;
+                    }
+                    const int64_t qi = bh * N + row * n2 + xg + i;
+                    v8 dot = bcast(0.0f);                        // delta_i = dO_i . o_i
+                    for (int c = 0; c < Dv; c += 8) dot += load(dg[b].x + i * Dv + c) * load(o + qi * Dv + c);
+                    const v8 l = bcast(lse[qi]), dl = bcast(hsum(dot)), sc = bcast(geo.scale);
+                    window_masks(geo.lo2[xg + i] - a, geo.hi2[xg + i] - a, Wt, masks);
+                    const v8 zero = bcast(0.0f);
+                    for (int r = 0; r < R; ++r)       // outside the window P = dS = 0 (dP may be unset there)
+                        for (int j = 0; j < Wt / 8; ++j) {
+                            float* Pr = Pi + r * Wt + 8 * j;
+                            float* dSr = dSi + r * Wt + 8 * j;
+                            const v8 p = masks[j] ? vexp(load(Pr) * sc - l) : zero;
+                            store(Pr, p);
+                            store(dSr, masks[j] ? p * (load(dSr) - dl) : zero);
+                        }
+                }
+                for (int r = 0; r < R; ++r) {
+                    krow[r] = kb + (krows[r] * n2 + a) * D;
+                    dkrow[r] = dk + (bh * N + krows[r] * n2 + a) * D;
+                    dvrow[r] = dv + (bh * N + krows[r] * n2 + a) * Dv;
+                }
+                { PROF(7); weighted<G>(dg[b].S, ostride, R, Wt, grp.W, krow.data(), D, dQ); }
+                for (int i = 0; i < grp.g; ++i) {
+                    float* t = dq + (bh * N + row * n2 + xg + i) * D;
+                    for (int c = 0; c < D; ++c) t[c] = dQ[i * D + c] * geo.scale;
+                }
+                { PROF(8); scatter<G>(dg[b].S, ostride, R, Wt, grp.W, grp.x, D, geo.scale, dkrow.data()); }
+                { PROF(9); scatter<G>(grp.S, ostride, R, Wt, grp.W, dg[b].x, Dv, 1.0f, dvrow.data()); }
+            }
+        });
+    }
+    release_scratch();
+    return 0;
+}
+
+bool make_geometry(const int32_t* dims, const int32_t* windows, float scale, Geometry& geo) {
+    geo.n0 = dims[0];
+    geo.n1 = dims[1];
+    geo.n2 = dims[2];
+    geo.D = dims[3];
+    geo.Dv = dims[4];
+    if (geo.n0 < 1 || geo.n1 < 1 || geo.n2 < 1 || geo.D < 8 || geo.Dv < 8 || geo.D % 8 || geo.Dv % 8) return false;
+    geo.lo0 = windows;
+    geo.hi0 = geo.lo0 + geo.n0;
+    geo.lo1 = geo.hi0 + geo.n0;
+    geo.hi1 = geo.lo1 + geo.n1;
+    geo.lo2 = geo.hi1 + geo.n1;
+    geo.hi2 = geo.lo2 + geo.n2;
+    geo.scale = scale;
+    return true;
+}
+
+}  // namespace
+
+extern "C" {
+
+int attnlab_na_abi_version() { return 3; }
+
+// Queries are processed in groups of `group` (2 or 4) along the last axis, their scores
+// `sub_group` (2 or `group`) queries at a time; a call covers heads
+// bh0 .. bh1 - 1 and, in each, the flat group indices group0 .. group1 - 1 (row-major over
+// (n0, n1, ceil(n2 / group))). Returns 0 on success, 1 for a bad geometry, 2 when memory ran out.
+int attnlab_na_forward(const float* q, const float* k, const float* v, float* out, float* lse, int64_t bh0,
+                       int64_t bh1, int64_t group0, int64_t group1, const int32_t* dims, const int32_t* windows,
+                       float scale, int group, int sub_group) {
+    Geometry geo;
+    if (!make_geometry(dims, windows, scale, geo)) return 1;
+    try {
+        if (group == 2 && sub_group == 2) return forward_impl<2, 2>(q, k, v, out, lse, bh0, bh1, group0, group1, geo);
+        if (group == 4 && sub_group == 2) return forward_impl<4, 2>(q, k, v, out, lse, bh0, bh1, group0, group1, geo);
+        if (group == 4 && sub_group == 4) return forward_impl<4, 4>(q, k, v, out, lse, bh0, bh1, group0, group1, geo);
+        return 1;
+    } catch (const std::bad_alloc&) {
+        return 2;
+    }
+}
+
+int attnlab_na_backward(const float* q, const float* k, const float* v, const float* o, const float* dout,
+                        const float* lse, int zero_grads, float* dq, float* dk, float* dv, int64_t bh0, int64_t bh1, int64_t group0,
+                        int64_t group1, const int32_t* dims, const int32_t* windows, float scale, int group,
+                        int sub_group) {
+    Geometry geo;
+    if (!make_geometry(dims, windows, scale, geo)) return 1;
+    try {
+        if (group == 2 && sub_group == 2)
+            return backward_impl<2, 2>(q, k, v, o, dout, lse, zero_grads != 0, dq, dk, dv, bh0, bh1, group0, group1, geo);
+        if (group == 4 && sub_group == 2)
+            return backward_impl<4, 2>(q, k, v, o, dout, lse, zero_grads != 0, dq, dk, dv, bh0, bh1, group0, group1, geo);
+        if (group == 4 && sub_group == 4)
+            return backward_impl<4, 4>(q, k, v, o, dout, lse, zero_grads != 0, dq, dk, dv, bh0, bh1, group0, group1, geo);
+        return 1;
+    } catch (const std::bad_alloc&) {
+        return 2;
+    }
+}
+
+}  // extern "C"

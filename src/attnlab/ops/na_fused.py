@@ -1,0 +1,291 @@
+"""The fused CPU kernel of neighborhood attention: `_na_cpu.cpp`, built on first use.
+
+`neighborhood_attention`'s blocked backend uses it on CPU (method "fused", the default where it
+can run): float32 compute, head dims multiples of 8, forward and backward in one C++ pass each,
+no (N, N) or per-tile mask and no Python work per tile. See the C++ file's header for the
+algorithm. Where it cannot run (no C++ compiler, another device, float64, odd head dims, or
+ATTNLAB_NA_FUSED=0) the blocked backend falls back to its chunked PyTorch kernel, and
+`fused_reasons` says why.
+
+Build: `g++ -O3 -march=native` (or $CXX) into $ATTNLAB_CACHE/ (default ~/.cache/attnlab),
+keyed by the source, the flags, the compiler and the CPU, written to a temporary name and
+renamed, so concurrent first calls are safe. It is loaded with ctypes: plain C functions on
+raw pointers, no torch headers (a build takes ~2 s), and ctypes releases the GIL, so the
+calls run on Python threads in parallel, one per intra-op thread.
+
+Per call (q, k (BH, N, d), v (BH, N, dv), tokens (n0, n1, n2) row-major after padding to three
+axes): a dilated axis is first reordered into group order (all positions = g mod r, for each
+g), which turns every window into a contiguous range; the kernel gets, per axis and position,
+the first and last key it may see (`_Geometry`).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["fused_reasons", "fused_neighborhood", "library_status"]
+
+_SOURCE = Path(__file__).with_name("_na_cpu.cpp")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
+_ABI = 3
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ATTNLAB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "attnlab")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and its CPU flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    flags = (*_FLAGS, *os.environ.get("ATTNLAB_NA_CFLAGS", "").split())      # extra flags: for tuning
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    key = hashlib.sha256("\n".join([_SOURCE.read_text(), " ".join(flags), version, _cpu_signature()])
+                         .encode()).hexdigest()[:16]
+    target = _cache_dir() / f"na_cpu-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    if lib.attnlab_na_abi_version() != _ABI:
+        raise RuntimeError(f"{target} has ABI {lib.attnlab_na_abi_version()}, expected {_ABI}")
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.attnlab_na_forward.argtypes = [p] * 5 + [i64] * 4 + [p, p, f32, i32, i32]
+    lib.attnlab_na_backward.argtypes = [p] * 6 + [i32] + [p] * 3 + [i64] * 4 + [p, p, f32, i32, i32]
+    lib.attnlab_na_forward.restype = lib.attnlab_na_backward.restype = i32
+
+    return lib
+
+
+def library_status() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel library or None, why not). Builds it on the first call."""
+    if os.environ.get("ATTNLAB_NA_FUSED", "1") == "0":
+        return None, "disabled by ATTNLAB_NA_FUSED=0"
+    with _lock:
+        if "lib" not in _state:
+            try:
+                _state["lib"], _state["why"] = _build(), ""
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["lib"], _state["why"] = None, f"the fused CPU kernel could not be built: {exc}"
+    return _state["lib"], _state["why"]
+
+
+def fused_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+    """Why the fused kernel cannot run these inputs ([] when it can)."""
+    reasons = []
+    if q.device.type != "cpu":
+        reasons.append(f"the fused kernel runs on CPU only, got {q.device}")
+    if q.dtype == torch.float64:
+        reasons.append("the fused kernel computes in float32; float64 inputs use the chunked kernel")
+    if q.shape[-1] % 8 or v.shape[-1] % 8:
+        reasons.append(f"the fused kernel needs head dims that are multiples of 8, got d={q.shape[-1]}, "
+                       f"dv={v.shape[-1]}")
+    if not reasons:
+        lib, why = library_status()
+        if lib is None:
+            reasons.append(why)
+    return reasons
+
+
+# --- geometry ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Geometry:
+    dims: tuple[int, int, int]          # (n0, n1, n2), spatial padded with leading 1s
+    windows: Tensor                     # int32: lo0, hi0 (n0 each), lo1, hi1, lo2, hi2
+    perms: tuple                        # per padded axis: LongTensor (group order) or None
+    inverse: tuple                      # per padded axis: the inverse permutation or None
+    group: int                          # queries per group along the last axis (2 or 4)
+    sub_group: int                      # queries per score tile (2, or group)
+
+
+def _axis(n: int, k: int, r: int, s: int, causal: bool):
+    """Per position of the group-ordered axis: first and last key (group-ordered), and the order."""
+    from attnlab.ops.neighborhood import _axis_windows
+    g, _, _, first, last = _axis_windows(n, k, r, s, causal)
+    if r == 1:
+        return first, last, None
+    sizes = torch.tensor([len(range(j, n, r)) for j in range(r)])
+    offset = torch.cumsum(sizes, 0) - sizes                  # where each group starts
+    perm = torch.cat([torch.arange(j, n, r) for j in range(r)])
+    return (offset[g] + first)[perm], (offset[g] + last)[perm], perm
+
+
+def _score_tiles(lo: Tensor, hi: Tensor, G: int, SG: int) -> int:
+    """Query-rows x 8-key vectors the score tiles compute along the last axis: groups of G
+    queries, scored SG at a time over the union of their windows."""
+    n = lo.numel()
+    first = torch.arange(0, n, SG)
+    last = (first + SG).clamp(max=n) - 1
+    return int((((hi[last] - lo[first] + 1 + 7) // 8) * SG).sum())
+
+
+# A four-query score tile does ~1.4x the FLOPs per second of a two-query tile (measured in L1 on
+# this kernel's tiles, 83 vs 55 GFLOP/s on one Zen 3 core), so two-query tiles pay off only where
+# they skip more than that: short windows (k = 7: 8 keys for two queries, 16 for four).
+_TWO_QUERY_TILE_COST = 1.4
+
+@functools.lru_cache(maxsize=64)
+def _geometry(spatial: tuple, ks: tuple, dil: tuple, st: tuple, causal: tuple) -> _Geometry:
+    pad = 3 - len(spatial)
+    axes = [(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), None)] * pad
+    axes += [_axis(*args) for args in zip(spatial, ks, dil, st, causal)]
+    windows = torch.cat([torch.cat([lo, hi]) for lo, hi, _ in axes]).to(torch.int32).contiguous()
+    perms = tuple(p for _, _, p in axes)
+    inverse = tuple(None if p is None else torch.argsort(p) for p in perms)
+    lo, hi, _ = axes[-1]
+    group, sub_group = 4, 4
+    if _TWO_QUERY_TILE_COST * _score_tiles(lo, hi, 4, 2) < _score_tiles(lo, hi, 4, 4):
+        sub_group = 2
+    if os.environ.get("ATTNLAB_NA_GROUP"):         # tuning: "G" or "G,SG"
+        group, sub_group = (int(x) for x in (os.environ["ATTNLAB_NA_GROUP"] + "," + os.environ["ATTNLAB_NA_GROUP"]).split(",")[:2])
+    if (group, sub_group) not in ((2, 2), (4, 2), (4, 4)):
+        raise ValueError(f"ATTNLAB_NA_GROUP must be 2, 4 or 4,2, got {os.environ.get('ATTNLAB_NA_GROUP')}")
+    return _Geometry((1,) * pad + tuple(spatial), windows, perms, inverse, group, sub_group)
+
+
+# --- running -------------------------------------------------------------------------------------
+
+_POOL: dict = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    key = (n, os.getpid())                                    # a forked child inherits no threads
+    if key not in _POOL:
+        _POOL.clear()
+        _POOL[key] = ThreadPoolExecutor(n, thread_name_prefix="attnlab-na")
+    return _POOL[key]
+
+
+def _split(total: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _work(BH: int, groups: int, threads: int) -> list[tuple[int, int, int, int]]:
+    """(bh0, bh1, group0, group1) items for `threads` workers: whole heads where there are enough."""
+    if BH >= threads:
+        return [(a, b, 0, groups) for a, b in _split(BH, threads)]
+    per_head = -(-threads // BH)
+    return [(b, b + 1, g0, g1) for b in range(BH) for g0, g1 in _split(groups, per_head)]
+
+
+def _call(fn, items, args_of) -> None:
+    if len(items) == 1:
+        codes = [fn(*args_of(0, items[0]))]
+    else:
+        codes = list(_pool(len(items)).map(lambda j: fn(*args_of(j, items[j])), range(len(items))))
+    bad = [c for c in codes if c]
+    if bad:
+        raise RuntimeError("neighborhood_attention: the fused CPU kernel failed "
+                           f"({'out of memory' if 2 in bad else 'bad geometry'}, code {bad[0]})")
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+class _FusedNeighborhood(torch.autograd.Function):
+    """q, k (BH, N, d), v (BH, N, dv) float32 contiguous, tokens in kernel order -> (BH, N, dv)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, geo: _Geometry, scale: float, threads: int):
+        lib, _ = library_status()
+        BH, N, _ = q.shape
+        out = q.new_empty(BH, N, v.shape[-1])
+        lse = q.new_empty(BH, N)
+        dims = torch.tensor([*geo.dims, q.shape[-1], v.shape[-1]], dtype=torch.int32)
+        groups = geo.dims[0] * geo.dims[1] * -(-geo.dims[2] // geo.group)
+        items = _work(BH, groups, threads)
+        _call(lib.attnlab_na_forward, items, lambda j, it: (
+            _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *it, _ptr(dims), _ptr(geo.windows), scale, geo.group, geo.sub_group))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.geo, ctx.scale, ctx.threads = geo, scale, threads
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        lib, _ = library_status()
+        q, k, v, out, lse = ctx.saved_tensors
+        geo = ctx.geo
+        grad_out = grad_out.to(torch.float32).contiguous()
+        BH, N, _ = q.shape
+        dims = torch.tensor([*geo.dims, q.shape[-1], v.shape[-1]], dtype=torch.int32)
+        groups = geo.dims[0] * geo.dims[1] * -(-geo.dims[2] // geo.group)
+        items = _work(BH, groups, ctx.threads)
+        dq = torch.empty_like(q)
+        if BH >= len(items):      # whole heads per item: one dk, dv, zeroed by the kernel head by head
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            targets = [(dk, dv)] * len(items)
+        else:                     # heads split between items: one zeroed dk, dv per item, summed after
+            targets = [(torch.zeros_like(k), torch.zeros_like(v)) for _ in items]
+        zero = int(BH >= len(items))
+        _call(lib.attnlab_na_backward, items, lambda j, it: (
+            _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(grad_out), _ptr(lse), zero, _ptr(dq),
+            _ptr(targets[j][0]), _ptr(targets[j][1]), *it, _ptr(dims), _ptr(geo.windows), ctx.scale, geo.group, geo.sub_group))
+        if not zero:
+            dk, dv = (torch.stack(parts).sum(0) for parts in zip(*targets))
+        return dq, dk, dv, None, None, None
+
+
+def _reorder(x: Tensor, perms: tuple) -> Tensor:
+    """x (BH, n0, n1, n2, c): each axis with a permutation reordered by it."""
+    for axis, perm in enumerate(perms):
+        if perm is not None:
+            x = x.index_select(axis + 1, perm)
+    return x
+
+
+def fused_neighborhood(q: Tensor, k: Tensor, v: Tensor, spatial: tuple, ks: tuple, dil: tuple, st: tuple,
+                       causal: tuple, scale: float, threads: int | None = None) -> Tensor:
+    """q, k (BH, N, d), v (BH, N, dv), tokens row-major over `spatial` -> (BH, N, dv) float32."""
+    geo = _geometry(tuple(spatial), tuple(ks), tuple(dil), tuple(st), tuple(causal))
+    BH, N = q.shape[:2]
+    threads = threads or torch.get_num_threads()
+    xs = [_reorder(t.to(torch.float32).reshape(BH, *geo.dims, t.shape[-1]), geo.perms).reshape(BH, N, -1)
+          .contiguous() for t in (q, k, v)]
+    out = _FusedNeighborhood.apply(*xs, geo, float(scale), max(1, threads))
+    return _reorder(out.view(BH, *geo.dims, -1), geo.inverse).reshape(BH, N, -1)
