@@ -7,9 +7,10 @@ algorithm. Where it cannot run (no C++ compiler, another device, float64, odd he
 ATTNLAB_NA_FUSED=0) the blocked backend falls back to its chunked PyTorch kernel, and
 `fused_reasons` says why.
 
-Build: `g++ -O3 -march=native` (or $CXX) into $ATTNLAB_CACHE/ (default ~/.cache/attnlab),
-keyed by the source, the flags, the compiler and the CPU, written to a temporary name and
-renamed, so concurrent first calls are safe. It is loaded with ctypes: plain C functions on
+Build: `g++ -O3 -march=native` (or $CXX) into $ATTNLAB_CACHE/kernels (default
+~/.cache/attnlab/kernels), keyed by the source, the flags, the compiler and the CPU, written to a
+temporary name and renamed, so concurrent first calls are safe; a new build removes the
+others (a loaded library stays valid after its file is removed). It is loaded with ctypes: plain C functions on
 raw pointers, no torch headers (a build takes ~2 s), and ctypes releases the GIL, so the
 calls run on Python threads in parallel, one per intra-op thread.
 
@@ -85,6 +86,9 @@ def _build() -> ctypes.CDLL:
             if done.returncode:
                 raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {done.stderr.strip()[-2000:]}")
             os.replace(tmp, target)
+            for old in target.parent.glob("na_cpu-*.so"):      # builds of other sources or flags
+                if old != target:
+                    old.unlink(missing_ok=True)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

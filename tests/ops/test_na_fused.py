@@ -1,0 +1,219 @@
+"""`attnlab.ops.na_fused`: the fused C++ CPU kernel of neighborhood attention.
+
+The oracle: the (N, N) mask of `reference_neighborhood_mask` (itself checked against NATTEN's
+formulation in test_neighborhood_attention.py) and masked softmax attention in float64. The
+kernel computes in float32, so tolerances are float32's.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from attnlab.ops import na_fused
+from attnlab.ops.attention import BackendUnavailable
+from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention, reference_neighborhood_mask
+
+pytestmark = pytest.mark.skipif(na_fused.library_status()[0] is None,
+                                reason=f"fused kernel unavailable: {na_fused.library_status()[1]}")
+
+
+def oracle(q, k, v, ks, dil=1, st=1, causal=False, scale=None):
+    spatial = tuple(q.shape[2:-1])
+    mask = reference_neighborhood_mask(spatial, ks, dil, st, causal)
+    B, h, N = q.shape[0], q.shape[1], math.prod(spatial)
+    if k.shape[1] != h:
+        k, v = (t.repeat_interleave(h // t.shape[1], 1) for t in (k, v))
+    qf, kf, vf = (t.reshape(B, h, N, t.shape[-1]).double() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bhnd,bhmd->bhnm", qf, kf) * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("bhnm,bhmd->bhnd", probs, vf).reshape(*q.shape[:-1], v.shape[-1])
+
+
+def fused(q, k, v, ks, dil=1, st=1, causal=False, threads=None, scale=None):
+    return neighborhood_attention(q, k, v, ks, dil, st, causal, scale=scale, backend="blocked",
+                                  config=BlockedConfig(method="fused", threads=threads))
+
+
+def check(spatial, ks, dil=1, st=1, causal=False, *, B=2, h=3, d=16, dv=16, threads=None, seed=0, tol=2e-5):
+    torch.manual_seed(seed)
+    q, k = (torch.randn(B, h, *spatial, d, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, h, *spatial, dv, requires_grad=True)
+    out = fused(q, k, v, ks, dil, st, causal, threads)
+    want = oracle(q, k, v, ks, dil, st, causal)
+    assert out.dtype == torch.float32
+    assert_close(out.double(), want, rtol=tol, atol=tol)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    exp = torch.autograd.grad(want, (q, k, v), grad.double())
+    for a, b, name in zip(got, exp, "qkv"):
+        assert_close(a.double(), b.double(), rtol=10 * tol, atol=10 * tol, msg=lambda m: f"d{name}: {m}")
+
+
+CASES = {  # spatial, kernel_size, dilation, stride, is_causal
+    "odd": ((13,), 5, 1, 1, False),
+    "even": ((13,), 4, 1, 1, False),
+    "kernel_1": ((6,), 1, 1, 1, False),
+    "full_length": ((9,), 9, 1, 1, False),
+    "long_window": ((70,), 33, 1, 1, False),
+    "dilation_even_groups": ((12,), 3, 2, 1, False),
+    "dilation_uneven_groups": ((13,), 3, 3, 1, False),
+    "stride_odd": ((14,), 5, 1, 3, False),
+    "stride_even": ((14,), 4, 1, 2, False),
+    "stride_is_kernel": ((12,), 4, 1, 4, False),
+    "causal": ((13,), 4, 1, 1, True),
+    "causal_stride": ((13,), 4, 1, 3, True),
+    "causal_dilation_stride": ((17,), 3, 2, 2, True),
+    "all_1d": ((23,), 6, 3, 4, False),
+    "2d": ((7, 9), (3, 4), 1, 1, False),
+    "2d_combined": ((9, 10), (3, 4), (2, 2), (2, 3), (True, False)),
+    "2d_short_rows": ((10, 3), (5, 3), 1, 1, False),
+    "3d": ((4, 5, 6), (2, 3, 3), 1, 1, False),
+    "3d_k7": ((3, 5, 19), (3, 3, 7), 1, 1, False),
+    "3d_combined": ((5, 6, 7), (2, 3, 2), (2, 1, 3), (2, 3, 1), (False, True, False)),
+    "3d_full": ((3, 4, 5), (3, 4, 5), 1, 1, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_oracle_outputs_and_gradients(case):
+    spatial, ks, dil, st, causal = CASES[case]
+    check(spatial, ks, dil, st, causal, seed=len(case))
+
+
+# every compiled variant (groups of 4 or 2 queries; scores 4 or 2 at a time) on shapes with
+# partial groups at the row ends, borders, and long and short windows
+@pytest.mark.parametrize("variant", ["4", "4,2", "2"])
+@pytest.mark.parametrize("case", ["odd", "long_window", "2d_combined", "3d_k7", "all_1d", "causal_stride"])
+def test_every_tile_variant(variant, case, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_NA_GROUP", variant)
+    na_fused._geometry.cache_clear()
+    try:
+        spatial, ks, dil, st, causal = CASES[case]
+        check(spatial, ks, dil, st, causal)
+    finally:
+        monkeypatch.delenv("ATTNLAB_NA_GROUP")
+        na_fused._geometry.cache_clear()
+
+
+def test_short_windows_score_two_queries_at_a_time():
+    """The 3-D k = 7 geometry picks two-query score tiles (one vector of 8 keys for two queries)."""
+    geo = na_fused._geometry((16, 32, 32), (3, 7, 7), (1, 1, 1), (1, 1, 1), (False,) * 3)
+    assert (geo.group, geo.sub_group) == (4, 2)
+    geo = na_fused._geometry((128, 128), (13, 13), (1, 1), (1, 1), (False, False))
+    assert (geo.group, geo.sub_group) == (4, 4)
+
+
+@pytest.mark.parametrize("d,dv", [(8, 8), (24, 40), (64, 64), (128, 32)])
+def test_head_dims(d, dv):
+    check((3, 21), (3, 9), d=d, dv=dv, B=1, h=2, tol=3e-5)
+
+
+@pytest.mark.parametrize("B,h,threads", [(1, 1, 2), (1, 1, 3), (1, 3, 2), (2, 3, 1), (3, 1, 4)])
+def test_work_split_between_threads(B, h, threads):
+    """Fewer heads than threads splits each head's queries between calls, with one dk/dv each."""
+    check((5, 22), (3, 7), 1, (1, 2), False, B=B, h=h, threads=threads)
+
+
+def test_repeatable_bit_for_bit_when_heads_are_not_split():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 16, requires_grad=True) for _ in range(3))
+    runs = []
+    for _ in range(2):
+        out = fused(q, k, v, 9, threads=2)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_large_scores_stay_finite():
+    """Row maxima are subtracted before exp: scores of +-1e3 neither overflow nor lose the row."""
+    torch.manual_seed(0)
+    q = (torch.randn(1, 2, 30, 16) * 40).requires_grad_()
+    k, v = (torch.randn(1, 2, 30, 16, requires_grad=True) for _ in range(2))
+    out = fused(q, k, v, 7)
+    assert torch.isfinite(out).all()
+    assert_close(out.double(), oracle(q, k, v, 7), rtol=1e-4, atol=1e-4)
+    dq, = torch.autograd.grad(out.sum(), (q,))
+    assert torch.isfinite(dq).all()
+
+
+def test_grouped_query_heads_custom_scale_and_layout():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 6, 7, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 6, 7, 16, requires_grad=True) for _ in range(2))
+    out = fused(q, k, v, (3, 5), scale=0.3)
+    assert_close(out.double(), oracle(q, k, v, (3, 5), scale=0.3), rtol=2e-5, atol=2e-5)
+    # non-contiguous inputs (a transposed view) give the same result as contiguous ones
+    qt = q.detach().transpose(2, 3).contiguous().transpose(2, 3)
+    assert_close(fused(qt, k.detach(), v.detach(), (3, 5), scale=0.3), out.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_float32(dtype):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 9, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = fused(q, k, v, 3)
+    assert out.dtype == dtype
+    assert_close(out.double(), oracle(q, k, v, 3), rtol=1e-2, atol=1e-2)
+    out.sum().backward()
+    assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
+
+
+def test_default_method_is_fused_for_float32_and_chunks_for_float64(monkeypatch):
+    calls = []
+    real = na_fused.fused_neighborhood
+    monkeypatch.setattr(na_fused, "fused_neighborhood", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x32 = torch.randn(1, 1, 12, 8)
+    neighborhood_attention(x32, x32, x32, 3)
+    assert calls == [1]
+    x64 = x32.double()
+    assert_close(neighborhood_attention(x64, x64, x64, 3), oracle(x64, x64, x64, 3))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype,d,match", [(torch.float64, 8, "float32"), (torch.float32, 12, "multiples of 8")])
+def test_explicit_fused_refuses_with_reason(dtype, d, match):
+    x = torch.randn(1, 1, 10, d, dtype=dtype)
+    with pytest.raises(BackendUnavailable, match=match):
+        neighborhood_attention(x, x, x, 3, backend="blocked", config=BlockedConfig(method="fused"))
+    # without an explicit method the call still runs (chunked kernel)
+    assert_close(neighborhood_attention(x, x, x, 3).double(), oracle(x, x, x, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_disabled_by_environment_falls_back(monkeypatch):
+    monkeypatch.setenv("ATTNLAB_NA_FUSED", "0")
+    lib, why = na_fused.library_status()
+    assert lib is None and "ATTNLAB_NA_FUSED=0" in why
+    x = torch.randn(1, 2, 11, 8)
+    assert_close(neighborhood_attention(x, x, x, 5).double(), oracle(x, x, x, 5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(BackendUnavailable, match="ATTNLAB_NA_FUSED"):
+        neighborhood_attention(x, x, x, 5, backend="blocked", config=BlockedConfig(method="fused"))
+
+
+def test_build_failure_is_reported_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "false")                 # a "compiler" that always fails
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(na_fused, "_state", {})
+    lib, why = na_fused.library_status()
+    assert lib is None and "could not be built" in why and "false" in why
+    x = torch.randn(1, 1, 9, 8)
+    assert_close(neighborhood_attention(x, x, x, 3).double(), oracle(x, x, x, 3), rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.rglob("*.so"))            # nothing half-written left behind
+
+
+def test_build_goes_to_the_cache_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(na_fused, "_state", {})
+    lib, why = na_fused.library_status()
+    assert lib is not None, why
+    built = list(tmp_path.rglob("na_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(na_fused, "_state", {})
+    assert na_fused.library_status()[0] is not None
+    assert built[0].stat().st_mtime_ns == stamp         # loaded, not rebuilt
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [built[0].name]
