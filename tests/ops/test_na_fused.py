@@ -217,3 +217,33 @@ def test_build_goes_to_the_cache_once(monkeypatch, tmp_path):
     assert na_fused.library_status()[0] is not None
     assert built[0].stat().st_mtime_ns == stamp         # loaded, not rebuilt
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [built[0].name]
+
+
+def test_large_outputs_come_from_the_reusing_pool():
+    """Outputs of 1M+ elements come from the library's pool: a freed output's block is handed
+    out again (already paged in), and the tensors behave like any other."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 64, 64, 64, requires_grad=True) for _ in range(3))    # 4 * 4096 * 64 = 1M
+    na_fused.clear_pool()
+    out = fused(q, k, v, (3, 5))
+    first = out.data_ptr()
+    assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == (1, 4, 64, 64, 64)
+    out.backward(torch.ones_like(out))
+    assert q.grad.shape == q.shape and torch.isfinite(q.grad).all()
+    out.mul_(2)                                         # writable like any tensor
+    del out
+    q.grad = k.grad = v.grad = None                     # dq, dk, dv go back to the pool too
+    again = fused(q.detach(), k.detach(), v.detach(), (3, 5))
+    assert again.data_ptr() == first                    # the same block, reused
+    del again
+    assert na_fused.clear_pool() >= 4 * 4096 * 64 * 4   # out, dq, dk, dv blocks were kept
+    assert na_fused.clear_pool() == 0
+
+
+def test_pool_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("ATTNLAB_NA_POOL", "0")
+    na_fused.clear_pool()
+    x = torch.randn(1, 4, 64, 64, 64)
+    out = fused(x, x, x, (3, 3))
+    del out
+    assert na_fused.clear_pool() == 0

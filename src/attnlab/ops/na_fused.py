@@ -39,11 +39,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["fused_reasons", "fused_neighborhood", "library_status"]
+__all__ = ["fused_reasons", "fused_neighborhood", "library_status", "clear_pool"]
 
 _SOURCE = Path(__file__).with_name("_na_cpu.cpp")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
-_ABI = 3
+_ABI = 4
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -99,6 +99,10 @@ def _build() -> ctypes.CDLL:
     lib.attnlab_na_forward.argtypes = [p] * 5 + [i64] * 4 + [p, p, f32, i32, i32]
     lib.attnlab_na_backward.argtypes = [p] * 6 + [i32] + [p] * 3 + [i64] * 4 + [p, p, f32, i32, i32]
     lib.attnlab_na_forward.restype = lib.attnlab_na_backward.restype = i32
+    lib.attnlab_na_tensor.argtypes = [i32, p]
+    lib.attnlab_na_tensor.restype = p
+    lib.attnlab_na_pool_clear.argtypes = []
+    lib.attnlab_na_pool_clear.restype = i64
 
     return lib
 
@@ -227,6 +231,28 @@ def _call(fn, items, args_of) -> None:
                            f"({'out of memory' if 2 in bad else 'bad geometry'}, code {bad[0]})")
 
 
+_capsule = ctypes.pythonapi.PyCapsule_New
+_capsule.restype = ctypes.py_object
+_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _pooled(lib, *shape: int) -> Tensor:
+    """An uninitialised float32 tensor whose memory comes from the kernel library's pool (see
+    `attnlab_na_tensor`): reused blocks are already paged in. Plain torch.empty when tiny."""
+    if math.prod(shape) < (1 << 20) or os.environ.get("ATTNLAB_NA_POOL", "1") == "0":
+        return torch.empty(*shape)
+    managed = lib.attnlab_na_tensor(len(shape), (ctypes.c_int64 * len(shape))(*shape))
+    if not managed:
+        raise MemoryError(f"neighborhood_attention: could not allocate a {tuple(shape)} float32 output")
+    return torch.from_dlpack(_capsule(managed, b"dltensor", None))
+
+
+def clear_pool() -> int:
+    """Frees the output blocks the fused kernel keeps for reuse; returns the bytes released."""
+    lib, _ = library_status()
+    return 0 if lib is None else int(lib.attnlab_na_pool_clear())
+
+
 def _ptr(t: Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
@@ -238,7 +264,7 @@ class _FusedNeighborhood(torch.autograd.Function):
     def forward(ctx, q, k, v, geo: _Geometry, scale: float, threads: int):
         lib, _ = library_status()
         BH, N, _ = q.shape
-        out = q.new_empty(BH, N, v.shape[-1])
+        out = _pooled(lib, BH, N, v.shape[-1])
         lse = q.new_empty(BH, N)
         dims = torch.tensor([*geo.dims, q.shape[-1], v.shape[-1]], dtype=torch.int32)
         groups = geo.dims[0] * geo.dims[1] * -(-geo.dims[2] // geo.group)
@@ -260,9 +286,9 @@ class _FusedNeighborhood(torch.autograd.Function):
         dims = torch.tensor([*geo.dims, q.shape[-1], v.shape[-1]], dtype=torch.int32)
         groups = geo.dims[0] * geo.dims[1] * -(-geo.dims[2] // geo.group)
         items = _work(BH, groups, ctx.threads)
-        dq = torch.empty_like(q)
+        dq = _pooled(lib, *q.shape)
         if BH >= len(items):      # whole heads per item: one dk, dv, zeroed by the kernel head by head
-            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            dk, dv = _pooled(lib, *k.shape), _pooled(lib, *v.shape)
             targets = [(dk, dv)] * len(items)
         else:                     # heads split between items: one zeroed dk, dv per item, summed after
             targets = [(torch.zeros_like(k), torch.zeros_like(v)) for _ in items]
