@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import statistics
 import sys
 
 import pytest
@@ -217,3 +218,28 @@ def test_pooling_mechanisms_are_timed_through_a_broadcast():
     torch.testing.assert_close(out[:, 0, 0], m.inner(x).mean(-1))
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_neighborhood_mode_times_both_sides_in_one_run(monkeypatch, capsys):
+    from attnlab.cli import main
+    """`attnlab bench --neighborhood`: one JSON row per case, dense SDPA timed in the same run;
+    a small case stands in for the issue's (16k-token dense attention takes ~20 s here)."""
+    from attnlab.arena import bench_neighborhood
+    monkeypatch.setattr(bench_neighborhood, "CASES", {"1d": ((256,), (15,)), "2d": ((12, 12), (5, 5))})
+    assert main(["bench", "--neighborhood", "1d,2d", "--repeats", "2", "--warmup", "0", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["1d", "2d"]
+    assert rows[0]["pairs"] == 256 * 15 and rows[1]["pairs"] == 144 * 25
+    for r in rows:
+        assert r["local_ms"] > 0 and r["dense_ms"] > 0 and len(r["ratios"]) == 2
+        useful_local, useful_dense = 12 * r["pairs"] * 64 * 8, 12 * r["tokens"] ** 2 * 64 * 8
+        assert r["ratio"] == pytest.approx(statistics.median(
+            [(useful_local / a) / (useful_dense / b) for a, b in zip(r["local_s"], r["dense_s"])]))
+
+
+def test_neighborhood_mode_rejects_unknown_cases(capsys):
+    from attnlab.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--neighborhood", "4d"])
+    assert exc.value.code == 2
+    assert "unknown case(s) ['4d']" in capsys.readouterr().err

@@ -277,6 +277,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines instead of the table")
     parser.add_argument("--timeout", type=positive, default=900,
                         help="seconds before one measuring process is abandoned (default: 900)")
+    parser.add_argument("--neighborhood", nargs="?", const="1d,2d,3d", default=None, metavar="CASES",
+                        help="instead of mechanisms, time neighborhood attention (forward+backward, fp32, h=8, "
+                             "d=64) against dense SDPA on the same tokens: 1d N=16384 k=127, 2d 128x128 k=13, "
+                             "3d 16x32x32 k=(3,7,7); CASES a subset (default: all); uses --repeats (default 3), "
+                             "--warmup, --threads, --json")
     parser.add_argument("--numerics", action="store_true",
                         help="instead of mechanisms, time the Edge-MoE softmax/GELU approximations against "
                              "the exact ops on (rows, M) = (N*h, N) score rows, with their max errors")
@@ -601,6 +606,13 @@ def main(args: argparse.Namespace) -> int:
 
     if args.numerics:
         return run_numerics(args)
+    if args.neighborhood is not None:
+        from attnlab.arena import bench_neighborhood
+        argv = ["--cases", args.neighborhood, "--repeats", str(args.repeats or 3)]
+        argv += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+        argv += ["--threads", str(args.threads)] if args.threads else []
+        argv += ["--json"] if args.json else []
+        return bench_neighborhood.main(argv)
     started = time.perf_counter()
     try:
         names = resolve_names(args.mechanisms, args.baseline)

@@ -25,9 +25,6 @@
 // The score products read K transposed (d x keys per key row, padded by 8 zero columns) so that
 // 8 consecutive keys are one vector. All loops use GCC/Clang vector extensions (8 floats).
 #include <algorithm>
-#ifdef NA_PROFILE
-#include <chrono>
-#endif
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -40,19 +37,6 @@
 #endif
 
 namespace {
-
-#ifdef NA_PROFILE
-double prof_sec[16];
-struct ProfScope {
-    int id;
-    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
-    explicit ProfScope(int i) : id(i) {}
-    ~ProfScope() { prof_sec[id] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
-};
-#define PROF(i) ProfScope prof_scope_##i(i)
-#else
-#define PROF(i)
-#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
@@ -464,7 +448,7 @@ int forward_impl(const float* q, const float* k, const float* v, float* out, flo
     for (int64_t bh = bh0; bh < bh1; ++bh) {
         const float* qb = q + bh * N * D;
         const float* vb = v + bh * N * Dv;
-        { PROF(0); transpose_rows(k + bh * N * D, KT, int(rows), n2, D); }
+        transpose_rows(k + bh * N * D, KT, int(rows), n2, D);
         for_blocks(geo, G, group0, group1, [&](int z, int y, int x0, int count) {
             const int R = key_rows(geo, z, y, krows.data());
             const int64_t row = int64_t(z) * geo.n1 + y;
@@ -475,7 +459,7 @@ int forward_impl(const float* q, const float* k, const float* v, float* out, flo
                 grp.x = group_rows(qb + (row * n2 + x0 + b * G) * D, grp.g, G, D, Qpad);
                 grp.S = S + b * G * SW;
             }
-            { PROF(1); scores_block<G, SG>(groups, count, D, krow.data(), R, width); }
+            scores_block<G, SG>(groups, count, D, krow.data(), R, width);
             for (int b = 0; b < count; ++b) {
                 const Group& grp = groups[b];
                 const int xg = x0 + b * G, ostride = R * grp.Wt;
@@ -489,7 +473,7 @@ int forward_impl(const float* q, const float* k, const float* v, float* out, flo
                     }
                 }
                 for (int r = 0; r < R; ++r) vrow[r] = vb + (krows[r] * n2 + grp.a) * Dv;
-                { PROF(3); weighted<G>(grp.S, ostride, R, grp.Wt, grp.W, vrow.data(), Dv, O); }
+                weighted<G>(grp.S, ostride, R, grp.Wt, grp.W, vrow.data(), Dv, O);
                 for (int i = 0; i < grp.g; ++i) {
                     const int64_t qi = bh * N + row * n2 + xg + i;
                     const float inv = 1.0f / l_i[i];
@@ -531,8 +515,8 @@ int backward_impl(const float* q, const float* k, const float* v, const float* o
         const float* qb = q + bh * N * D;
         const float* kb = k + bh * N * D;
         const float* gb = dout + bh * N * Dv;
-        { PROF(4); transpose_rows(kb, KT, int(rows), n2, D);
-        transpose_rows(v + bh * N * Dv, VT, int(rows), n2, Dv); }
+        transpose_rows(kb, KT, int(rows), n2, D);
+        transpose_rows(v + bh * N * Dv, VT, int(rows), n2, Dv);
         if (zero_grads) {
             std::memset(dk + bh * N * D, 0, sizeof(float) * N * D);
             std::memset(dv + bh * N * Dv, 0, sizeof(float) * N * Dv);
@@ -553,8 +537,8 @@ int backward_impl(const float* q, const float* k, const float* v, const float* o
                 dg[b].x = group_rows(gb + first * Dv, pg[b].g, G, Dv, Gpad + b * G * Dv);
                 dg[b].S = dS + b * G * SW;
             }
-            { PROF(5); scores_block<G, SG>(pg, count, D, krowT.data(), R, width);
-            scores_block<G, SG>(dg, count, Dv, vrowT.data(), R, width); }
+            scores_block<G, SG>(pg, count, D, krowT.data(), R, width);
+            scores_block<G, SG>(dg, count, Dv, vrowT.data(), R, width);
             for (int b = 0; b < count; ++b) {
                 const Group& grp = pg[b];
                 const int xg = x0 + b * G, a = grp.a, Wt = grp.Wt, ostride = R * Wt;
@@ -586,13 +570,13 @@ int backward_impl(const float* q, const float* k, const float* v, const float* o
                     dkrow[r] = dk + (bh * N + krows[r] * n2 + a) * D;
                     dvrow[r] = dv + (bh * N + krows[r] * n2 + a) * Dv;
                 }
-                { PROF(7); weighted<G>(dg[b].S, ostride, R, Wt, grp.W, krow.data(), D, dQ); }
+                weighted<G>(dg[b].S, ostride, R, Wt, grp.W, krow.data(), D, dQ);
                 for (int i = 0; i < grp.g; ++i) {
                     float* t = dq + (bh * N + row * n2 + xg + i) * D;
                     for (int c = 0; c < D; ++c) t[c] = dQ[i * D + c] * geo.scale;
                 }
-                { PROF(8); scatter<G>(dg[b].S, ostride, R, Wt, grp.W, grp.x, D, geo.scale, dkrow.data()); }
-                { PROF(9); scatter<G>(grp.S, ostride, R, Wt, grp.W, dg[b].x, Dv, 1.0f, dvrow.data()); }
+                scatter<G>(dg[b].S, ostride, R, Wt, grp.W, grp.x, D, geo.scale, dkrow.data());
+                scatter<G>(grp.S, ostride, R, Wt, grp.W, dg[b].x, Dv, 1.0f, dvrow.data());
             }
         });
     }

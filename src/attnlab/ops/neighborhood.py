@@ -24,16 +24,22 @@ attention on that axis.
 Backends (`backend=None` picks the first that can run the call, in this order):
 - `flex` (CUDA first choice): FlexAttention with a block mask built from the predicate
   `neighborhood_mask_mod`; on CPU only without autograd (FlexAttention has no CPU backward).
-- `blocked`: attnlab's own tiled kernel, any device, with backward (a custom autograd
-  Function). Queries are tiled per axis; the keys a query tile can see form one box per tile
-  (a contiguous range per axis, thanks to the shift-inward rule), gathered per chunk of tiles
-  and attended with batched matmuls and a small in-tile mask. See `_BlockedNeighborhood`.
+- `blocked`: attnlab's own kernels, with backward (`fused` on CPU, the others on any device).
+  Methods (`BlockedConfig.method`):
+  `fused` (default on CPU where it runs: float32/half inputs, head dims multiples of 8, a C++
+  compiler) is a C++ kernel built on first use, see `attnlab.ops.na_fused`: queries in groups
+  of 4 along the last axis, only the union of their windows computed per key row, exact
+  per-query masks, forward and backward one pass each. `chunks` (the fallback, and float64):
+  queries tiled per axis, the keys a tile can see form one box per tile (a contiguous range per
+  axis, thanks to the shift-inward rule), gathered per chunk of tiles and attended with batched
+  matmuls and a small in-tile mask (`_BlockedNeighborhood`). `sdpa`: every tile's box through
+  SDPA's fused kernel at once.
 - `reference`: the full (N, N) mask from `reference_neighborhood_mask` (plain Python loops
   over the rules above) and dense masked attention through `attnlab.ops.attention`'s naive
   oracle. O(N^2) memory; the correctness oracle.
 An explicit backend never falls back; when it cannot run, the error says why.
 
-Blocked backend, what to know: it runs its chunks inline by default; `BlockedConfig(threads=n)`
+Chunked method, what to know: it runs its chunks inline by default; `BlockedConfig(threads=n)`
 or ATTNLAB_NA_THREADS=n (opt-in) runs them on a pool of n worker threads with one intra-op
 thread each. That was faster on a loaded 2-core machine, but it changes torch's thread settings,
 which made LAPACK calls elsewhere in the same process spin. With more than one worker the order in

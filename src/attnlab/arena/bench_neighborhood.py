@@ -1,7 +1,8 @@
-"""Neighborhood attention vs dense SDPA, forward + backward, useful GFLOP/s (issue 4, section 1).
+"""`attnlab bench --neighborhood`: neighborhood attention vs dense SDPA, forward + backward, useful GFLOP/s.
 
-    .venv/bin/python scripts/bench_neighborhood.py                 # the three cases, 3 rounds
-    .venv/bin/python scripts/bench_neighborhood.py --cases 1d --repeats 5 --json
+    attnlab bench --neighborhood                      # the three cases, 3 rounds
+    attnlab bench --neighborhood 1d --repeats 5 --json
+    python -m attnlab.arena.bench_neighborhood --method chunks --tile 8,8   # tuning knobs too
 
 Cases (fp32, B = 1, h = 8, d = 64; N = 16384 tokens in each):
   1d: N = 16384, kernel 127;  2d: 128 x 128, kernel 13;  3d: 16 x 32 x 32, kernel (3, 7, 7).
@@ -85,7 +86,8 @@ def run_case(name: str, repeats: int, warmup: int, config: BlockedConfig | None,
         "case": name, "spatial": list(spatial), "kernel_size": list(kernel), "tokens": N, "pairs": pairs,
         "local_ms": 1e3 * med_local, "dense_ms": 1e3 * med_dense,
         "local_gflops": useful_local / med_local / 1e9, "dense_gflops": useful_dense / med_dense / 1e9,
-        "ratio": statistics.median(ratios), "ratios": ratios, "speedup": med_dense / med_local,
+        "ratio": statistics.median(ratios), "ratios": ratios, "local_s": t_local, "dense_s": t_dense,
+        "speedup": med_dense / med_local,
         "ideal_speedup": N * N / pairs, "load_before": load_before, "load_after": os.getloadavg()[0],
     }
 
