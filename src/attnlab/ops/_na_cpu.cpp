@@ -18,12 +18,17 @@
 //   scores   S[i][r][c] = q_i . k_(r, a+c)           G x (R x Wt), Wt = W rounded up to 8
 //   softmax  P = exp(S * scale - m_i) inside the query's window, 0 outside; l_i = sum P
 //   output   o_i = sum_(r,c) P[i][r][c] v_(r, a+c) / l_i,  lse_i = m_i + log l_i
-// Backward (P recomputed from lse, delta_i = dO_i . o_i given):
+// Backward (P recomputed from lse; delta_i = dO_i . o_i computed here):
 //   dP = dO_i . v,  dS = P (dP - delta_i),  dq_i = scale sum dS k,
 //   dk += scale dS^T q,  dv += P^T dO
+// (S in scaled units: P = exp(scale * q.k - lse).)
 //
-// The score products read K transposed (d x keys per key row, padded by 8 zero columns) so that
-// 8 consecutive keys are one vector. All loops use GCC/Clang vector extensions (8 floats).
+// The score products read K (and, backward, V) transposed: d x keys per key row, padded by 8 zero
+// columns, so that 8 consecutive keys are one vector. Up to kBlock groups of one query row form a
+// block that shares its key rows; short windows score 2 queries at a time (sub-groups). Register
+// tiles and the reasons for each layout choice are at the functions. All loops use GCC/Clang
+// vector extensions (8 floats: AVX2 with -march=native; other targets get what the compiler
+// makes of them). Work is split by the caller: heads (bh) and flat group ranges per call.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -607,7 +612,7 @@ bool make_geometry(const int32_t* dims, const int32_t* windows, float scale, Geo
 // page-faults once per 4 KiB page on its first write, and the kernel threads then queue on the
 // process's memory-map lock: measured 10-20% of a forward+backward at 16k tokens x 8 heads.
 // Outputs come from here instead: blocks freed by torch (through the DLPack deleter) are kept,
-// up to kPoolBytes, and reused for the next output of the same size, already paged in.
+// up to kPoolBytes (512 MiB), and reused for the next output of the same size, already paged in.
 
 struct DLDevice { int32_t device_type, device_id; };
 struct DLDataType { uint8_t code, bits; uint16_t lanes; };
@@ -626,7 +631,7 @@ struct DLManagedTensor {
     void (*deleter)(DLManagedTensor*);
 };
 
-constexpr size_t kPoolBytes = size_t(1) << 30;
+constexpr size_t kPoolBytes = size_t(512) << 20;
 std::mutex pool_mutex;
 std::vector<std::pair<size_t, void*>> pool_blocks;   // (bytes, block) kept for reuse
 size_t pool_kept = 0;
