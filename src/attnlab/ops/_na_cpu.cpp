@@ -221,28 +221,26 @@ inline void weighted_block(const float* P, int pstride, int R, int Wt, int W, co
     for (int i = 0; i < G; ++i)
         for (int j = 0; j < NV; ++j) acc[i][j] = bcast(0.0f);
     if (R > 0 && W > 0) {
-        // one flat loop over the R x W keys (a nested loop made GCC keep the accumulators in
-        // memory-backed form, with a store per accumulator per key)
-        const float* xr = rows[0] + d0;
-        const float* pr = P;
-        int r = 0, c = 0;
+        // do-while loops (they run at least once): with for loops, which may run zero times, GCC
+        // kept the accumulators in memory-backed form, with a flag store per accumulator per key
+        int r = 0;
         do {
-            v8 xv[NV];
-            for (int j = 0; j < NV; ++j) {
-                xv[j] = load(xr + int64_t(c) * Dx + 8 * j);
-                KEEP(xv[j]);
-            }
-            for (int i = 0; i < G; ++i) {
-                const v8 b = bcast(pr[i * pstride + c]);
-                for (int j = 0; j < NV; ++j) acc[i][j] += b * xv[j];
-            }
-            if (++c == W) {
-                c = 0;
-                if (++r == R) break;
-                xr = rows[r] + d0;
-                pr = P + r * Wt;
-            }
-        } while (true);
+            const float* xr = rows[r] + d0;
+            const float* pr = P + r * Wt;
+            int c = 0;
+            do {
+                v8 xv[NV];
+                for (int j = 0; j < NV; ++j) {
+                    xv[j] = load(xr + 8 * j);
+                    KEEP(xv[j]);
+                }
+                xr += Dx;
+                for (int i = 0; i < G; ++i) {
+                    const v8 b = bcast(pr[i * pstride + c]);
+                    for (int j = 0; j < NV; ++j) acc[i][j] += b * xv[j];
+                }
+            } while (++c < W);
+        } while (++r < R);
     }
     for (int i = 0; i < G; ++i)
         for (int j = 0; j < NV; ++j) store(acc_out + i * Dx + d0 + 8 * j, acc[i][j]);
@@ -263,11 +261,13 @@ inline void scatter_block(const float* P, int pstride, int R, int Wt, int W, con
     v8 xr[G][NV];
     for (int i = 0; i < G; ++i)
         for (int j = 0; j < NV; ++j) xr[i][j] = load(X + i * Dx + d0 + 8 * j) * bcast(alpha);
-    for (int r = 0; r < R; ++r) {
-        float* tr = rows[r] + d0;
+    if (R <= 0 || W <= 0) return;
+    int r = 0;
+    do {      // do-while, as in weighted_block
+        float* t = rows[r] + d0;
         const float* pr = P + r * Wt;
-        for (int c = 0; c < W; ++c) {
-            float* t = tr + int64_t(c) * Dx;
+        int c = 0;
+        do {
             v8 acc[NV];
             for (int j = 0; j < NV; ++j) acc[j] = load(t + 8 * j);
             for (int i = 0; i < G; ++i) {
@@ -275,8 +275,9 @@ inline void scatter_block(const float* P, int pstride, int R, int Wt, int W, con
                 for (int j = 0; j < NV; ++j) acc[j] += b * xr[i][j];
             }
             for (int j = 0; j < NV; ++j) store(t + 8 * j, acc[j]);
-        }
-    }
+            t += Dx;
+        } while (++c < W);
+    } while (++r < R);
 }
 
 template <int G>
