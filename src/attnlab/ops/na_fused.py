@@ -8,16 +8,24 @@ ATTNLAB_NA_FUSED=0) the blocked backend falls back to its chunked PyTorch kernel
 `fused_reasons` says why.
 
 Build: `g++ -O3 -march=native` (or $CXX) into $ATTNLAB_CACHE/kernels (default
-~/.cache/attnlab/kernels), keyed by the source, the flags, the compiler and the CPU, written to a
-temporary name and renamed, so concurrent first calls are safe; a new build removes the
-others (a loaded library stays valid after its file is removed). It is loaded with ctypes: plain C functions on
-raw pointers, no torch headers (a build takes ~2 s), and ctypes releases the GIL, so the
-calls run on Python threads in parallel, one per intra-op thread.
+~/.cache/attnlab/kernels), keyed by the source, the flags, the compiler and the CPU, written to
+a temporary name and renamed, so concurrent first calls are safe; a new build removes the
+others (a loaded library stays valid after its file is removed). It is loaded with ctypes:
+plain C functions on raw pointers, no torch headers (a build takes a few seconds), and ctypes
+releases the GIL, so the calls run on Python threads in parallel, one per intra-op thread
+(whole heads per thread; with fewer heads than threads, query ranges, each with its own dk, dv).
+
+Outputs of 1M+ elements (out, dq, dk, dv) come from the library's pool through DLPack: blocks
+torch frees are kept (up to 512 MiB) and reused already paged in; `clear_pool()` frees them.
 
 Per call (q, k (BH, N, d), v (BH, N, dv), tokens (n0, n1, n2) row-major after padding to three
 axes): a dilated axis is first reordered into group order (all positions = g mod r, for each
 g), which turns every window into a contiguous range; the kernel gets, per axis and position,
 the first and last key it may see (`_Geometry`).
+
+Environment: ATTNLAB_NA_FUSED=0 (never use the kernel), ATTNLAB_NA_POOL=0 (plain torch outputs),
+CXX (the compiler), ATTNLAB_CACHE (where builds go); for tuning only, ATTNLAB_NA_GROUP ("4",
+"4,2" or "2": queries per group and per score tile) and ATTNLAB_NA_CFLAGS (extra flags).
 """
 from __future__ import annotations
 
