@@ -204,15 +204,17 @@ def _geometry(spatial: tuple, ks: tuple, dil: tuple, st: tuple, causal: tuple) -
 
 # --- running -------------------------------------------------------------------------------------
 
-_POOL: dict = {}
+_POOL: dict = {}      # {"pid": ..., "size": ..., "executor": ...}
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
-    key = (n, os.getpid())                                    # a forked child inherits no threads
-    if key not in _POOL:
-        _POOL.clear()
-        _POOL[key] = ThreadPoolExecutor(n, thread_name_prefix="attnlab-na")
-    return _POOL[key]
+    """An executor with at least n threads, one per process (a forked child inherits no
+    threads); grown, never rebuilt per call, as calls with different numbers of items come."""
+    if _POOL.get("pid") != os.getpid() or _POOL["size"] < n:
+        if _POOL.get("pid") == os.getpid():
+            _POOL["executor"].shutdown(wait=False)
+        _POOL.update(pid=os.getpid(), size=n, executor=ThreadPoolExecutor(n, thread_name_prefix="attnlab-na"))
+    return _POOL["executor"]
 
 
 def _split(total: int, parts: int) -> list[tuple[int, int]]:
