@@ -1,11 +1,25 @@
-"""Shared set-up of the image-classification claims (minimal, moh): task choice and test split."""
+"""Shared set-up of the image-classification claims (minimal, moh): task choice, arguments, test
+split and the seed summary."""
 from __future__ import annotations
 
 import argparse
+import statistics
 
 from attnlab.arena.tasks import create_task
 
 IMAGE_TASKS = {"fashion_mnist": 7, "digits": 2}     # task -> default patch side (16 tokens either way)
+
+
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """--task and --patch, as both image claims take them."""
+    p.add_argument("--task", choices=sorted(IMAGE_TASKS), default="fashion_mnist",
+                   help="image task (fashion_mnist falls back to digits, with a note, if its data is missing)")
+    p.add_argument("--patch", type=int, default=None, help="patch side (default: 7 for fashion_mnist, 2 for digits)")
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range (the spread over seeds)."""
+    return statistics.fmean(values), (max(values) - min(values)) / 2
 
 
 def whole_test_split(task) -> tuple[int, int]:

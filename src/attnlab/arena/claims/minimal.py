@@ -35,7 +35,7 @@ from torch import nn
 
 from attnlab import create
 from attnlab.arena.claims import Claim, Report, Table
-from attnlab.arena.claims._images import IMAGE_TASKS, image_task, whole_test_split
+from attnlab.arena.claims._images import add_image_arguments, image_task, mean_spread, whole_test_split
 from attnlab.arena.tasks import create_task
 from attnlab.arena.train import TrainConfig, TrainResult, lr_at, train
 from attnlab.mechanisms.sequence.minimal import MinimalAttention
@@ -128,15 +128,8 @@ def per_layer_parameter_table(dim: int, heads: list[int]) -> Table:
                  "collapsing saves only with 1 head)", ["variant"] + [f"h={h}" for h in heads], rows)
 
 
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and half the range (the spread over seeds)."""
-    return statistics.fmean(values), (max(values) - min(values)) / 2
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=sorted(IMAGE_TASKS), default="fashion_mnist",
-                   help="image task (fashion_mnist falls back to digits, with a note, if its data is missing)")
-    p.add_argument("--patch", type=int, default=None, help="patch side (default: 7 for fashion_mnist, 2 for digits)")
+    add_image_arguments(p)
     p.add_argument("--variants", nargs="+", choices=list(BY_NAME), default=list(BY_NAME),
                    help="variants to train (standard is always included: it is the baseline)")
     p.add_argument("--dim", type=int, default=64)

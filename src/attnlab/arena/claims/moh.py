@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from attnlab.arena.claims import Claim, Report, Table
-from attnlab.arena.claims._images import IMAGE_TASKS, image_task, whole_test_split
+from attnlab.arena.claims._images import add_image_arguments, image_task, mean_spread, whole_test_split
 from attnlab.arena.tasks import create_task
 from attnlab.arena.train import TrainConfig, TrainResult, find_checkpoint, train
 
@@ -106,15 +106,8 @@ def test_with_gate_statistics(task, model: nn.Module) -> dict:
     return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "gates": gates}
 
 
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and half the range (the spread over seeds)."""
-    return statistics.fmean(values), (max(values) - min(values)) / 2
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=sorted(IMAGE_TASKS), default="fashion_mnist",
-                   help="image task (fashion_mnist falls back to digits, with a note, if its data is missing)")
-    p.add_argument("--patch", type=int, default=None, help="patch side (default: 7 for fashion_mnist, 2 for digits)")
+    add_image_arguments(p)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--shared-heads", type=int, default=2, help="MoH's always-active heads h_s")
