@@ -32,10 +32,10 @@ import math
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.arena.tasks import Batch, Task, register_task
+from attnlab.arena.tasks.icl_regression import query_mse
 from attnlab.models import Classifier
 
 TARGETS = ("inner_relu", "inner_quad", "inner_cubic", "keys_quad", "bilinear_quad", "softmax_read")
@@ -120,11 +120,4 @@ class PermInvariant(Task):
                           max_len=self.N + 1, **block_options)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        pred, targets = model(batch["inputs"]), batch["targets"]                # (B, 1), (B,)
-        if pred.dim() == 2 and pred.shape[-1] == 1:
-            pred = pred.squeeze(-1)
-        if pred.shape != targets.shape:
-            raise ValueError(f"expected one prediction per example, shape {tuple(targets.shape)} or "
-                             f"{tuple(targets.shape) + (1,)}, got {tuple(pred.shape)}")
-        loss = F.mse_loss(pred.float(), targets.float())
-        return loss, {"loss": loss.item(), "mse": loss.item()}
+        return query_mse(model(batch["inputs"]), batch["targets"])             # (B, 1), (B,)
