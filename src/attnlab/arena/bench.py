@@ -25,6 +25,7 @@ counts what it executes.
 from __future__ import annotations
 
 import argparse
+import math
 import inspect
 import json
 import os
@@ -228,14 +229,24 @@ def _int_at_least(low: int):
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+def _float_above(low: float, *, inclusive: bool = False, what: str = "number"):
+    """argparse type: a finite float > low (>= low with inclusive), else an error naming both."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            if inclusive:
+                expected = f"a {what} >= {low:g}"
+            else:
+                expected = f"a positive {what}" if low == 0 else f"a {what} > {low:g}"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+_seconds = _float_above(0, what="number of seconds")
 
 
 def _int_list(text: str) -> list[int]:

@@ -494,28 +494,9 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from attnlab.arena.bench import _int_at_least, _int_list
+    from attnlab.arena.bench import _float_above, _int_at_least, _int_list
+    positive_float, non_negative_float = _float_above(0), _float_above(0, inclusive=True)
     from attnlab.arena.train import _key_value
     d = ArenaConfig()
     positive = _int_at_least(1)
@@ -531,12 +512,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=positive, default=d.layers, help=f"blocks per model (default: {d.layers})")
     parser.add_argument("--dim", type=positive, default=d.dim, help=f"model width (default: {d.dim})")
     parser.add_argument("--heads", type=positive, default=d.heads, help=f"attention heads (default: {d.heads})")
-    parser.add_argument("--mlp-ratio", type=_non_negative_float, default=d.mlp_ratio,
+    parser.add_argument("--mlp-ratio", type=non_negative_float, default=d.mlp_ratio,
                         help=f"MLP width / dim in each block; 0 = attention only (default: {d.mlp_ratio:g})")
     parser.add_argument("--steps", type=positive, default=d.steps, help=f"training steps (default: {d.steps})")
     parser.add_argument("--batch-size", type=positive, default=d.batch_size,
                         help=f"training batch size (default: {d.batch_size})")
-    parser.add_argument("--lr", type=_positive_float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
+    parser.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
     parser.add_argument("--warmup", type=_int_at_least(0), default=d.warmup,
                         help=f"linear warm-up steps (default: {d.warmup})")
     parser.add_argument("--eval-batches", type=positive, default=d.eval_batches,
@@ -545,7 +526,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds of weights and data; several give mean ± std (default: 0)")
     parser.add_argument("--seq-lens", type=_int_list, default=list(DEFAULT_SEQ_LENS), metavar="N,N,...",
                         help=f"sequence lengths of the timing (default: {','.join(map(str, DEFAULT_SEQ_LENS))})")
-    parser.add_argument("--timing-budget", type=_positive_float, default=d.timing_budget_s, metavar="SECONDS",
+    parser.add_argument("--timing-budget", type=positive_float, default=d.timing_budget_s, metavar="SECONDS",
                         help=f"timed seconds per sequence length (default: {d.timing_budget_s:g})")
     parser.add_argument("--no-timing", action="store_true", help="train and rank only; no timing or memory")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="(default: cpu)")
