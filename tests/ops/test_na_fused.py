@@ -78,8 +78,15 @@ CASES = {  # spatial, kernel_size, dilation, stride, is_causal
 }
 
 
+@pytest.fixture(params=["recomputed", "saved"])
+def probs(request, monkeypatch):
+    """The backward pass either recomputes the probabilities or reads those the forward saved."""
+    monkeypatch.setenv("ATTNLAB_NA_SAVE_PROBS", "1" if request.param == "saved" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_matches_oracle_outputs_and_gradients(case):
+def test_matches_oracle_outputs_and_gradients(case, probs):
     spatial, ks, dil, st, causal = CASES[case]
     check(spatial, ks, dil, st, causal, seed=len(case))
 
@@ -88,7 +95,7 @@ def test_matches_oracle_outputs_and_gradients(case):
 # partial groups at the row ends, borders, and long and short windows
 @pytest.mark.parametrize("variant", ["4", "4,2", "2"])
 @pytest.mark.parametrize("case", ["odd", "long_window", "2d_combined", "3d_k7", "all_1d", "causal_stride"])
-def test_every_tile_variant(variant, case, monkeypatch):
+def test_every_tile_variant(variant, case, probs, monkeypatch):
     monkeypatch.setenv("ATTNLAB_NA_GROUP", variant)
     na_fused._geometry.cache_clear()
     try:
@@ -97,6 +104,55 @@ def test_every_tile_variant(variant, case, monkeypatch):
     finally:
         monkeypatch.delenv("ATTNLAB_NA_GROUP")
         na_fused._geometry.cache_clear()
+
+
+def _probs_stride(spatial, ks):
+    geo = na_fused._geometry(spatial, ks, (1,) * len(spatial), (1,) * len(spatial), (False,) * len(spatial))
+    dims = torch.tensor([*geo.dims, 64, 64], dtype=torch.int32)
+    lib, _ = na_fused.library_status()
+    return int(lib.attnlab_na_probs_stride(na_fused._ptr(dims), na_fused._ptr(geo.windows), geo.group,
+                                           geo.sub_group))
+
+
+def test_saved_probabilities_per_query_and_when_they_are_kept(monkeypatch):
+    """Each query keeps its key rows x the columns its score tiles computed; they are kept for
+    the backward pass when that is at most 4x the memory of q, and only when a gradient is due."""
+    assert _probs_stride((16, 32, 32), (3, 7, 7)) == 21 * 8        # two-query tiles: one vector per row
+    assert _probs_stride((128, 128), (13, 13)) == 13 * 16
+    assert _probs_stride((16384,), (127,)) == 136
+    assert _probs_stride((128, 128), (31, 31)) == 31 * 40
+    monkeypatch.delenv("ATTNLAB_NA_SAVE_PROBS", raising=False)
+    assert na_fused._save_probs(13 * 16, 64, True)
+    assert not na_fused._save_probs(31 * 40, 64, True)
+    assert not na_fused._save_probs(13 * 16, 32, True)              # 208 > 4 * 32
+    assert not na_fused._save_probs(13 * 16, 64, False)             # inference: nothing to save for
+    monkeypatch.setenv("ATTNLAB_NA_SAVE_PROBS", "1")
+    assert na_fused._save_probs(31 * 40, 64, True) and not na_fused._save_probs(31 * 40, 64, False)
+    monkeypatch.setenv("ATTNLAB_NA_SAVE_PROBS", "0")
+    assert not na_fused._save_probs(8, 64, True)
+    monkeypatch.setenv("ATTNLAB_NA_SAVE_PROBS", "yes")
+    with pytest.raises(ValueError, match="ATTNLAB_NA_SAVE_PROBS must be 0 or 1, got 'yes'"):
+        na_fused._save_probs(8, 64, True)
+
+
+def test_saved_and_recomputed_probabilities_give_the_same_gradients(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 7, 19, 32, requires_grad=True) for _ in range(3))
+    grads = {}
+    for choice in ("0", "1"):
+        monkeypatch.setenv("ATTNLAB_NA_SAVE_PROBS", choice)
+        out = fused(q, k, v, (3, 5, 7))
+        grads[choice] = (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    for a, b in zip(grads["0"], grads["1"]):
+        assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_forward_matches_oracle():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 21, 16) for _ in range(3))
+    with torch.no_grad():
+        out = fused(q, k, v, (3, 7))
+    assert_close(out.double(), oracle(q, k, v, (3, 7)), rtol=2e-5, atol=2e-5)
 
 
 def test_short_windows_score_two_queries_at_a_time():

@@ -49,9 +49,11 @@ typedef int32_t i8 __attribute__((vector_size(32)));
 
 constexpr int PAD = 8;   // zero key columns after each transposed key row
 // Register tiles (16 vector registers): G x tasks score accumulators plus the loaded key vectors,
-// G x vectors accumulators of the weighted sum plus the loaded value vectors.
+// G x vectors accumulators of the weighted sum plus the loaded value vectors, and for the
+// scatter (dk, dv) G x vectors of the group's rows plus the loaded target vectors.
 template <int G> constexpr int kScoreTasks = G == 4 ? 3 : 4;
 template <int G> constexpr int kWeightVectors = G == 4 ? 3 : 4;
+template <int G> constexpr int kScatterVectors = G == 4 ? 3 : 4;
 
 inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void store(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
@@ -156,30 +158,32 @@ inline void scores_tiles(int n, const float* x, int D, int c0, int c1, const flo
     for (; j < n; ++j) scores_tile<G, 1, ADD>(x, D, c0, c1, kt + j, kstride, out + j, ostride);
 }
 
-// One group of G queries inside a block: its query rows, first key column, score width and buffer.
-// Its scores may be computed SG queries at a time (a sub-group, SG dividing G), each sub-group
-// over the union of its own windows only: with short windows (3-D, k = 7) two queries need one
-// vector of 8 keys where four need two.
+// One group of G queries inside a block: its query rows, key rows, first key column, score width
+// and buffer. Its scores may be computed SG queries at a time (a sub-group, SG dividing G), each
+// sub-group over the union of its own windows only: with short windows (3-D, k = 7) two queries
+// need one vector of 8 keys where four need two.
 struct Group {
     const float* x;       // G rows of the queries (or of dO), row stride = the product's depth
-    int a, W, Wt, g;      // first key column, union width, score row width (>= W, multiple of 8), valid queries
+    const int64_t* rows;  // its R key rows (flat z' * n1 + y'), z' outside, y' inside
+    int R, y;             // key rows; the query row's position along axis 1
+    int xg, a, W, Wt, g;  // first query, first key column, union width, score row width (>= W, multiple of 8), valid queries
     int sub_col[4];       // per sub-group: first key column, relative to a
     int sub_tasks[4];     // per sub-group: vectors of 8 keys per key row
     float* S;             // G x (R x Wt) scores, row stride R * Wt
 };
 
-// S[i][r * Wt + c] = x_i . key(r, a + c) for every group of a block, all R key rows (transposed
-// rows krow[r]), per sub-group of SG queries sub_tasks vectors of 8 columns per row (columns
-// outside a sub-group's range are left unset: they are outside its queries' windows). The
-// groups of a block share their key rows, so the loop runs over tiles of tasks outside and
-// (sub-)groups inside: a tile's key vectors are then read from L1 by every group, instead of
-// from L2 once per group.
+// S[i][r * Wt + c] = x_i . key(rows[r], a + c) for every group of a block (XT: the transposed
+// keys, row_stride floats per key row, kstride per channel), per sub-group of SG queries
+// sub_tasks vectors of 8 columns per row (columns outside a sub-group's range are left unset:
+// they are outside its queries' windows). The groups of a block share most of their key rows, so
+// the loop runs over tiles of tasks outside and (sub-)groups inside: a tile's key vectors are
+// then read from L1 by every group, instead of from L2 once per group.
 template <int G, int SG>
-void scores_block(const Group* groups, int ngroups, int D, const float* const* krow, int R, int64_t kstride) {
+void scores_block(const Group* groups, int ngroups, int D, const float* XT, int64_t row_stride, int64_t kstride) {
     constexpr int T = kScoreTasks<SG>, NS = G / SG;
     int most = 0;
     for (int b = 0; b < ngroups; ++b)
-        for (int u = 0; u < NS; ++u) most = std::max(most, R * groups[b].sub_tasks[u]);
+        for (int u = 0; u < NS; ++u) most = std::max(most, groups[b].R * groups[b].sub_tasks[u]);
     const float* kt[T];
     float* out[T];
     // Two-query tiles (short windows) read their T key rows in depth chunks of 32, so that the
@@ -191,14 +195,14 @@ void scores_block(const Group* groups, int ngroups, int D, const float* const* k
         for (int t = 0; t < most; t += T) {
             for (int b = 0; b < ngroups; ++b) {
                 const Group& grp = groups[b];
-                const int ostride = R * grp.Wt;
+                const int ostride = grp.R * grp.Wt;
                 for (int u = 0; u < NS; ++u) {
-                    const int per_row = grp.sub_tasks[u], tasks = R * per_row, n = std::min(T, tasks - t);
+                    const int per_row = grp.sub_tasks[u], tasks = grp.R * per_row, n = std::min(T, tasks - t);
                     if (n <= 0) continue;
                     const int first = grp.a + grp.sub_col[u];
                     for (int j = 0; j < n; ++j) {
                         const int r = (t + j) / per_row, col = 8 * ((t + j) % per_row);
-                        kt[j] = krow[r] + first + col;
+                        kt[j] = XT + grp.rows[r] * row_stride + first + col;
                         out[j] = grp.S + u * SG * ostride + r * grp.Wt + grp.sub_col[u] + col;
                     }
                     const float* x = grp.x + u * SG * D;
@@ -212,14 +216,14 @@ void scores_block(const Group* groups, int ngroups, int D, const float* const* k
     }
 }
 
-// acc[i][:] (G x Dx, row stride Dx) = sum_(r, c < W) P[i * pstride + r * Wt + c] * X[r][c][:],
+// acc_out[i][:] (G x Dx, row stride Dx) += sum_(r, c < W) P[i * pstride + r * Wt + c] * X[r][c][:],
 // X[r] = rows[r] (row-major keys x Dx, already offset to the group's first key).
 template <int G, int NV>
 inline void weighted_block(const float* P, int pstride, int R, int Wt, int W, const float* const* rows, int Dx,
                            int d0, float* acc_out) {
     v8 acc[G][NV];
     for (int i = 0; i < G; ++i)
-        for (int j = 0; j < NV; ++j) acc[i][j] = bcast(0.0f);
+        for (int j = 0; j < NV; ++j) acc[i][j] = load(acc_out + i * Dx + d0 + 8 * j);
     if (R > 0 && W > 0) {
         // do-while loops (they run at least once): with for loops, which may run zero times, GCC
         // kept the accumulators in memory-backed form, with a flag store per accumulator per key
@@ -246,12 +250,21 @@ inline void weighted_block(const float* P, int pstride, int R, int Wt, int W, co
         for (int j = 0; j < NV; ++j) store(acc_out + i * Dx + d0 + 8 * j, acc[i][j]);
 }
 
+// Vectors of 8 per register tile along the head dim: NV while that leaves no lone vector, then 2,
+// then 1 (64 = 24 + 24 + 16: a one-vector tile runs at about half the speed of the others).
+template <int NV>
+inline int tile_vectors(int left) { return left >= NV && left - NV != 1 ? NV : left >= 2 ? 2 : 1; }
+
 template <int G>
 void weighted(const float* P, int pstride, int R, int Wt, int W, const float* const* rows, int Dx, float* acc_out) {
     constexpr int NV = kWeightVectors<G>;
-    int d0 = 0;
-    for (; d0 + 8 * NV <= Dx; d0 += 8 * NV) weighted_block<G, NV>(P, pstride, R, Wt, W, rows, Dx, d0, acc_out);
-    for (; d0 < Dx; d0 += 8) weighted_block<G, 1>(P, pstride, R, Wt, W, rows, Dx, d0, acc_out);
+    for (int d0 = 0; d0 < Dx;) {
+        const int nv = tile_vectors<NV>((Dx - d0) / 8);
+        if (nv == NV) weighted_block<G, NV>(P, pstride, R, Wt, W, rows, Dx, d0, acc_out);
+        else if (nv == 2) weighted_block<G, 2>(P, pstride, R, Wt, W, rows, Dx, d0, acc_out);
+        else weighted_block<G, 1>(P, pstride, R, Wt, W, rows, Dx, d0, acc_out);
+        d0 += 8 * nv;
+    }
 }
 
 // target[r][c][:] += alpha * sum_i P[i * pstride + r * Wt + c] * X[i][:]   (X: G x Dx local rows)
@@ -283,14 +296,35 @@ inline void scatter_block(const float* P, int pstride, int R, int Wt, int W, con
 template <int G>
 void scatter(const float* P, int pstride, int R, int Wt, int W, const float* X, int Dx, float alpha,
              float* const* rows) {
-    constexpr int NV = 8 / G;
-    int d0 = 0;
-    for (; d0 + 8 * NV <= Dx; d0 += 8 * NV) scatter_block<G, NV>(P, pstride, R, Wt, W, X, Dx, alpha, rows, d0);
-    for (; d0 < Dx; d0 += 8) scatter_block<G, 1>(P, pstride, R, Wt, W, X, Dx, alpha, rows, d0);
+    constexpr int NV = kScatterVectors<G>;
+    for (int d0 = 0; d0 < Dx;) {
+        const int nv = tile_vectors<NV>((Dx - d0) / 8);
+        if (nv == NV) scatter_block<G, NV>(P, pstride, R, Wt, W, X, Dx, alpha, rows, d0);
+        else if (nv == 2) scatter_block<G, 2>(P, pstride, R, Wt, W, X, Dx, alpha, rows, d0);
+        else scatter_block<G, 1>(P, pstride, R, Wt, W, X, Dx, alpha, rows, d0);
+        d0 += 8 * nv;
+    }
 }
 
-// Blocks: up to kBlock consecutive groups of one query row (z, y), which share their key rows.
+// Blocks: up to kBlock consecutive groups in each of up to kQueryRows consecutive query rows
+// (z, y ..), which share most of their key rows (a row's 21 key rows for k = (3, 7, 7), 24 for
+// two rows). The products over key rows run kRowChunk key rows (along axis 1) at a time for all
+// the block's groups, so that those rows' keys, values and gradients stay in cache while every
+// group that needs them uses them.
+#ifndef ATTNLAB_NA_QUERY_ROWS
+#define ATTNLAB_NA_QUERY_ROWS 2
+#endif
+#ifndef ATTNLAB_NA_ROW_CHUNK
+#define ATTNLAB_NA_ROW_CHUNK 3
+#endif
 constexpr int kBlock = 8;
+constexpr int kQueryRows = ATTNLAB_NA_QUERY_ROWS;
+constexpr int kRowChunk = ATTNLAB_NA_ROW_CHUNK;
+#ifndef ATTNLAB_NA_FWD_CHUNK
+#define ATTNLAB_NA_FWD_CHUNK 1000
+#endif
+constexpr int kForwardRowChunk = ATTNLAB_NA_FWD_CHUNK;
+constexpr int kBlockGroups = kBlock * kQueryRows;
 
 // The key rows (flat z' * n1 + y') of the queries in row (z, y).
 int key_rows(const Geometry& geo, int z, int y, int64_t* out) {
@@ -315,9 +349,10 @@ inline void place(const Geometry& geo, int xg, int G, int SG, Group& grp) {
     }
 }
 
-// The most key rows of any query row, and the widest score row of any group (workspace sizes).
-void extents(const Geometry& geo, int G, int SG, int64_t& rows, int64_t& width) {
-    rows = width = 0;
+// The most key rows of any query row, the widest score row of any group (workspace sizes), and
+// the most columns any sub-group scores per key row (the saved probabilities' row width).
+void extents(const Geometry& geo, int G, int SG, int64_t& rows, int64_t& width, int64_t& sub_width) {
+    rows = width = sub_width = 0;
     for (int z = 0; z < geo.n0; ++z)
         for (int y = 0; y < geo.n1; ++y)
             rows = std::max<int64_t>(rows, int64_t(geo.hi0[z] - geo.lo0[z] + 1) * (geo.hi1[y] - geo.lo1[y] + 1));
@@ -325,6 +360,7 @@ void extents(const Geometry& geo, int G, int SG, int64_t& rows, int64_t& width) 
     for (int x = 0; x < geo.n2; x += G) {
         place(geo, x, G, SG, grp);
         width = std::max<int64_t>(width, grp.Wt);
+        for (int u = 0; u < G / SG; ++u) sub_width = std::max<int64_t>(sub_width, 8 * grp.sub_tasks[u]);
     }
 }
 
@@ -384,17 +420,68 @@ inline const float* group_rows(const float* src, int g, int G, int D, float* dst
     return dst;
 }
 
-// Calls fn(z, y, xg0, count) for the blocks of groups group0 .. group1 - 1 (row-major over
-// (n0, n1, groups per row)): runs of at most kBlock groups inside one query row.
+// Calls fn(z, y, rows, xg0, count) for the blocks of groups group0 .. group1 - 1 (row-major over
+// (n0, n1, groups per row)): `rows` query rows from (z, y) on (whole rows of one z, where the
+// range holds them), at most kBlock groups in each from xg0 on.
 template <typename Fn>
 void for_blocks(const Geometry& geo, int G, int64_t group0, int64_t group1, Fn fn) {
     const int64_t per_row = (geo.n2 + G - 1) / G;
     for (int64_t flat = group0; flat < group1;) {
         const int64_t row = flat / per_row, first = flat % per_row;
+        const int z = int(row / geo.n1), y = int(row % geo.n1);
+        const int64_t whole = first == 0 ? std::min<int64_t>({kQueryRows, geo.n1 - y, (group1 - flat) / per_row}) : 0;
+        if (whole > 0) {
+            for (int64_t x = 0; x < per_row; x += kBlock)
+                fn(z, y, int(whole), int(x) * G, int(std::min<int64_t>(kBlock, per_row - x)));
+            flat += whole * per_row;
+            continue;
+        }
         const int count = int(std::min<int64_t>({kBlock, per_row - first, group1 - flat}));
-        fn(int(row / geo.n1), int(row % geo.n1), int(first) * G, count);
+        fn(z, y, 1, int(first) * G, count);
         flat += count;
     }
+}
+
+// The groups of block (z, y .. y + nrows - 1, groups from xg0, count per row), rows[] holding each
+// query row's key rows (most_rows apart), x the G rows of `src` (depth D) of each group (pad:
+// scratch for groups with fewer than G queries), S their score buffers (G * SW floats apart).
+template <int G, int SG>
+int setup_block(const Geometry& geo, int z, int y, int nrows, int xg0, int count, const float* src, int D,
+                int64_t* rows, int64_t most_rows, float* pad, float* S, int64_t SW, Group* groups) {
+    int n = 0;
+    for (int i = 0; i < nrows; ++i) {
+        int64_t* own = rows + i * most_rows;
+        const int R = key_rows(geo, z, y + i, own);
+        const int64_t row = int64_t(z) * geo.n1 + y + i;
+        for (int b = 0; b < count; ++b, ++n) {
+            Group& grp = groups[n];
+            grp.xg = xg0 + b * G;
+            place(geo, grp.xg, G, SG, grp);
+            grp.rows = own;
+            grp.R = R;
+            grp.y = y + i;
+            grp.x = group_rows(src + (row * geo.n2 + grp.xg) * D, grp.g, G, D, pad + n * G * D);
+            grp.S = S + n * G * SW;
+        }
+    }
+    return n;
+}
+
+// Calls fn(b, r0, rc) for group b's key rows r0 .. r0 + rc - 1, kRowChunk rows of axis 1 at a
+// time for all groups of the block (z, y .. y + nrows - 1) before the next chunk: group b's rows
+// are z' outside, y' in lo1[y_b] ..= hi1[y_b] inside.
+template <typename Fn>
+void for_row_chunks(const Geometry& geo, int z, int y, int nrows, const Group* groups, int ngroups, int chunk, Fn fn) {
+    const int nz = geo.hi0[z] - geo.lo0[z] + 1, first = geo.lo1[y], last = geo.hi1[y + nrows - 1];
+    for (int zi = 0; zi < nz; ++zi)
+        for (int c0 = first; c0 <= last; c0 += chunk) {
+            const int c1 = std::min(last + 1, c0 + chunk);
+            for (int b = 0; b < ngroups; ++b) {
+                const int lo = geo.lo1[groups[b].y], hi = geo.hi1[groups[b].y];
+                const int s = std::max(c0, lo), e = std::min(c1, hi + 1);
+                if (e > s) fn(b, zi * (hi - lo + 1) + s - lo, e - s);
+            }
+        }
 }
 
 // Lane masks of the columns inside [c0, c1] for a score row of Wt columns (Wt / 8 vectors).
@@ -406,14 +493,15 @@ inline void window_masks(int c0, int c1, int Wt, i8* masks) {
     }
 }
 
-// Softmax of group `grp`'s scores for one query in place: probabilities inside the query's
-// window (masks from window_masks), exactly 0 elsewhere. Returns the scaled row maximum;
+// Softmax of one query's scores in place (R rows of Wt columns): probabilities inside its window,
+// columns c0 ..= c1 (masks from window_masks), exactly 0 elsewhere. Vectors wholly outside the
+// window are only zeroed (with short windows, half of them). Returns the scaled row maximum;
 // *sum gets the sum of the probabilities.
-inline float softmax_row(const Geometry& geo, int R, int Wt, const i8* masks, float* Si, float* sum) {
-    const int nv = Wt / 8;
+inline float softmax_row(const Geometry& geo, int R, int Wt, int c0, int c1, const i8* masks, float* Si, float* sum) {
+    const int nv = Wt / 8, j0 = c0 / 8, j1 = c1 / 8;
     v8 vmax = bcast(-INFINITY);
     for (int r = 0; r < R; ++r)
-        for (int j = 0; j < nv; ++j) {
+        for (int j = j0; j <= j1; ++j) {
             const v8 x = load(Si + r * Wt + 8 * j);
             vmax = masks[j] && x > vmax ? x : vmax;
         }
@@ -422,69 +510,95 @@ inline float softmax_row(const Geometry& geo, int R, int Wt, const i8* masks, fl
     m *= geo.scale;
     const v8 sc = bcast(geo.scale), mv = bcast(m), zero = bcast(0.0f);
     v8 lsum = zero;
-    for (int r = 0; r < R; ++r)
-        for (int j = 0; j < nv; ++j) {
-            float* p = Si + r * Wt + 8 * j;
-            const v8 e = masks[j] ? vexp(load(p) * sc - mv) : zero;
-            store(p, e);
+    for (int r = 0; r < R; ++r) {
+        float* row = Si + r * Wt;
+        for (int j = 0; j < j0; ++j) store(row + 8 * j, zero);
+        for (int j = j0; j <= j1; ++j) {
+            const v8 e = masks[j] ? vexp(load(row + 8 * j) * sc - mv) : zero;
+            store(row + 8 * j, e);
             lsum += e;
         }
+        for (int j = j1 + 1; j < nv; ++j) store(row + 8 * j, zero);
+    }
     *sum = hsum(lsum);
     return m;
 }
 
+// Saved probabilities: per query, its R key rows x sub_width columns, from its sub-group's first
+// column on (the columns its score tiles compute; exact zeros outside its window), `stride`
+// floats per query. save: S row block -> saved; restore: saved -> S rows (other columns 0).
+inline void save_probs(const float* Si, int R, int Wt, int col, int cols, float scale_by, float* saved) {
+    const v8 f = bcast(scale_by);
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < cols; c += 8) store(saved + r * cols + c, load(Si + r * Wt + col + c) * f);
+}
+
+inline void restore_probs(const float* saved, int R, int Wt, int col, int cols, float* Si) {
+    for (int r = 0; r < R; ++r) {
+        std::memset(Si + r * Wt, 0, sizeof(float) * Wt);
+        for (int c = 0; c < cols; c += 8) store(Si + r * Wt + col + c, load(saved + r * cols + c));
+    }
+}
+
 template <int G, int SG>
-int forward_impl(const float* q, const float* k, const float* v, float* out, float* lse, int64_t bh0, int64_t bh1,
-                 int64_t group0, int64_t group1, const Geometry& geo) {
+int forward_impl(const float* q, const float* k, const float* v, float* out, float* lse, float* probs,
+                 int64_t probs_stride, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1, const Geometry& geo) {
     const int D = geo.D, Dv = geo.Dv, n2 = geo.n2;
     const int64_t N = geo.N(), rows = int64_t(geo.n0) * geo.n1, width = n2 + PAD;
-    int64_t most_rows, most_width;
-    extents(geo, G, SG, most_rows, most_width);
+    int64_t most_rows, most_width, sub_width;
+    extents(geo, G, SG, most_rows, most_width, sub_width);
     const int64_t SW = most_rows * most_width;
-    reserve_scratch(rounded(rows * D * width) + kBlock * rounded(G * SW) + rounded(G * Dv) + rounded(G * D));
+    reserve_scratch(rounded(rows * D * width) + kBlockGroups * (rounded(G * SW) + rounded(G * Dv) + rounded(G * D)));
     float* KT = scratch.take(rows * D * width);
-    float* S = scratch.take(kBlock * G * SW);
-    float* O = scratch.take(G * Dv);
-    float* Qpad = scratch.take(G * D);
-    std::vector<int64_t> krows(most_rows);
-    std::vector<const float*> krow(most_rows), vrow(most_rows);
-    Group groups[kBlock];
+    float* S = scratch.take(kBlockGroups * G * SW);
+    float* O = scratch.take(kBlockGroups * G * Dv);
+    float* Qpad = scratch.take(kBlockGroups * G * D);
+    std::vector<int64_t> krows(kQueryRows * most_rows);
+    std::vector<const float*> vrow(most_rows);
+    Group groups[kBlockGroups];
     std::vector<i8> masks_buf(most_width / 8 + 1);
     i8* masks = masks_buf.data();
     for (int64_t bh = bh0; bh < bh1; ++bh) {
-        const float* qb = q + bh * N * D;
         const float* vb = v + bh * N * Dv;
         transpose_rows(k + bh * N * D, KT, int(rows), n2, D);
-        for_blocks(geo, G, group0, group1, [&](int z, int y, int x0, int count) {
-            const int R = key_rows(geo, z, y, krows.data());
-            const int64_t row = int64_t(z) * geo.n1 + y;
-            for (int r = 0; r < R; ++r) krow[r] = KT + krows[r] * D * width;
-            for (int b = 0; b < count; ++b) {
-                Group& grp = groups[b];
-                place(geo, x0 + b * G, G, SG, grp);
-                grp.x = group_rows(qb + (row * n2 + x0 + b * G) * D, grp.g, G, D, Qpad);
-                grp.S = S + b * G * SW;
-            }
-            scores_block<G, SG>(groups, count, D, krow.data(), R, width);
-            for (int b = 0; b < count; ++b) {
+        for_blocks(geo, G, group0, group1, [&](int z, int y, int nrows, int x0, int count) {
+            const int n = setup_block<G, SG>(geo, z, y, nrows, x0, count, q + bh * N * D, D, krows.data(),
+                                             most_rows, Qpad, S, SW, groups);
+            scores_block<G, SG>(groups, n, D, KT, D * width, width);
+            float m_i[kBlockGroups][G], l_i[kBlockGroups][G];
+            for (int b = 0; b < n; ++b) {
                 const Group& grp = groups[b];
-                const int xg = x0 + b * G, ostride = R * grp.Wt;
-                float m_i[G], l_i[G];
+                const int ostride = grp.R * grp.Wt;
                 for (int i = 0; i < G; ++i) {
                     if (i < grp.g) {
-                        window_masks(geo.lo2[xg + i] - grp.a, geo.hi2[xg + i] - grp.a, grp.Wt, masks);
-                        m_i[i] = softmax_row(geo, R, grp.Wt, masks, grp.S + i * ostride, &l_i[i]);
+                        const int c0 = geo.lo2[grp.xg + i] - grp.a, c1 = geo.hi2[grp.xg + i] - grp.a;
+                        window_masks(c0, c1, grp.Wt, masks);
+                        m_i[b][i] = softmax_row(geo, grp.R, grp.Wt, c0, c1, masks, grp.S + i * ostride, &l_i[b][i]);
                     } else {
                         std::memset(grp.S + i * ostride, 0, sizeof(float) * ostride);
                     }
                 }
-                for (int r = 0; r < R; ++r) vrow[r] = vb + (krows[r] * n2 + grp.a) * Dv;
-                weighted<G>(grp.S, ostride, R, grp.Wt, grp.W, vrow.data(), Dv, O);
+            }
+            std::memset(O, 0, sizeof(float) * n * G * Dv);
+            for_row_chunks(geo, z, y, nrows, groups, n, kForwardRowChunk, [&](int b, int r0, int rc) {
+                const Group& grp = groups[b];
+                for (int r = 0; r < rc; ++r) vrow[r] = vb + (grp.rows[r0 + r] * n2 + grp.a) * Dv;
+                weighted<G>(grp.S + r0 * grp.Wt, grp.R * grp.Wt, rc, grp.Wt, grp.W, vrow.data(), Dv, O + b * G * Dv);
+            });
+            for (int b = 0; b < n; ++b) {
+                const Group& grp = groups[b];
+                const int64_t first = bh * N + (int64_t(z) * geo.n1 + grp.y) * n2 + grp.xg;
                 for (int i = 0; i < grp.g; ++i) {
-                    const int64_t qi = bh * N + row * n2 + xg + i;
-                    const float inv = 1.0f / l_i[i];
-                    for (int c = 0; c < Dv; ++c) out[qi * Dv + c] = O[i * Dv + c] * inv;
-                    lse[qi] = m_i[i] + std::log(l_i[i]);
+                    const float inv = 1.0f / l_i[b][i];
+                    const float* o = O + (b * G + i) * Dv;
+                    float* t = out + (first + i) * Dv;
+                    for (int c = 0; c < Dv; ++c) t[c] = o[c] * inv;
+                    lse[first + i] = m_i[b][i] + std::log(l_i[b][i]);
+                    if (probs) {
+                        const int u = i / SG;
+                        save_probs(grp.S + i * grp.R * grp.Wt, grp.R, grp.Wt, grp.sub_col[u], 8 * grp.sub_tasks[u],
+                                   inv, probs + (first + i) * probs_stride);
+                    }
                 }
             }
         });
@@ -495,59 +609,51 @@ int forward_impl(const float* q, const float* k, const float* v, float* out, flo
 
 template <int G, int SG>
 int backward_impl(const float* q, const float* k, const float* v, const float* o, const float* dout,
-                  const float* lse, bool zero_grads, float* dq, float* dk, float* dv, int64_t bh0, int64_t bh1,
-                  int64_t group0, int64_t group1, const Geometry& geo) {
+                  const float* lse, const float* probs, int64_t probs_stride, bool zero_grads, float* dq, float* dk,
+                  float* dv, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1, const Geometry& geo) {
     const int D = geo.D, Dv = geo.Dv, n2 = geo.n2;
     const int64_t N = geo.N(), rows = int64_t(geo.n0) * geo.n1, width = n2 + PAD;
-    int64_t most_rows, most_width;
-    extents(geo, G, SG, most_rows, most_width);
+    int64_t most_rows, most_width, sub_width;
+    extents(geo, G, SG, most_rows, most_width, sub_width);
     const int64_t SW = most_rows * most_width;
-    reserve_scratch(rounded(rows * D * width) + rounded(rows * Dv * width) + 2 * kBlock * rounded(G * SW) +
-                    kBlock * (rounded(G * D) + rounded(G * Dv)) + rounded(G * D));
+    reserve_scratch(rounded(rows * D * width) + rounded(rows * Dv * width) +
+                    kBlockGroups * (2 * rounded(G * SW) + 2 * rounded(G * D) + rounded(G * Dv)));
     float* KT = scratch.take(rows * D * width);
     float* VT = scratch.take(rows * Dv * width);
-    float* P = scratch.take(kBlock * G * SW);
-    float* dS = scratch.take(kBlock * G * SW);
-    float* Qpad = scratch.take(kBlock * G * D);
-    float* Gpad = scratch.take(kBlock * G * Dv);
-    float* dQ = scratch.take(G * D);
-    std::vector<int64_t> krows(most_rows);
-    std::vector<const float*> krowT(most_rows), vrowT(most_rows), krow(most_rows);
+    float* P = scratch.take(kBlockGroups * G * SW);
+    float* dS = scratch.take(kBlockGroups * G * SW);
+    float* Qpad = scratch.take(kBlockGroups * G * D);
+    float* Gpad = scratch.take(kBlockGroups * G * Dv);
+    float* dQ = scratch.take(kBlockGroups * G * D);
+    std::vector<int64_t> krows(kQueryRows * most_rows);
+    std::vector<const float*> krow(most_rows);
     std::vector<float*> dkrow(most_rows), dvrow(most_rows);
-    Group pg[kBlock], dg[kBlock];     // the same groups: P = Q K^T, then dP = dO V^T
+    Group pg[kBlockGroups], dg[kBlockGroups];     // the same groups: P = Q K^T, then dP = dO V^T
     std::vector<i8> masks_buf(most_width / 8 + 1);
     i8* masks = masks_buf.data();
     for (int64_t bh = bh0; bh < bh1; ++bh) {
-        const float* qb = q + bh * N * D;
         const float* kb = k + bh * N * D;
-        const float* gb = dout + bh * N * Dv;
-        transpose_rows(kb, KT, int(rows), n2, D);
+        if (!probs) transpose_rows(kb, KT, int(rows), n2, D);     // with saved probabilities, q.k is not needed
         transpose_rows(v + bh * N * Dv, VT, int(rows), n2, Dv);
         if (zero_grads) {
             std::memset(dk + bh * N * D, 0, sizeof(float) * N * D);
             std::memset(dv + bh * N * Dv, 0, sizeof(float) * N * Dv);
         }
-        for_blocks(geo, G, group0, group1, [&](int z, int y, int x0, int count) {
-            const int R = key_rows(geo, z, y, krows.data());
-            const int64_t row = int64_t(z) * geo.n1 + y;
-            for (int r = 0; r < R; ++r) {
-                krowT[r] = KT + krows[r] * D * width;
-                vrowT[r] = VT + krows[r] * Dv * width;
-            }
-            for (int b = 0; b < count; ++b) {
-                const int64_t first = row * n2 + x0 + b * G;
-                place(geo, x0 + b * G, G, SG, pg[b]);
-                pg[b].x = group_rows(qb + first * D, pg[b].g, G, D, Qpad + b * G * D);
-                pg[b].S = P + b * G * SW;
+        for_blocks(geo, G, group0, group1, [&](int z, int y, int nrows, int x0, int count) {
+            const int n = setup_block<G, SG>(geo, z, y, nrows, x0, count, q + bh * N * D, D, krows.data(),
+                                             most_rows, Qpad, P, SW, pg);
+            for (int b = 0; b < n; ++b) {
                 dg[b] = pg[b];
-                dg[b].x = group_rows(gb + first * Dv, pg[b].g, G, Dv, Gpad + b * G * Dv);
+                dg[b].x = group_rows(dout + (bh * N + (int64_t(z) * geo.n1 + pg[b].y) * n2 + pg[b].xg) * Dv,
+                                     pg[b].g, G, Dv, Gpad + b * G * Dv);
                 dg[b].S = dS + b * G * SW;
             }
-            scores_block<G, SG>(pg, count, D, krowT.data(), R, width);
-            scores_block<G, SG>(dg, count, Dv, vrowT.data(), R, width);
-            for (int b = 0; b < count; ++b) {
+            if (!probs) scores_block<G, SG>(pg, n, D, KT, D * width, width);
+            scores_block<G, SG>(dg, n, Dv, VT, Dv * width, width);
+            for (int b = 0; b < n; ++b) {
                 const Group& grp = pg[b];
-                const int xg = x0 + b * G, a = grp.a, Wt = grp.Wt, ostride = R * Wt;
+                const int a = grp.a, Wt = grp.Wt, ostride = grp.R * Wt;
+                const int64_t first = bh * N + (int64_t(z) * geo.n1 + grp.y) * n2 + grp.xg;
                 for (int i = 0; i < G; ++i) {
                     float* Pi = grp.S + i * ostride;
                     float* dSi = dg[b].S + i * ostride;
@@ -556,33 +662,55 @@ int backward_impl(const float* q, const float* k, const float* v, const float* o
                         std::memset(dSi, 0, sizeof(float) * ostride);
                         continue;
                     }
-                    const int64_t qi = bh * N + row * n2 + xg + i;
                     v8 dot = bcast(0.0f);                        // delta_i = dO_i . o_i
-                    for (int c = 0; c < Dv; c += 8) dot += load(dg[b].x + i * Dv + c) * load(o + qi * Dv + c);
-                    const v8 l = bcast(lse[qi]), dl = bcast(hsum(dot)), sc = bcast(geo.scale);
-                    window_masks(geo.lo2[xg + i] - a, geo.hi2[xg + i] - a, Wt, masks);
+                    for (int c = 0; c < Dv; c += 8) dot += load(dg[b].x + i * Dv + c) * load(o + (first + i) * Dv + c);
+                    const v8 l = bcast(lse[first + i]), dl = bcast(hsum(dot)), sc = bcast(geo.scale);
+                    const int c0 = geo.lo2[grp.xg + i] - a, c1 = geo.hi2[grp.xg + i] - a;
+                    const int j0 = c0 / 8, j1 = c1 / 8;
+                    window_masks(c0, c1, Wt, masks);
                     const v8 zero = bcast(0.0f);
-                    for (int r = 0; r < R; ++r)       // outside the window P = dS = 0 (dP may be unset there)
+                    if (probs) {
+                        const int u = i / SG;
+                        restore_probs(probs + (first + i) * probs_stride, grp.R, Wt, grp.sub_col[u],
+                                      8 * grp.sub_tasks[u], Pi);
+                    }
+                    for (int r = 0; r < grp.R; ++r)   // outside the window P = dS = 0 (dP may be unset there)
                         for (int j = 0; j < Wt / 8; ++j) {
                             float* Pr = Pi + r * Wt + 8 * j;
                             float* dSr = dSi + r * Wt + 8 * j;
-                            const v8 p = masks[j] ? vexp(load(Pr) * sc - l) : zero;
+                            if (j < j0 || j > j1) {
+                                store(Pr, zero);
+                                store(dSr, zero);
+                                continue;
+                            }
+                            const v8 p = !masks[j] ? zero : probs ? load(Pr) : vexp(load(Pr) * sc - l);
                             store(Pr, p);
                             store(dSr, masks[j] ? p * (load(dSr) - dl) : zero);
                         }
                 }
-                for (int r = 0; r < R; ++r) {
-                    krow[r] = kb + (krows[r] * n2 + a) * D;
-                    dkrow[r] = dk + (bh * N + krows[r] * n2 + a) * D;
-                    dvrow[r] = dv + (bh * N + krows[r] * n2 + a) * Dv;
+            }
+            std::memset(dQ, 0, sizeof(float) * n * G * D);
+            for_row_chunks(geo, z, y, nrows, pg, n, kRowChunk, [&](int b, int r0, int rc) {
+                const Group& grp = pg[b];
+                const int Wt = grp.Wt, ostride = grp.R * Wt;
+                for (int r = 0; r < rc; ++r) {
+                    const int64_t kr = grp.rows[r0 + r] * n2 + grp.a;
+                    krow[r] = kb + kr * D;
+                    dkrow[r] = dk + (bh * N + kr) * D;
+                    dvrow[r] = dv + (bh * N + kr) * Dv;
                 }
-                weighted<G>(dg[b].S, ostride, R, Wt, grp.W, krow.data(), D, dQ);
-                for (int i = 0; i < grp.g; ++i) {
-                    float* t = dq + (bh * N + row * n2 + xg + i) * D;
-                    for (int c = 0; c < D; ++c) t[c] = dQ[i * D + c] * geo.scale;
+                const float* dSb = dg[b].S + r0 * Wt;
+                weighted<G>(dSb, ostride, rc, Wt, grp.W, krow.data(), D, dQ + b * G * D);
+                scatter<G>(dSb, ostride, rc, Wt, grp.W, grp.x, D, geo.scale, dkrow.data());
+                scatter<G>(grp.S + r0 * Wt, ostride, rc, Wt, grp.W, dg[b].x, Dv, 1.0f, dvrow.data());
+            });
+            for (int b = 0; b < n; ++b) {
+                const int64_t first = bh * N + (int64_t(z) * geo.n1 + pg[b].y) * n2 + pg[b].xg;
+                for (int i = 0; i < pg[b].g; ++i) {
+                    float* t = dq + (first + i) * D;
+                    const float* s = dQ + (b * G + i) * D;
+                    for (int c = 0; c < D; ++c) t[c] = s[c] * geo.scale;
                 }
-                scatter<G>(dg[b].S, ostride, R, Wt, grp.W, grp.x, D, geo.scale, dkrow.data());
-                scatter<G>(grp.S, ostride, R, Wt, grp.W, dg[b].x, Dv, 1.0f, dvrow.data());
             }
         });
     }
@@ -718,40 +846,62 @@ int64_t attnlab_na_pool_clear() {
     return released;
 }
 
-int attnlab_na_abi_version() { return 4; }
+int attnlab_na_abi_version() { return 5; }
+
+// Floats per query of the probabilities attnlab_na_forward can save for the backward pass
+// (0 for a bad geometry or group).
+int64_t attnlab_na_probs_stride(const int32_t* dims, const int32_t* windows, int group, int sub_group) {
+    Geometry geo;
+    if (!make_geometry(dims, windows, 1.0f, geo) || !(group == 4 || (group == 2 && sub_group == 2)) ||
+        !(sub_group == 2 || sub_group == group))
+        return 0;
+    int64_t rows, width, sub_width;
+    extents(geo, group, sub_group, rows, width, sub_width);
+    return rows * sub_width;
+}
 
 // Queries are processed in groups of `group` (2 or 4) along the last axis, their scores
-// `sub_group` (2 or `group`) queries at a time; a call covers heads
-// bh0 .. bh1 - 1 and, in each, the flat group indices group0 .. group1 - 1 (row-major over
-// (n0, n1, ceil(n2 / group))). Returns 0 on success, 1 for a bad geometry, 2 when memory ran out.
-int attnlab_na_forward(const float* q, const float* k, const float* v, float* out, float* lse, int64_t bh0,
-                       int64_t bh1, int64_t group0, int64_t group1, const int32_t* dims, const int32_t* windows,
-                       float scale, int group, int sub_group) {
+// `sub_group` (2 or `group`) queries at a time; a call covers heads bh0 .. bh1 - 1 and, in each,
+// the flat group indices group0 .. group1 - 1 (row-major over (n0, n1, ceil(n2 / group))).
+// probs (may be null): where to save the probabilities for the backward pass, probs_stride
+// (attnlab_na_probs_stride) floats per query; the backward pass then reads them instead of
+// recomputing q.k and exp. Returns 0 on success, 1 for a bad geometry, 2 when memory ran out.
+int attnlab_na_forward(const float* q, const float* k, const float* v, float* out, float* lse, float* probs,
+                       int64_t probs_stride, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1,
+                       const int32_t* dims, const int32_t* windows, float scale, int group, int sub_group) {
     Geometry geo;
     if (!make_geometry(dims, windows, scale, geo)) return 1;
     try {
-        if (group == 2 && sub_group == 2) return forward_impl<2, 2>(q, k, v, out, lse, bh0, bh1, group0, group1, geo);
-        if (group == 4 && sub_group == 2) return forward_impl<4, 2>(q, k, v, out, lse, bh0, bh1, group0, group1, geo);
-        if (group == 4 && sub_group == 4) return forward_impl<4, 4>(q, k, v, out, lse, bh0, bh1, group0, group1, geo);
+        if (group == 2 && sub_group == 2)
+            return forward_impl<2, 2>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1, geo);
+        if (group == 4 && sub_group == 2)
+            return forward_impl<4, 2>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1, geo);
+        if (group == 4 && sub_group == 4)
+            return forward_impl<4, 4>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1, geo);
         return 1;
     } catch (const std::bad_alloc&) {
         return 2;
     }
 }
 
+// probs: those saved by the forward call with the same geometry, or null (recomputed).
 int attnlab_na_backward(const float* q, const float* k, const float* v, const float* o, const float* dout,
-                        const float* lse, int zero_grads, float* dq, float* dk, float* dv, int64_t bh0, int64_t bh1, int64_t group0,
-                        int64_t group1, const int32_t* dims, const int32_t* windows, float scale, int group,
-                        int sub_group) {
+                        const float* lse, const float* probs, int64_t probs_stride, int zero_grads, float* dq,
+                        float* dk, float* dv, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1,
+                        const int32_t* dims, const int32_t* windows, float scale, int group, int sub_group) {
     Geometry geo;
     if (!make_geometry(dims, windows, scale, geo)) return 1;
+    const bool zero = zero_grads != 0;
     try {
         if (group == 2 && sub_group == 2)
-            return backward_impl<2, 2>(q, k, v, o, dout, lse, zero_grads != 0, dq, dk, dv, bh0, bh1, group0, group1, geo);
+            return backward_impl<2, 2>(q, k, v, o, dout, lse, probs, probs_stride, zero, dq, dk, dv, bh0, bh1, group0,
+                                       group1, geo);
         if (group == 4 && sub_group == 2)
-            return backward_impl<4, 2>(q, k, v, o, dout, lse, zero_grads != 0, dq, dk, dv, bh0, bh1, group0, group1, geo);
+            return backward_impl<4, 2>(q, k, v, o, dout, lse, probs, probs_stride, zero, dq, dk, dv, bh0, bh1, group0,
+                                       group1, geo);
         if (group == 4 && sub_group == 4)
-            return backward_impl<4, 4>(q, k, v, o, dout, lse, zero_grads != 0, dq, dk, dv, bh0, bh1, group0, group1, geo);
+            return backward_impl<4, 4>(q, k, v, o, dout, lse, probs, probs_stride, zero, dq, dk, dv, bh0, bh1, group0,
+                                       group1, geo);
         return 1;
     } catch (const std::bad_alloc&) {
         return 2;

@@ -51,7 +51,7 @@ __all__ = ["fused_reasons", "fused_neighborhood", "library_status", "clear_pool"
 
 _SOURCE = Path(__file__).with_name("_na_cpu.cpp")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
-_ABI = 4
+_ABI = 5
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -104,9 +104,11 @@ def _build() -> ctypes.CDLL:
     if lib.attnlab_na_abi_version() != _ABI:
         raise RuntimeError(f"{target} has ABI {lib.attnlab_na_abi_version()}, expected {_ABI}")
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.attnlab_na_forward.argtypes = [p] * 5 + [i64] * 4 + [p, p, f32, i32, i32]
-    lib.attnlab_na_backward.argtypes = [p] * 6 + [i32] + [p] * 3 + [i64] * 4 + [p, p, f32, i32, i32]
+    lib.attnlab_na_forward.argtypes = [p] * 6 + [i64] * 5 + [p, p, f32, i32, i32]
+    lib.attnlab_na_backward.argtypes = [p] * 7 + [i64, i32] + [p] * 3 + [i64] * 4 + [p, p, f32, i32, i32]
     lib.attnlab_na_forward.restype = lib.attnlab_na_backward.restype = i32
+    lib.attnlab_na_probs_stride.argtypes = [p, p, i32, i32]
+    lib.attnlab_na_probs_stride.restype = i64
     lib.attnlab_na_tensor.argtypes = [i32, p]
     lib.attnlab_na_tensor.restype = p
     lib.attnlab_na_pool_clear.argtypes = []
@@ -267,6 +269,24 @@ def _ptr(t: Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
+# The forward pass saves the probabilities for the backward pass (which then skips recomputing
+# q.k and exp: measured 5-15% of a forward+backward at 16 x 32 x 32, k = (3, 7, 7)) when they
+# take at most this many times the memory of q: each query keeps its key rows x the columns its
+# score tiles computed (3-D k = (3, 7, 7): 168 floats, 2-D k = 13: 208, 1-D k = 127: 136), so
+# d = 64 qualifies for these and a 2-D k = 31 (1,240 floats) does not.
+_SAVE_PROBS_BUDGET = 4
+
+
+def _save_probs(stride: int, d: int, needs_grad: bool) -> bool:
+    """Whether the forward pass saves the probabilities (ATTNLAB_NA_SAVE_PROBS=0/1 overrides)."""
+    choice = os.environ.get("ATTNLAB_NA_SAVE_PROBS", "")
+    if choice not in ("", "0", "1"):
+        raise ValueError(f"ATTNLAB_NA_SAVE_PROBS must be 0 or 1, got {choice!r}")
+    if not needs_grad or stride <= 0:
+        return False
+    return choice == "1" if choice else stride <= _SAVE_PROBS_BUDGET * d
+
+
 class _FusedNeighborhood(torch.autograd.Function):
     """q, k (BH, N, d), v (BH, N, dv) float32 contiguous, tokens in kernel order -> (BH, N, dv)."""
 
@@ -277,19 +297,24 @@ class _FusedNeighborhood(torch.autograd.Function):
         out = _pooled(lib, BH, N, v.shape[-1])
         lse = q.new_empty(BH, N)
         dims = torch.tensor([*geo.dims, q.shape[-1], v.shape[-1]], dtype=torch.int32)
+        stride = int(lib.attnlab_na_probs_stride(_ptr(dims), _ptr(geo.windows), geo.group, geo.sub_group))
+        probs = None
+        if _save_probs(stride, q.shape[-1], any(ctx.needs_input_grad[:3])):
+            probs = _pooled(lib, BH, N, stride)
         groups = geo.dims[0] * geo.dims[1] * -(-geo.dims[2] // geo.group)
         items = _work(BH, groups, threads)
         _call(lib.attnlab_na_forward, items, lambda j, it: (
-            _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), *it, _ptr(dims), _ptr(geo.windows), scale, geo.group, geo.sub_group))
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.geo, ctx.scale, ctx.threads = geo, scale, threads
+            _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), _ptr(probs), stride if probs is not None else 0,
+            *it, _ptr(dims), _ptr(geo.windows), scale, geo.group, geo.sub_group))
+        ctx.save_for_backward(q, k, v, out, lse, probs)
+        ctx.geo, ctx.scale, ctx.threads, ctx.stride = geo, scale, threads, stride
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         lib, _ = library_status()
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, probs = ctx.saved_tensors
         geo = ctx.geo
         grad_out = grad_out.to(torch.float32).contiguous()
         BH, N, _ = q.shape
@@ -303,9 +328,11 @@ class _FusedNeighborhood(torch.autograd.Function):
         else:                     # heads split between items: one zeroed dk, dv per item, summed after
             targets = [(torch.zeros_like(k), torch.zeros_like(v)) for _ in items]
         zero = int(BH >= len(items))
+        stride = ctx.stride if probs is not None else 0
         _call(lib.attnlab_na_backward, items, lambda j, it: (
-            _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(grad_out), _ptr(lse), zero, _ptr(dq),
-            _ptr(targets[j][0]), _ptr(targets[j][1]), *it, _ptr(dims), _ptr(geo.windows), ctx.scale, geo.group, geo.sub_group))
+            _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(grad_out), _ptr(lse), _ptr(probs), stride, zero, _ptr(dq),
+            _ptr(targets[j][0]), _ptr(targets[j][1]), *it, _ptr(dims), _ptr(geo.windows), ctx.scale, geo.group,
+            geo.sub_group))
         if not zero:
             dk, dv = (torch.stack(parts).sum(0) for parts in zip(*targets))
         return dq, dk, dv, None, None, None
