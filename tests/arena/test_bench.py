@@ -237,6 +237,29 @@ def test_neighborhood_mode_times_both_sides_in_one_run(monkeypatch, capsys):
             [(useful_local / a) / (useful_dense / b) for a, b in zip(r["local_s"], r["dense_s"])]))
 
 
+def test_neighborhood_mode_repeats_short_passes_to_fill_each_round(monkeypatch, capsys):
+    """Each side's round is the mean of as many passes as fill --min-seconds, the count taken from
+    the warm-up: a pass of milliseconds is repeated, and both sides keep their own count."""
+    from attnlab.arena import bench_neighborhood
+    monkeypatch.setattr(bench_neighborhood, "CASES", {"1d": ((256,), (15,))})
+    calls = {"n": 0}
+    real = bench_neighborhood.fwd_bwd
+
+    def counting(fn, tensors, grad, loops=1):
+        calls["n"] += loops
+        return real(fn, tensors, grad, loops)
+
+    monkeypatch.setattr(bench_neighborhood, "fwd_bwd", counting)
+    assert bench_neighborhood.main(["--cases", "1d", "--repeats", "2", "--warmup", "1",
+                                    "--min-seconds", "0.05", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row["local_loops"] > 1 and row["dense_loops"] > 1
+    assert calls["n"] == 2 + 2 * (row["local_loops"] + row["dense_loops"])
+    with pytest.raises(SystemExit):
+        bench_neighborhood.main(["--cases", "1d", "--min-seconds", "-1"])
+    assert "--min-seconds >= 0" in capsys.readouterr().err
+
+
 def test_neighborhood_mode_rejects_unknown_cases(capsys):
     from attnlab.cli import main
     with pytest.raises(SystemExit) as exc:

@@ -8,9 +8,11 @@ Cases (fp32, B = 1, h = 8, d = 64; N = 16384 tokens in each):
   1d: N = 16384, kernel 127;  2d: 128 x 128, kernel 13;  3d: 16 x 32 x 32, kernel (3, 7, 7).
 Both sides run on the same q, k, v (B, h, *spatial, d), in one process: neighborhood attention
 (`attnlab.ops.neighborhood.neighborhood_attention`, default backend: blocked on CPU) and dense
-`F.scaled_dot_product_attention` on the flattened tokens. Each round times one forward+backward
-of each, the order alternating, after `--warmup` untimed rounds; gradients are cleared outside
-the timed region. Useful FLOPs, as the issue counts them: forward 4 * pairs * d * h (scores and
+`F.scaled_dot_product_attention` on the flattened tokens. Each round times each side, the order
+alternating, after `--warmup` untimed rounds: the mean of as many forward+backward passes as fill
+`--min-seconds` (1 s; the count is fixed from the last warm-up, at least 1), since one 0.3 s pass
+on a shared machine is a much noisier sample than one 17 s dense pass. Gradients are cleared
+outside the timed region. Useful FLOPs, as the issue counts them: forward 4 * pairs * d * h (scores and
 weighted sum; pairs = N * prod(kernel) for the neighborhood, N^2 dense), backward twice that.
 Reported: median times, GFLOP/s from the medians, and the median over rounds of the paired
 ratio (neighborhood GFLOP/s / dense GFLOP/s). The load average is printed because on a shared
@@ -41,17 +43,21 @@ CASES = {
 HEADS, HEAD_DIM = 8, 64
 
 
-def fwd_bwd(fn, tensors, grad) -> float:
-    """Seconds of one forward + backward; gradients cleared before the clock starts."""
-    for t in tensors:
-        t.grad = None
-    t0 = time.perf_counter()
-    out = fn(*tensors)
-    out.backward(grad)
-    return time.perf_counter() - t0
+def fwd_bwd(fn, tensors, grad, loops: int = 1) -> float:
+    """Mean seconds of `loops` forward + backward passes; gradients cleared outside the clock."""
+    total = 0.0
+    for _ in range(loops):
+        for t in tensors:
+            t.grad = None
+        t0 = time.perf_counter()
+        out = fn(*tensors)
+        out.backward(grad)
+        total += time.perf_counter() - t0
+    return total / loops
 
 
-def run_case(name: str, repeats: int, warmup: int, config: BlockedConfig | None, backend: str | None) -> dict:
+def run_case(name: str, repeats: int, warmup: int, config: BlockedConfig | None, backend: str | None,
+             min_seconds: float = 1.0) -> dict:
     spatial, kernel = CASES[name]
     N = math.prod(spatial)
     torch.manual_seed(0)
@@ -69,15 +75,16 @@ def run_case(name: str, repeats: int, warmup: int, config: BlockedConfig | None,
     useful_local = 3 * 4 * pairs * HEAD_DIM * HEADS          # forward + backward (2x forward)
     useful_dense = 3 * 4 * N * N * HEAD_DIM * HEADS
     load_before = os.getloadavg()[0]
+    loops = {"local": 1, "dense": 1}
     for _ in range(warmup):
-        fwd_bwd(local, (q, k, v), grad)
-        fwd_bwd(dense, (q, k, v), dense_grad)
+        warm = {"local": fwd_bwd(local, (q, k, v), grad), "dense": fwd_bwd(dense, (q, k, v), dense_grad)}
+        loops = {label: max(1, math.ceil(min_seconds / max(t, 1e-9))) for label, t in warm.items()}
     t_local, t_dense, ratios = [], [], []
     for r in range(repeats):
         order = [("local", local, grad), ("dense", dense, dense_grad)]
         if r % 2:
             order.reverse()
-        times = {label: fwd_bwd(fn, (q, k, v), g) for label, fn, g in order}
+        times = {label: fwd_bwd(fn, (q, k, v), g, loops[label]) for label, fn, g in order}
         t_local.append(times["local"])
         t_dense.append(times["dense"])
         ratios.append((useful_local / times["local"]) / (useful_dense / times["dense"]))
@@ -87,6 +94,7 @@ def run_case(name: str, repeats: int, warmup: int, config: BlockedConfig | None,
         "local_ms": 1e3 * med_local, "dense_ms": 1e3 * med_dense,
         "local_gflops": useful_local / med_local / 1e9, "dense_gflops": useful_dense / med_dense / 1e9,
         "ratio": statistics.median(ratios), "ratios": ratios, "local_s": t_local, "dense_s": t_dense,
+        "local_loops": loops["local"], "dense_loops": loops["dense"],
         "speedup": med_dense / med_local,
         "ideal_speedup": N * N / pairs, "load_before": load_before, "load_after": os.getloadavg()[0],
     }
@@ -97,6 +105,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="1d,2d,3d", help="comma-separated subset of 1d,2d,3d")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per case (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="per round, each side repeats forward+backward until it has run this long "
+                             "(the mean is timed; the count comes from the last warm-up; default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--backend", default=None, help="neighborhood backend (default: auto = blocked on CPU)")
     parser.add_argument("--method", default=None, choices=("fused", "sdpa", "chunks"),
@@ -108,9 +119,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
-    if unknown or args.repeats < 1 or args.warmup < 0:
+    if unknown or args.repeats < 1 or args.warmup < 0 or not args.min_seconds >= 0:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}" if unknown
-                     else "--repeats must be >= 1 and --warmup >= 0")
+                     else "--repeats must be >= 1, --warmup >= 0 and --min-seconds >= 0")
     env = {"torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
            "threads": torch.get_num_threads(), "python": platform.python_version()}
     if not args.json:
@@ -121,7 +132,7 @@ def main(argv=None) -> int:
     for name in names:
         tile = tuple(int(t) for t in args.tile.split(",")) if args.tile else None
         config = BlockedConfig(method=args.method, tile=tile) if (args.method or tile) else None
-        row = run_case(name, args.repeats, args.warmup, config, args.backend)
+        row = run_case(name, args.repeats, args.warmup, config, args.backend, args.min_seconds)
         if args.json:
             print(json.dumps({**row, **env}), flush=True)
             continue
