@@ -40,6 +40,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 namespace {
 
@@ -764,6 +767,16 @@ constexpr size_t kPoolBytes = size_t(512) << 20;
 std::mutex pool_mutex;
 std::vector<std::pair<size_t, void*>> pool_blocks;   // (bytes, block) kept for reuse
 size_t pool_kept = 0;
+
+#if defined(__unix__) || defined(__APPLE__)
+// fork() while another thread holds pool_mutex would leave it locked forever in the child (its
+// holder does not exist there): the forking thread takes it first and both sides release it.
+struct ForkGuard {
+    ForkGuard() {
+        pthread_atfork([] { pool_mutex.lock(); }, [] { pool_mutex.unlock(); }, [] { pool_mutex.unlock(); });
+    }
+} fork_guard;
+#endif
 
 struct PooledTensor {
     DLManagedTensor managed;
