@@ -18,15 +18,17 @@
 //   scores   S[i][r][c] = q_i . k_(r, a+c)           G x (R x Wt), Wt = W rounded up to 8
 //   softmax  P = exp(S * scale - m_i) inside the query's window, 0 outside; l_i = sum P
 //   output   o_i = sum_(r,c) P[i][r][c] v_(r, a+c) / l_i,  lse_i = m_i + log l_i
-// Backward (P recomputed from lse; delta_i = dO_i . o_i computed here):
+// Backward (P read back from what the forward saved, or recomputed from lse; delta_i = dO_i . o_i
+// computed here):
 //   dP = dO_i . v,  dS = P (dP - delta_i),  dq_i = scale sum dS k,
 //   dk += scale dS^T q,  dv += P^T dO
 // (S in scaled units: P = exp(scale * q.k - lse).)
 //
 // The score products read K (and, backward, V) transposed: d x keys per key row, padded by 8 zero
-// columns, so that 8 consecutive keys are one vector. Up to kBlock groups of one query row form a
-// block that shares its key rows; short windows score 2 queries at a time (sub-groups). Register
-// tiles and the reasons for each layout choice are at the functions. All loops use GCC/Clang
+// columns, so that 8 consecutive keys are one vector. Up to kBlock groups in each of up to
+// kQueryRows query rows form a block that shares most of its key rows; short windows score 2
+// queries at a time (sub-groups). Register tiles and the reasons for each layout choice are at
+// the functions. All loops use GCC/Clang
 // vector extensions (8 floats: AVX2 with -march=native; other targets get what the compiler
 // makes of them). Work is split by the caller: heads (bh) and flat group ranges per call.
 #include <algorithm>

@@ -15,8 +15,15 @@ plain C functions on raw pointers, no torch headers (a build takes a few seconds
 releases the GIL, so the calls run on Python threads in parallel, one per intra-op thread
 (whole heads per thread; with fewer heads than threads, query ranges, each with its own dk, dv).
 
-Outputs of 1M+ elements (out, dq, dk, dv) come from the library's pool through DLPack: blocks
-torch frees are kept (up to 512 MiB) and reused already paged in; `clear_pool()` frees them.
+Outputs of 1M+ elements (out, dq, dk, dv, saved probabilities) come from the library's pool
+through DLPack: blocks torch frees are kept (up to 512 MiB) and reused already paged in;
+`clear_pool()` frees them.
+
+Saved probabilities: when a gradient is due and they take at most 4x the memory of q, the forward
+pass keeps each query's probabilities (its key rows x the columns its score tiles computed: 136,
+208 and 168 floats per query for the issue's 1-D, 2-D and 3-D shapes) and the backward pass reads
+them instead of recomputing q.k and exp. ATTNLAB_NA_SAVE_PROBS=0 never keeps them (least memory),
+=1 always does.
 
 Per call (q, k (BH, N, d), v (BH, N, dv), tokens (n0, n1, n2) row-major after padding to three
 axes): a dilated axis is first reordered into group order (all positions = g mod r, for each
@@ -24,7 +31,7 @@ g), which turns every window into a contiguous range; the kernel gets, per axis 
 the first and last key it may see (`_Geometry`).
 
 Environment: ATTNLAB_NA_FUSED=0 (never use the kernel), ATTNLAB_NA_POOL=0 (plain torch outputs),
-CXX (the compiler), ATTNLAB_CACHE (where builds go); for tuning only, ATTNLAB_NA_GROUP ("4",
+ATTNLAB_NA_SAVE_PROBS=0/1 (see above), CXX (the compiler), ATTNLAB_CACHE (where builds go); for tuning only, ATTNLAB_NA_GROUP ("4",
 "4,2" or "2": queries per group and per score tile) and ATTNLAB_NA_CFLAGS (extra flags).
 """
 from __future__ import annotations

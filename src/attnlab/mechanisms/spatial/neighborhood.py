@@ -136,7 +136,7 @@ class _Neighborhood(nn.Module):
 
 @register(MechanismSpec(
     name="neighborhood1d", paper=PAPER, year=2025, family="local", layout="seq",
-    time="O(N k d)", memory="O(N d) (CPU kernel: + one head's k, v per thread)", exact=False,
+    time="O(N k d)", memory="O(N d) (CPU kernel: + one head's k, v per thread; training: + O(N k) saved probabilities where <= 4x q)", exact=False,
     causal=True, attn_mask=False, kv_cache=True, backends=("blocked", "flex", "reference"), url=URL,
     test_kwargs=dict(kernel_size=3),
     test_configs=(dict(kernel_size=4, dilation=2),)))
@@ -225,7 +225,7 @@ class _SpatialNeighborhood(_Neighborhood):
 
 @register(MechanismSpec(
     name="neighborhood2d", paper=PAPER, year=2025, family="local", layout="2d",
-    time="O(H W k^2 d)", memory="O(H W d) (CPU kernel: + one head's k, v per thread)", exact=False,
+    time="O(H W k^2 d)", memory="O(H W d) (CPU kernel: + one head's k, v per thread; training: + O(H W k^2) saved probabilities where <= 4x q)", exact=False,
     causal=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
     test_kwargs=dict(kernel_size=3)))
 class NeighborhoodAttention2d(_SpatialNeighborhood):
@@ -248,7 +248,7 @@ class NeighborhoodAttention2d(_SpatialNeighborhood):
 
 @register(MechanismSpec(
     name="neighborhood3d", paper=PAPER, year=2025, family="local", layout="3d",
-    time="O(D H W k^3 d)", memory="O(D H W d) (CPU kernel: + one head's k, v per thread)", exact=False,
+    time="O(D H W k^3 d)", memory="O(D H W d) (CPU kernel: + one head's k, v per thread; training: + O(D H W k^3) saved probabilities where <= 4x q)", exact=False,
     causal=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
     test_kwargs=dict(kernel_size=3)))
 class NeighborhoodAttention3d(_SpatialNeighborhood):
