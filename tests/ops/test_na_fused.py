@@ -91,10 +91,12 @@ def test_matches_oracle_outputs_and_gradients(case, probs):
     check(spatial, ks, dil, st, causal, seed=len(case))
 
 
-# every compiled variant (groups of 4 or 2 queries; scores 4 or 2 at a time) on shapes with
-# partial groups at the row ends, borders, and long and short windows
-@pytest.mark.parametrize("variant", ["4", "4,2", "2"])
-@pytest.mark.parametrize("case", ["odd", "long_window", "2d_combined", "3d_k7", "all_1d", "causal_stride"])
+# every compiled variant (groups of 4 or 2 queries along the last axis, scores 4 or 2 at a time, or
+# 2 x 2 queries over two query rows) on shapes with partial groups at the row ends, odd numbers
+# of rows, borders, and long and short windows
+@pytest.mark.parametrize("variant", ["4", "4,2", "2", "4x2"])
+@pytest.mark.parametrize("case", ["odd", "long_window", "2d", "2d_combined", "2d_short_rows", "3d", "3d_k7",
+                                  "3d_combined", "all_1d", "causal_stride"])
 def test_every_tile_variant(variant, case, probs, monkeypatch):
     monkeypatch.setenv("ATTNLAB_NA_GROUP", variant)
     na_fused._geometry.cache_clear()
@@ -111,16 +113,16 @@ def _probs_stride(spatial, ks):
     dims = torch.tensor([*geo.dims, 64, 64], dtype=torch.int32)
     lib, _ = na_fused.library_status()
     return int(lib.attnlab_na_probs_stride(na_fused._ptr(dims), na_fused._ptr(geo.windows), geo.group,
-                                           geo.sub_group))
+                                           geo.group_rows, geo.sub_group))
 
 
 def test_saved_probabilities_per_query_and_when_they_are_kept(monkeypatch):
     """Each query keeps its key rows x the columns its score tiles computed; they are kept for
     the backward pass when that is at most 4x the memory of q, and only when a gradient is due."""
-    assert _probs_stride((16, 32, 32), (3, 7, 7)) == 21 * 8        # two-query tiles: one vector per row
+    assert _probs_stride((16, 32, 32), (3, 7, 7)) == 24 * 8        # 2 x 2 groups: 3 x 8 rows, one vector each
     assert _probs_stride((128, 128), (13, 13)) == 13 * 16
     assert _probs_stride((16384,), (127,)) == 136
-    assert _probs_stride((128, 128), (31, 31)) == 31 * 40
+    assert _probs_stride((128, 128), (31, 31)) == 32 * 32          # 2 x 2 groups: 32 rows, 4 vectors
     monkeypatch.delenv("ATTNLAB_NA_SAVE_PROBS", raising=False)
     assert na_fused._save_probs(13 * 16, 64, True)
     assert not na_fused._save_probs(31 * 40, 64, True)
@@ -155,12 +157,25 @@ def test_no_grad_forward_matches_oracle():
     assert_close(out.double(), oracle(q, k, v, (3, 7)), rtol=2e-5, atol=2e-5)
 
 
-def test_short_windows_score_two_queries_at_a_time():
-    """The 3-D k = 7 geometry picks two-query score tiles (one vector of 8 keys for two queries)."""
-    geo = na_fused._geometry((16, 32, 32), (3, 7, 7), (1, 1, 1), (1, 1, 1), (False,) * 3)
-    assert (geo.group, geo.sub_group) == (4, 2)
-    geo = na_fused._geometry((128, 128), (13, 13), (1, 1), (1, 1), (False, False))
-    assert (geo.group, geo.sub_group) == (4, 4)
+def test_layout_follows_the_windows(monkeypatch):
+    """Short windows along the last axis (3-D, k = 7) take groups of 2 x 2 queries over two query
+    rows (one vector of 8 keys for all four); 2-D k = 13 keeps 4 queries along the last axis; a
+    1-D sequence has no second row; a one-row 2-D input cannot pair rows."""
+    def layout(spatial, ks):
+        n = len(spatial)
+        geo = na_fused._geometry(spatial, ks, (1,) * n, (1,) * n, (False,) * n)
+        return geo.group, geo.group_rows, geo.sub_group
+    monkeypatch.delenv("ATTNLAB_NA_GROUP", raising=False)
+    na_fused._geometry.cache_clear()
+    assert layout((16, 32, 32), (3, 7, 7)) == (4, 2, 4)
+    assert layout((128, 128), (13, 13)) == (4, 1, 4)
+    assert layout((16384,), (127,)) == (4, 1, 4)
+    assert layout((1, 64), (1, 7)) == (4, 1, 2)
+    monkeypatch.setenv("ATTNLAB_NA_GROUP", "3")
+    na_fused._geometry.cache_clear()
+    with pytest.raises(ValueError, match="ATTNLAB_NA_GROUP must be one of 4, 4,2, 2, 4x2, got '3'"):
+        layout((8, 8), (3, 3))
+    na_fused._geometry.cache_clear()
 
 
 @pytest.mark.parametrize("d,dv", [(8, 8), (24, 40), (64, 64), (128, 32)])

@@ -10,10 +10,12 @@
 // non-decreasing in p.
 //
 // Work. A "key row" is a run of keys along the last axis at fixed (z, y). Queries are taken G
-// at a time along the last axis (a group); the group's keys are the key rows in the product of
-// its (shared) axis-0/1 ranges, and along the last axis the union a ..= b of its queries' ranges,
-// so that only about (window + G - 1) keys per key row are computed for G queries. The exact
-// per-query mask is applied when the scores become probabilities.
+// at a time (a group): G along the last axis, or 2 x 2 over two query rows (GY = 2: short windows
+// along the last axis, where two queries' keys fit one vector of 8). The group's keys are the key
+// rows in the union of its queries' axis-0/1 ranges, and along the last axis the union a ..= b
+// of their ranges, so that only about (window + G/GY - 1) keys per key row are computed. The
+// exact per-query mask (columns, and with GY = 2 rows) is applied when the scores become
+// probabilities.
 //
 //   scores   S[i][r][c] = q_i . k_(r, a+c)           G x (R x Wt), Wt = W rounded up to 8
 //   softmax  P = exp(S * scale - m_i) inside the query's window, 0 outside; l_i = sum P
@@ -169,11 +171,14 @@ inline void scores_tiles(int n, const float* x, int D, int c0, int c1, const flo
 // need one vector of 8 keys where four need two.
 struct Group {
     const float* x;       // G rows of the queries (or of dO), row stride = the product's depth
-    const int64_t* rows;  // its R key rows (flat z' * n1 + y'), z' outside, y' inside
-    int R, y;             // key rows; the query row's position along axis 1
-    int xg, a, W, Wt, g;  // first query, first key column, union width, score row width (>= W, multiple of 8), valid queries
+    const int64_t* rows;  // its R key rows (flat z' * n1 + y'), z' outside, y' = ylo ..= yhi inside
+    int R, ylo, yhi;      // key rows; their range along axis 1
+    int xg, a, W, Wt;     // first query along the last axis, first key column, union width, score row width (>= W, multiple of 8)
     int sub_col[4];       // per sub-group: first key column, relative to a
     int sub_tasks[4];     // per sub-group: vectors of 8 keys per key row
+    int64_t tok[4];       // per query: its token (flat index in the head), -1 for padding
+    int c0[4], c1[4];     // per query: its key columns c0 ..= c1, relative to a
+    int r0[4], r1[4];     // per query: its key rows along axis 1, r0 ..= r1 relative to ylo
     float* S;             // G x (R x Wt) scores, row stride R * Wt
 };
 
@@ -331,39 +336,44 @@ constexpr int kRowChunk = ATTNLAB_NA_ROW_CHUNK;
 constexpr int kForwardRowChunk = ATTNLAB_NA_FWD_CHUNK;
 constexpr int kBlockGroups = kBlock * kQueryRows;
 
-// The key rows (flat z' * n1 + y') of the queries in row (z, y).
-int key_rows(const Geometry& geo, int z, int y, int64_t* out) {
+// The key rows (flat z' * n1 + y') of the queries in rows y0 ..= y1 at z: z' outside, y' from
+// lo1[y0] to hi1[y1] inside.
+int key_rows(const Geometry& geo, int z, int y0, int y1, int64_t* out) {
     int R = 0;
     for (int zz = geo.lo0[z]; zz <= geo.hi0[z]; ++zz)
-        for (int yy = geo.lo1[y]; yy <= geo.hi1[y]; ++yy) out[R++] = int64_t(zz) * geo.n1 + yy;
+        for (int yy = geo.lo1[y0]; yy <= geo.hi1[y1]; ++yy) out[R++] = int64_t(zz) * geo.n1 + yy;
     return R;
 }
 
-// Group at xg of a query row, scored SG queries at a time: first key column, union width, valid
-// queries, the sub-groups' ranges, and a row width that holds every sub-group's vectors.
-inline void place(const Geometry& geo, int xg, int G, int SG, Group& grp) {
-    grp.g = std::min(G, geo.n2 - xg);
+// Columns of a group whose queries along the last axis are xg .. xg + GX - 1, scored SG at a time
+// (SG >= GX: all together): first key column, union width, the sub-groups' ranges, and a row
+// width that holds every sub-group's vectors.
+inline void place(const Geometry& geo, int xg, int GX, int SG, int G, Group& grp) {
+    const int gx = std::min(GX, geo.n2 - xg);
     grp.a = geo.lo2[xg];
-    grp.W = geo.hi2[xg + grp.g - 1] - grp.a + 1;
+    grp.W = geo.hi2[xg + gx - 1] - grp.a + 1;
     grp.Wt = (grp.W + 7) / 8 * 8;
     for (int u = 0; u < G / SG; ++u) {
-        const int first = std::min(xg + u * SG, xg + grp.g - 1), last = std::min(xg + u * SG + SG, xg + grp.g) - 1;
+        const int first = std::min(xg + u * SG, xg + gx - 1), last = std::min(xg + u * SG + SG, xg + gx) - 1;
         grp.sub_col[u] = geo.lo2[first] - grp.a;
         grp.sub_tasks[u] = (geo.hi2[last] - geo.lo2[first] + 1 + 7) / 8;
         grp.Wt = std::max(grp.Wt, (grp.sub_col[u] + 8 * grp.sub_tasks[u] + 7) / 8 * 8);
     }
 }
 
-// The most key rows of any query row, the widest score row of any group (workspace sizes), and
-// the most columns any sub-group scores per key row (the saved probabilities' row width).
-void extents(const Geometry& geo, int G, int SG, int64_t& rows, int64_t& width, int64_t& sub_width) {
+// The most key rows of any group, the widest score row of any group (workspace sizes), and the
+// most columns any sub-group scores per key row (the saved probabilities' row width). Groups
+// span GY query rows and G / GY queries along the last axis.
+void extents(const Geometry& geo, int G, int GY, int SG, int64_t& rows, int64_t& width, int64_t& sub_width) {
     rows = width = sub_width = 0;
     for (int z = 0; z < geo.n0; ++z)
-        for (int y = 0; y < geo.n1; ++y)
-            rows = std::max<int64_t>(rows, int64_t(geo.hi0[z] - geo.lo0[z] + 1) * (geo.hi1[y] - geo.lo1[y] + 1));
+        for (int y = 0; y < geo.n1; y += GY) {
+            const int y1 = std::min(y + GY, geo.n1) - 1;
+            rows = std::max<int64_t>(rows, int64_t(geo.hi0[z] - geo.lo0[z] + 1) * (geo.hi1[y1] - geo.lo1[y] + 1));
+        }
     Group grp;
-    for (int x = 0; x < geo.n2; x += G) {
-        place(geo, x, G, SG, grp);
+    for (int x = 0; x < geo.n2; x += G / GY) {
+        place(geo, x, G / GY, SG, G, grp);
         width = std::max<int64_t>(width, grp.Wt);
         for (int u = 0; u < G / SG; ++u) sub_width = std::max<int64_t>(sub_width, 8 * grp.sub_tasks[u]);
     }
@@ -417,72 +427,92 @@ void release_scratch() {
 
 inline size_t rounded(int64_t n) { return size_t((n + 7) / 8 * 8); }
 
-// Copies g rows of width D (src, contiguous) into G rows of dst, zero-filling the rest.
-inline const float* group_rows(const float* src, int g, int G, int D, float* dst) {
-    if (g == G) return src;
-    std::memcpy(dst, src, sizeof(float) * g * D);
-    std::memset(dst + g * D, 0, sizeof(float) * (G - g) * D);
+// The G rows (width D) of a group's queries in src (one head, token-major): src itself where they
+// are consecutive tokens, else gathered into dst with zero rows for padding.
+template <int G>
+inline const float* group_rows(const Group& grp, const float* src, int D, float* dst) {
+    bool consecutive = grp.tok[0] >= 0;
+    for (int i = 1; i < G; ++i) consecutive = consecutive && grp.tok[i] == grp.tok[0] + i;
+    if (consecutive) return src + grp.tok[0] * D;
+    for (int i = 0; i < G; ++i) {
+        if (grp.tok[i] >= 0) std::memcpy(dst + i * D, src + grp.tok[i] * D, sizeof(float) * D);
+        else std::memset(dst + i * D, 0, sizeof(float) * D);
+    }
     return dst;
 }
 
 // Calls fn(z, y, rows, xg0, count) for the blocks of groups group0 .. group1 - 1 (row-major over
-// (n0, n1, groups per row)): `rows` query rows from (z, y) on (whole rows of one z, where the
-// range holds them), at most kBlock groups in each from xg0 on.
+// (n0, ceil(n1 / GY), groups per row); a group spans GY query rows and GX queries along the last
+// axis): `rows` group rows from query row y on (whole ones at one z, where the range holds
+// them), at most kBlock groups in each from xg0 on.
 template <typename Fn>
-void for_blocks(const Geometry& geo, int G, int64_t group0, int64_t group1, Fn fn) {
-    const int64_t per_row = (geo.n2 + G - 1) / G;
+void for_blocks(const Geometry& geo, int GX, int GY, int64_t group0, int64_t group1, Fn fn) {
+    const int64_t per_row = (geo.n2 + GX - 1) / GX, rows_per_z = (geo.n1 + GY - 1) / GY;
     for (int64_t flat = group0; flat < group1;) {
         const int64_t row = flat / per_row, first = flat % per_row;
-        const int z = int(row / geo.n1), y = int(row % geo.n1);
-        const int64_t whole = first == 0 ? std::min<int64_t>({kQueryRows, geo.n1 - y, (group1 - flat) / per_row}) : 0;
+        const int z = int(row / rows_per_z), Y = int(row % rows_per_z);
+        const int64_t whole = first == 0 ? std::min<int64_t>({kQueryRows, rows_per_z - Y, (group1 - flat) / per_row}) : 0;
         if (whole > 0) {
             for (int64_t x = 0; x < per_row; x += kBlock)
-                fn(z, y, int(whole), int(x) * G, int(std::min<int64_t>(kBlock, per_row - x)));
+                fn(z, Y * GY, int(whole), int(x) * GX, int(std::min<int64_t>(kBlock, per_row - x)));
             flat += whole * per_row;
             continue;
         }
         const int count = int(std::min<int64_t>({kBlock, per_row - first, group1 - flat}));
-        fn(z, y, 1, int(first) * G, count);
+        fn(z, Y * GY, 1, int(first) * GX, count);
         flat += count;
     }
 }
 
-// The groups of block (z, y .. y + nrows - 1, groups from xg0, count per row), rows[] holding each
-// query row's key rows (most_rows apart), x the G rows of `src` (depth D) of each group (pad:
-// scratch for groups with fewer than G queries), S their score buffers (G * SW floats apart).
-template <int G, int SG>
+// The groups of block (z, group rows from query row y on, nrows of them, groups from xg0 on, count
+// per row): rows[] holds each group row's key rows (most_rows apart), x the G rows of `src`
+// (depth D) of each group (pad: scratch for gathered rows), S their score buffers (G * SW floats
+// apart). Query i of a group sits at row i / GX, column i % GX of the group (GX = G / GY).
+template <int G, int GY, int SG>
 int setup_block(const Geometry& geo, int z, int y, int nrows, int xg0, int count, const float* src, int D,
                 int64_t* rows, int64_t most_rows, float* pad, float* S, int64_t SW, Group* groups) {
+    constexpr int GX = G / GY;
     int n = 0;
     for (int i = 0; i < nrows; ++i) {
         int64_t* own = rows + i * most_rows;
-        const int R = key_rows(geo, z, y + i, own);
-        const int64_t row = int64_t(z) * geo.n1 + y + i;
+        const int y0 = y + i * GY, y1 = std::min(y0 + GY, geo.n1) - 1;
+        const int R = key_rows(geo, z, y0, y1, own);
         for (int b = 0; b < count; ++b, ++n) {
             Group& grp = groups[n];
-            grp.xg = xg0 + b * G;
-            place(geo, grp.xg, G, SG, grp);
+            grp.xg = xg0 + b * GX;
+            place(geo, grp.xg, GX, SG, G, grp);
             grp.rows = own;
             grp.R = R;
-            grp.y = y + i;
-            grp.x = group_rows(src + (row * geo.n2 + grp.xg) * D, grp.g, G, D, pad + n * G * D);
+            grp.ylo = geo.lo1[y0];
+            grp.yhi = geo.hi1[y1];
+            for (int q = 0; q < G; ++q) {
+                const int yq = y0 + q / GX, xq = grp.xg + q % GX;
+                const bool valid = yq <= y1 && xq < geo.n2;
+                const int ys = valid ? yq : y0, xs = valid ? xq : grp.xg;
+                grp.tok[q] = valid ? (int64_t(z) * geo.n1 + yq) * geo.n2 + xq : -1;
+                grp.c0[q] = geo.lo2[xs] - grp.a;
+                grp.c1[q] = geo.hi2[xs] - grp.a;
+                grp.r0[q] = geo.lo1[ys] - grp.ylo;
+                grp.r1[q] = geo.hi1[ys] - grp.ylo;
+            }
+            grp.x = group_rows<G>(grp, src, D, pad + n * G * D);
             grp.S = S + n * G * SW;
         }
     }
     return n;
 }
 
-// Calls fn(b, r0, rc) for group b's key rows r0 .. r0 + rc - 1, kRowChunk rows of axis 1 at a
-// time for all groups of the block (z, y .. y + nrows - 1) before the next chunk: group b's rows
-// are z' outside, y' in lo1[y_b] ..= hi1[y_b] inside.
+// Calls fn(b, r0, rc) for group b's key rows r0 .. r0 + rc - 1, `chunk` rows of axis 1 at a time
+// for all groups of a block (at z) before the next chunk: group b's rows are z' outside, y' in
+// ylo ..= yhi inside.
 template <typename Fn>
-void for_row_chunks(const Geometry& geo, int z, int y, int nrows, const Group* groups, int ngroups, int chunk, Fn fn) {
-    const int nz = geo.hi0[z] - geo.lo0[z] + 1, first = geo.lo1[y], last = geo.hi1[y + nrows - 1];
+void for_row_chunks(const Geometry& geo, int z, const Group* groups, int ngroups, int chunk, Fn fn) {
+    const int nz = geo.hi0[z] - geo.lo0[z] + 1, first = groups[0].ylo, last = groups[ngroups - 1].yhi;
     for (int zi = 0; zi < nz; ++zi)
         for (int c0 = first; c0 <= last; c0 += chunk) {
             const int c1 = std::min(last + 1, c0 + chunk);
             for (int b = 0; b < ngroups; ++b) {
-                const int lo = geo.lo1[groups[b].y], hi = geo.hi1[groups[b].y];
+                const int lo = groups[b].ylo, hi = groups[b].yhi;
                 const int s = std::max(c0, lo), e = std::min(c1, hi + 1);
                 if (e > s) fn(b, zi * (hi - lo + 1) + s - lo, e - s);
             }
@@ -499,17 +529,21 @@ inline void window_masks(int c0, int c1, int Wt, i8* masks) {
 }
 
 // Softmax of one query's scores in place (R rows of Wt columns): probabilities inside its window,
-// columns c0 ..= c1 (masks from window_masks), exactly 0 elsewhere. Vectors wholly outside the
+// columns c0 ..= c1 (masks from window_masks) of the rows r with r0 <= r % per_z <= r1, exactly 0
+// elsewhere. Vectors wholly outside the
 // window are only zeroed (with short windows, half of them). Returns the scaled row maximum;
 // *sum gets the sum of the probabilities.
-inline float softmax_row(const Geometry& geo, int R, int Wt, int c0, int c1, const i8* masks, float* Si, float* sum) {
+inline float softmax_row(const Geometry& geo, int R, int Wt, int c0, int c1, int per_z, int r0, int r1,
+                         const i8* masks, float* Si, float* sum) {
     const int nv = Wt / 8, j0 = c0 / 8, j1 = c1 / 8;
     v8 vmax = bcast(-INFINITY);
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
+        if (r % per_z < r0 || r % per_z > r1) continue;
         for (int j = j0; j <= j1; ++j) {
             const v8 x = load(Si + r * Wt + 8 * j);
             vmax = masks[j] && x > vmax ? x : vmax;
         }
+    }
     float m = vmax[0];
     for (int l = 1; l < 8; ++l) m = std::max(m, vmax[l]);
     m *= geo.scale;
@@ -517,6 +551,10 @@ inline float softmax_row(const Geometry& geo, int R, int Wt, int c0, int c1, con
     v8 lsum = zero;
     for (int r = 0; r < R; ++r) {
         float* row = Si + r * Wt;
+        if (r % per_z < r0 || r % per_z > r1) {
+            for (int j = 0; j < nv; ++j) store(row + 8 * j, zero);
+            continue;
+        }
         for (int j = 0; j < j0; ++j) store(row + 8 * j, zero);
         for (int j = j0; j <= j1; ++j) {
             const v8 e = masks[j] ? vexp(load(row + 8 * j) * sc - mv) : zero;
@@ -545,13 +583,13 @@ inline void restore_probs(const float* saved, int R, int Wt, int col, int cols, 
     }
 }
 
-template <int G, int SG>
+template <int G, int GY, int SG>
 int forward_impl(const float* q, const float* k, const float* v, float* out, float* lse, float* probs,
                  int64_t probs_stride, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1, const Geometry& geo) {
     const int D = geo.D, Dv = geo.Dv, n2 = geo.n2;
     const int64_t N = geo.N(), rows = int64_t(geo.n0) * geo.n1, width = n2 + PAD;
     int64_t most_rows, most_width, sub_width;
-    extents(geo, G, SG, most_rows, most_width, sub_width);
+    extents(geo, G, GY, SG, most_rows, most_width, sub_width);
     const int64_t SW = most_rows * most_width;
     reserve_scratch(rounded(rows * D * width) + kBlockGroups * (rounded(G * SW) + rounded(G * Dv) + rounded(G * D)));
     float* KT = scratch.take(rows * D * width);
@@ -566,43 +604,44 @@ int forward_impl(const float* q, const float* k, const float* v, float* out, flo
     for (int64_t bh = bh0; bh < bh1; ++bh) {
         const float* vb = v + bh * N * Dv;
         transpose_rows(k + bh * N * D, KT, int(rows), n2, D);
-        for_blocks(geo, G, group0, group1, [&](int z, int y, int nrows, int x0, int count) {
-            const int n = setup_block<G, SG>(geo, z, y, nrows, x0, count, q + bh * N * D, D, krows.data(),
-                                             most_rows, Qpad, S, SW, groups);
+        for_blocks(geo, G / GY, GY, group0, group1, [&](int z, int y, int nrows, int x0, int count) {
+            const int n = setup_block<G, GY, SG>(geo, z, y, nrows, x0, count, q + bh * N * D, D, krows.data(),
+                                                 most_rows, Qpad, S, SW, groups);
             scores_block<G, SG>(groups, n, D, KT, D * width, width);
             float m_i[kBlockGroups][G], l_i[kBlockGroups][G];
             for (int b = 0; b < n; ++b) {
                 const Group& grp = groups[b];
-                const int ostride = grp.R * grp.Wt;
+                const int ostride = grp.R * grp.Wt, per_z = grp.yhi - grp.ylo + 1;
                 for (int i = 0; i < G; ++i) {
-                    if (i < grp.g) {
-                        const int c0 = geo.lo2[grp.xg + i] - grp.a, c1 = geo.hi2[grp.xg + i] - grp.a;
-                        window_masks(c0, c1, grp.Wt, masks);
-                        m_i[b][i] = softmax_row(geo, grp.R, grp.Wt, c0, c1, masks, grp.S + i * ostride, &l_i[b][i]);
+                    if (grp.tok[i] >= 0) {
+                        window_masks(grp.c0[i], grp.c1[i], grp.Wt, masks);
+                        m_i[b][i] = softmax_row(geo, grp.R, grp.Wt, grp.c0[i], grp.c1[i], per_z, grp.r0[i], grp.r1[i],
+                                                masks, grp.S + i * ostride, &l_i[b][i]);
                     } else {
                         std::memset(grp.S + i * ostride, 0, sizeof(float) * ostride);
                     }
                 }
             }
             std::memset(O, 0, sizeof(float) * n * G * Dv);
-            for_row_chunks(geo, z, y, nrows, groups, n, kForwardRowChunk, [&](int b, int r0, int rc) {
+            for_row_chunks(geo, z, groups, n, kForwardRowChunk, [&](int b, int r0, int rc) {
                 const Group& grp = groups[b];
                 for (int r = 0; r < rc; ++r) vrow[r] = vb + (grp.rows[r0 + r] * n2 + grp.a) * Dv;
                 weighted<G>(grp.S + r0 * grp.Wt, grp.R * grp.Wt, rc, grp.Wt, grp.W, vrow.data(), Dv, O + b * G * Dv);
             });
             for (int b = 0; b < n; ++b) {
                 const Group& grp = groups[b];
-                const int64_t first = bh * N + (int64_t(z) * geo.n1 + grp.y) * n2 + grp.xg;
-                for (int i = 0; i < grp.g; ++i) {
+                for (int i = 0; i < G; ++i) {
+                    if (grp.tok[i] < 0) continue;
+                    const int64_t t_i = bh * N + grp.tok[i];
                     const float inv = 1.0f / l_i[b][i];
                     const float* o = O + (b * G + i) * Dv;
-                    float* t = out + (first + i) * Dv;
+                    float* t = out + t_i * Dv;
                     for (int c = 0; c < Dv; ++c) t[c] = o[c] * inv;
-                    lse[first + i] = m_i[b][i] + std::log(l_i[b][i]);
+                    lse[t_i] = m_i[b][i] + std::log(l_i[b][i]);
                     if (probs) {
                         const int u = i / SG;
                         save_probs(grp.S + i * grp.R * grp.Wt, grp.R, grp.Wt, grp.sub_col[u], 8 * grp.sub_tasks[u],
-                                   inv, probs + (first + i) * probs_stride);
+                                   inv, probs + t_i * probs_stride);
                     }
                 }
             }
@@ -612,14 +651,14 @@ int forward_impl(const float* q, const float* k, const float* v, float* out, flo
     return 0;
 }
 
-template <int G, int SG>
+template <int G, int GY, int SG>
 int backward_impl(const float* q, const float* k, const float* v, const float* o, const float* dout,
                   const float* lse, const float* probs, int64_t probs_stride, bool zero_grads, float* dq, float* dk,
                   float* dv, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1, const Geometry& geo) {
     const int D = geo.D, Dv = geo.Dv, n2 = geo.n2;
     const int64_t N = geo.N(), rows = int64_t(geo.n0) * geo.n1, width = n2 + PAD;
     int64_t most_rows, most_width, sub_width;
-    extents(geo, G, SG, most_rows, most_width, sub_width);
+    extents(geo, G, GY, SG, most_rows, most_width, sub_width);
     const int64_t SW = most_rows * most_width;
     reserve_scratch(rounded(rows * D * width) + rounded(rows * Dv * width) +
                     kBlockGroups * (2 * rounded(G * SW) + 2 * rounded(G * D) + rounded(G * Dv)));
@@ -644,46 +683,44 @@ int backward_impl(const float* q, const float* k, const float* v, const float* o
             std::memset(dk + bh * N * D, 0, sizeof(float) * N * D);
             std::memset(dv + bh * N * Dv, 0, sizeof(float) * N * Dv);
         }
-        for_blocks(geo, G, group0, group1, [&](int z, int y, int nrows, int x0, int count) {
-            const int n = setup_block<G, SG>(geo, z, y, nrows, x0, count, q + bh * N * D, D, krows.data(),
-                                             most_rows, Qpad, P, SW, pg);
+        for_blocks(geo, G / GY, GY, group0, group1, [&](int z, int y, int nrows, int x0, int count) {
+            const int n = setup_block<G, GY, SG>(geo, z, y, nrows, x0, count, q + bh * N * D, D, krows.data(),
+                                                 most_rows, Qpad, P, SW, pg);
             for (int b = 0; b < n; ++b) {
                 dg[b] = pg[b];
-                dg[b].x = group_rows(dout + (bh * N + (int64_t(z) * geo.n1 + pg[b].y) * n2 + pg[b].xg) * Dv,
-                                     pg[b].g, G, Dv, Gpad + b * G * Dv);
+                dg[b].x = group_rows<G>(pg[b], dout + bh * N * Dv, Dv, Gpad + b * G * Dv);
                 dg[b].S = dS + b * G * SW;
             }
             if (!probs) scores_block<G, SG>(pg, n, D, KT, D * width, width);
             scores_block<G, SG>(dg, n, Dv, VT, Dv * width, width);
             for (int b = 0; b < n; ++b) {
                 const Group& grp = pg[b];
-                const int a = grp.a, Wt = grp.Wt, ostride = grp.R * Wt;
-                const int64_t first = bh * N + (int64_t(z) * geo.n1 + grp.y) * n2 + grp.xg;
+                const int Wt = grp.Wt, ostride = grp.R * Wt, per_z = grp.yhi - grp.ylo + 1;
                 for (int i = 0; i < G; ++i) {
                     float* Pi = grp.S + i * ostride;
                     float* dSi = dg[b].S + i * ostride;
-                    if (i >= grp.g) {
+                    if (grp.tok[i] < 0) {
                         std::memset(Pi, 0, sizeof(float) * ostride);
                         std::memset(dSi, 0, sizeof(float) * ostride);
                         continue;
                     }
+                    const int64_t t_i = bh * N + grp.tok[i];
                     v8 dot = bcast(0.0f);                        // delta_i = dO_i . o_i
-                    for (int c = 0; c < Dv; c += 8) dot += load(dg[b].x + i * Dv + c) * load(o + (first + i) * Dv + c);
-                    const v8 l = bcast(lse[first + i]), dl = bcast(hsum(dot)), sc = bcast(geo.scale);
-                    const int c0 = geo.lo2[grp.xg + i] - a, c1 = geo.hi2[grp.xg + i] - a;
-                    const int j0 = c0 / 8, j1 = c1 / 8;
-                    window_masks(c0, c1, Wt, masks);
+                    for (int c = 0; c < Dv; c += 8) dot += load(dg[b].x + i * Dv + c) * load(o + t_i * Dv + c);
+                    const v8 l = bcast(lse[t_i]), dl = bcast(hsum(dot)), sc = bcast(geo.scale);
+                    const int j0 = grp.c0[i] / 8, j1 = grp.c1[i] / 8;
+                    window_masks(grp.c0[i], grp.c1[i], Wt, masks);
                     const v8 zero = bcast(0.0f);
                     if (probs) {
                         const int u = i / SG;
-                        restore_probs(probs + (first + i) * probs_stride, grp.R, Wt, grp.sub_col[u],
-                                      8 * grp.sub_tasks[u], Pi);
+                        restore_probs(probs + t_i * probs_stride, grp.R, Wt, grp.sub_col[u], 8 * grp.sub_tasks[u], Pi);
                     }
-                    for (int r = 0; r < grp.R; ++r)   // outside the window P = dS = 0 (dP may be unset there)
+                    for (int r = 0; r < grp.R; ++r) {  // outside the window P = dS = 0 (dP may be unset there)
+                        const bool row_in = r % per_z >= grp.r0[i] && r % per_z <= grp.r1[i];
                         for (int j = 0; j < Wt / 8; ++j) {
                             float* Pr = Pi + r * Wt + 8 * j;
                             float* dSr = dSi + r * Wt + 8 * j;
-                            if (j < j0 || j > j1) {
+                            if (!row_in || j < j0 || j > j1) {
                                 store(Pr, zero);
                                 store(dSr, zero);
                                 continue;
@@ -692,10 +729,11 @@ int backward_impl(const float* q, const float* k, const float* v, const float* o
                             store(Pr, p);
                             store(dSr, masks[j] ? p * (load(dSr) - dl) : zero);
                         }
+                    }
                 }
             }
             std::memset(dQ, 0, sizeof(float) * n * G * D);
-            for_row_chunks(geo, z, y, nrows, pg, n, kRowChunk, [&](int b, int r0, int rc) {
+            for_row_chunks(geo, z, pg, n, kRowChunk, [&](int b, int r0, int rc) {
                 const Group& grp = pg[b];
                 const int Wt = grp.Wt, ostride = grp.R * Wt;
                 for (int r = 0; r < rc; ++r) {
@@ -710,9 +748,9 @@ int backward_impl(const float* q, const float* k, const float* v, const float* o
                 scatter<G>(grp.S + r0 * Wt, ostride, rc, Wt, grp.W, dg[b].x, Dv, 1.0f, dvrow.data());
             });
             for (int b = 0; b < n; ++b) {
-                const int64_t first = bh * N + (int64_t(z) * geo.n1 + pg[b].y) * n2 + pg[b].xg;
-                for (int i = 0; i < pg[b].g; ++i) {
-                    float* t = dq + (first + i) * D;
+                for (int i = 0; i < G; ++i) {
+                    if (pg[b].tok[i] < 0) continue;
+                    float* t = dq + (bh * N + pg[b].tok[i]) * D;
                     const float* s = dQ + (b * G + i) * D;
                     for (int c = 0; c < D; ++c) t[c] = s[c] * geo.scale;
                 }
@@ -861,38 +899,47 @@ int64_t attnlab_na_pool_clear() {
     return released;
 }
 
-int attnlab_na_abi_version() { return 5; }
+int attnlab_na_abi_version() { return 6; }
+
+// The compiled layouts: (queries per group, query rows per group, queries per score tile).
+static bool known_layout(int group, int group_rows, int sub_group) {
+    return (group == 2 && group_rows == 1 && sub_group == 2) || (group == 4 && group_rows == 1 && sub_group == 2) ||
+           (group == 4 && group_rows == 1 && sub_group == 4) || (group == 4 && group_rows == 2 && sub_group == 4);
+}
 
 // Floats per query of the probabilities attnlab_na_forward can save for the backward pass
-// (0 for a bad geometry or group).
-int64_t attnlab_na_probs_stride(const int32_t* dims, const int32_t* windows, int group, int sub_group) {
+// (0 for a bad geometry or layout).
+int64_t attnlab_na_probs_stride(const int32_t* dims, const int32_t* windows, int group, int group_rows, int sub_group) {
     Geometry geo;
-    if (!make_geometry(dims, windows, 1.0f, geo) || !(group == 4 || (group == 2 && sub_group == 2)) ||
-        !(sub_group == 2 || sub_group == group))
-        return 0;
+    if (!make_geometry(dims, windows, 1.0f, geo) || !known_layout(group, group_rows, sub_group)) return 0;
     int64_t rows, width, sub_width;
-    extents(geo, group, sub_group, rows, width, sub_width);
+    extents(geo, group, group_rows, sub_group, rows, width, sub_width);
     return rows * sub_width;
 }
 
-// Queries are processed in groups of `group` (2 or 4) along the last axis, their scores
-// `sub_group` (2 or `group`) queries at a time; a call covers heads bh0 .. bh1 - 1 and, in each,
-// the flat group indices group0 .. group1 - 1 (row-major over (n0, n1, ceil(n2 / group))).
-// probs (may be null): where to save the probabilities for the backward pass, probs_stride
-// (attnlab_na_probs_stride) floats per query; the backward pass then reads them instead of
-// recomputing q.k and exp. Returns 0 on success, 1 for a bad geometry, 2 when memory ran out.
+// A group is `group` queries: `group_rows` (1 or 2) consecutive query rows (axis 1) times
+// group / group_rows consecutive queries along the last axis; their scores are computed
+// `sub_group` queries at a time. A call covers heads bh0 .. bh1 - 1 and, in each, the flat group
+// indices group0 .. group1 - 1 (row-major over (n0, ceil(n1 / group_rows), ceil(n2 / (group /
+// group_rows))). probs (may be null): where to save the probabilities for the backward pass,
+// probs_stride (attnlab_na_probs_stride) floats per query; the backward pass then reads them
+// instead of recomputing q.k and exp. Returns 0 on success, 1 for a bad geometry or layout, 2 when
+// memory ran out.
 int attnlab_na_forward(const float* q, const float* k, const float* v, float* out, float* lse, float* probs,
                        int64_t probs_stride, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1,
-                       const int32_t* dims, const int32_t* windows, float scale, int group, int sub_group) {
+                       const int32_t* dims, const int32_t* windows, float scale, int group, int group_rows,
+                       int sub_group) {
     Geometry geo;
-    if (!make_geometry(dims, windows, scale, geo)) return 1;
+    if (!make_geometry(dims, windows, scale, geo) || !known_layout(group, group_rows, sub_group)) return 1;
     try {
-        if (group == 2 && sub_group == 2)
-            return forward_impl<2, 2>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1, geo);
-        if (group == 4 && sub_group == 2)
-            return forward_impl<4, 2>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1, geo);
-        if (group == 4 && sub_group == 4)
-            return forward_impl<4, 4>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1, geo);
+#define ATTNLAB_NA_FORWARD(G, GY, SG) \
+        if (group == G && group_rows == GY && sub_group == SG) \
+            return forward_impl<G, GY, SG>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1, geo);
+        ATTNLAB_NA_FORWARD(2, 1, 2)
+        ATTNLAB_NA_FORWARD(4, 1, 2)
+        ATTNLAB_NA_FORWARD(4, 1, 4)
+        ATTNLAB_NA_FORWARD(4, 2, 4)
+#undef ATTNLAB_NA_FORWARD
         return 1;
     } catch (const std::bad_alloc&) {
         return 2;
@@ -903,20 +950,21 @@ int attnlab_na_forward(const float* q, const float* k, const float* v, float* ou
 int attnlab_na_backward(const float* q, const float* k, const float* v, const float* o, const float* dout,
                         const float* lse, const float* probs, int64_t probs_stride, int zero_grads, float* dq,
                         float* dk, float* dv, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1,
-                        const int32_t* dims, const int32_t* windows, float scale, int group, int sub_group) {
+                        const int32_t* dims, const int32_t* windows, float scale, int group, int group_rows,
+                        int sub_group) {
     Geometry geo;
-    if (!make_geometry(dims, windows, scale, geo)) return 1;
+    if (!make_geometry(dims, windows, scale, geo) || !known_layout(group, group_rows, sub_group)) return 1;
     const bool zero = zero_grads != 0;
     try {
-        if (group == 2 && sub_group == 2)
-            return backward_impl<2, 2>(q, k, v, o, dout, lse, probs, probs_stride, zero, dq, dk, dv, bh0, bh1, group0,
-                                       group1, geo);
-        if (group == 4 && sub_group == 2)
-            return backward_impl<4, 2>(q, k, v, o, dout, lse, probs, probs_stride, zero, dq, dk, dv, bh0, bh1, group0,
-                                       group1, geo);
-        if (group == 4 && sub_group == 4)
-            return backward_impl<4, 4>(q, k, v, o, dout, lse, probs, probs_stride, zero, dq, dk, dv, bh0, bh1, group0,
-                                       group1, geo);
+#define ATTNLAB_NA_BACKWARD(G, GY, SG) \
+        if (group == G && group_rows == GY && sub_group == SG) \
+            return backward_impl<G, GY, SG>(q, k, v, o, dout, lse, probs, probs_stride, zero, dq, dk, dv, bh0, bh1, \
+                                            group0, group1, geo);
+        ATTNLAB_NA_BACKWARD(2, 1, 2)
+        ATTNLAB_NA_BACKWARD(4, 1, 2)
+        ATTNLAB_NA_BACKWARD(4, 1, 4)
+        ATTNLAB_NA_BACKWARD(4, 2, 4)
+#undef ATTNLAB_NA_BACKWARD
         return 1;
     } catch (const std::bad_alloc&) {
         return 2;
