@@ -316,11 +316,11 @@ void scatter(const float* P, int pstride, int R, int Wt, int W, const float* X, 
     }
 }
 
-// Blocks: up to kBlock consecutive groups in each of up to kQueryRows consecutive query rows
-// (z, y ..), which share most of their key rows (a row's 21 key rows for k = (3, 7, 7), 24 for
-// two rows). The products over key rows run kRowChunk key rows (along axis 1) at a time for all
-// the block's groups, so that those rows' keys, values and gradients stay in cache while every
-// group that needs them uses them.
+// Blocks: up to kBlock consecutive groups in each of up to kQueryRows consecutive group rows
+// (z, y ..), which share most of their key rows (a query row's 21 key rows for k = (3, 7, 7), 24
+// for two). The backward products over key rows run kRowChunk key rows (along axis 1) at a time
+// for all the block's groups, so that those rows' keys and gradients stay in cache while every
+// group that needs them uses them. (Both are macros only for tuning, through ATTNLAB_NA_CFLAGS.)
 #ifndef ATTNLAB_NA_QUERY_ROWS
 #define ATTNLAB_NA_QUERY_ROWS 2
 #endif
@@ -330,10 +330,9 @@ void scatter(const float* P, int pstride, int R, int Wt, int W, const float* X, 
 constexpr int kBlock = 8;
 constexpr int kQueryRows = ATTNLAB_NA_QUERY_ROWS;
 constexpr int kRowChunk = ATTNLAB_NA_ROW_CHUNK;
-#ifndef ATTNLAB_NA_FWD_CHUNK
-#define ATTNLAB_NA_FWD_CHUNK 1000
-#endif
-constexpr int kForwardRowChunk = ATTNLAB_NA_FWD_CHUNK;
+// The forward pass's weighted sums take all key rows of a z' at once (one row at a time measured
+// slower there: it has one product, not three, to keep rows in cache for).
+constexpr int kForwardRowChunk = 1 << 20;
 constexpr int kBlockGroups = kBlock * kQueryRows;
 
 // The key rows (flat z' * n1 + y') of the queries in rows y0 ..= y1 at z: z' outside, y' from
