@@ -20,8 +20,8 @@ through DLPack: blocks torch frees are kept (up to 512 MiB) and reused already p
 `clear_pool()` frees them.
 
 Saved probabilities: when a gradient is due and they take at most 4x the memory of q, the forward
-pass keeps each query's probabilities (its key rows x the columns its score tiles computed: 136,
-208 and 168 floats per query for the issue's 1-D, 2-D and 3-D shapes) and the backward pass reads
+pass keeps each query's probabilities (its group's key rows x the columns its score tiles
+computed: 136, 208 and 192 floats per query for the issue's 1-D, 2-D and 3-D shapes) and the backward pass reads
 them instead of recomputing q.k and exp. ATTNLAB_NA_SAVE_PROBS=0 never keeps them (least memory),
 =1 always does.
 
@@ -200,8 +200,8 @@ def _score_tiles(lo: Tensor, hi: Tensor, G: int, SG: int) -> int:
 # they skip more than that: short windows (k = 7: 8 keys for two queries, 16 for four). Groups of
 # 2 x 2 queries (two query rows) go further there: the two queries along the last axis share one
 # vector of 8 keys, and all four one score tile, over the union of the two rows' key rows (8 of
-# which each query uses 7 at k = 7): at 16 x 32 x 32, k = (3, 7, 7), 10-15% faster forward and
-# backward than two-query tiles.
+# which each query uses 7 at k = 7): at 16 x 32 x 32, k = (3, 7, 7), about 4% faster forward +
+# backward than two-query tiles (the forward about 10%), alternating in one process.
 _TWO_QUERY_TILE_COST = 1.4
 _LAYOUTS = {"4": (4, 1, 4), "4,2": (4, 1, 2), "2": (2, 1, 2), "4x2": (4, 2, 4)}
 
@@ -215,7 +215,7 @@ def _layout(lo1: Tensor, hi1: Tensor, lo2: Tensor, hi2: Tensor) -> tuple[int, in
              (4, 1, 2): rows * _score_tiles(lo2, hi2, 4, 2) * _TWO_QUERY_TILE_COST}
     if lo1.numel() >= 2:
         pair_rows = float((hi1[1::2] - lo1[0:-1:2] + 1).float().mean())    # rows of two query rows
-        costs[(4, 2, 4)] = pair_rows * _score_tiles(lo2, hi2, 2, 2)     # 4 queries per 2 rows: per row, 2
+        costs[(4, 2, 4)] = pair_rows * _score_tiles(lo2, hi2, 2, 2)     # per query row: 2 queries a pair
     return min(costs, key=costs.get)
 
 
@@ -303,9 +303,9 @@ def _ptr(t: Tensor | None):
 
 # The forward pass saves the probabilities for the backward pass (which then skips recomputing
 # q.k and exp: measured 5-15% of a forward+backward at 16 x 32 x 32, k = (3, 7, 7)) when they
-# take at most this many times the memory of q: each query keeps its key rows x the columns its
-# score tiles computed (3-D k = (3, 7, 7): 168 floats, 2-D k = 13: 208, 1-D k = 127: 136), so
-# d = 64 qualifies for these and a 2-D k = 31 (1,240 floats) does not.
+# take at most this many times the memory of q: each query keeps its group's key rows x the
+# columns its score tiles computed (3-D k = (3, 7, 7): 192 floats, 2-D k = 13: 208, 1-D k = 127:
+# 136), so d = 64 qualifies for these and a 2-D k = 31 (1,024 floats) does not.
 _SAVE_PROBS_BUDGET = 4
 
 
