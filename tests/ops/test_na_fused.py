@@ -137,6 +137,31 @@ def test_saved_probabilities_per_query_and_when_they_are_kept(monkeypatch):
         na_fused._save_probs(8, 64, True)
 
 
+@pytest.mark.parametrize("requested", [None, True, False])
+def test_config_save_probs_overrides_environment_and_budget(requested, monkeypatch):
+    """BlockedConfig(save_probs=...) decides over ATTNLAB_NA_SAVE_PROBS and the 4x-q budget (here
+    a 2-D k = 9 with d = 8: 9 rows x 16 columns > 32 floats per query, over budget)."""
+    decisions = []
+    real = na_fused._save_probs
+
+    def recording(*args):
+        decisions.append(real(*args))
+        return decisions[-1]
+
+    monkeypatch.setattr(na_fused, "_save_probs", recording)
+    monkeypatch.setenv("ATTNLAB_NA_SAVE_PROBS", "0")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 20, 8, requires_grad=True) for _ in range(3))
+    out = neighborhood_attention(q, k, v, 9, backend="blocked",
+                                 config=BlockedConfig(method="fused", save_probs=requested))
+    assert decisions == [bool(requested)]
+    assert_close(out.double(), oracle(q, k, v, 9), rtol=2e-5, atol=2e-5)
+    got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    want = torch.autograd.grad(oracle(q, k, v, 9), (q, k, v), torch.ones_like(out).double())
+    for a, b in zip(got, want):
+        assert_close(a.double(), b.double(), rtol=2e-4, atol=2e-4)
+
+
 def test_saved_and_recomputed_probabilities_give_the_same_gradients(monkeypatch):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 6, 7, 19, 32, requires_grad=True) for _ in range(3))

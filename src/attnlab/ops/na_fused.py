@@ -22,8 +22,8 @@ through DLPack: blocks torch frees are kept (up to 512 MiB) and reused already p
 Saved probabilities: when a gradient is due and they take at most 4x the memory of q, the forward
 pass keeps each query's probabilities (its group's key rows x the columns its score tiles
 computed: 136, 208 and 192 floats per query for the issue's 1-D, 2-D and 3-D shapes) and the backward pass reads
-them instead of recomputing q.k and exp. ATTNLAB_NA_SAVE_PROBS=0 never keeps them (least memory),
-=1 always does.
+them instead of recomputing q.k and exp. `BlockedConfig(save_probs=False/True)` decides per call;
+else ATTNLAB_NA_SAVE_PROBS=0 never keeps them (least memory), =1 always does.
 
 Per call (q, k (BH, N, d), v (BH, N, dv), tokens (n0, n1, n2) row-major after padding to three
 axes): a dilated axis is first reordered into group order (all positions = g mod r, for each
@@ -309,13 +309,17 @@ def _ptr(t: Tensor | None):
 _SAVE_PROBS_BUDGET = 4
 
 
-def _save_probs(stride: int, d: int, needs_grad: bool) -> bool:
-    """Whether the forward pass saves the probabilities (ATTNLAB_NA_SAVE_PROBS=0/1 overrides)."""
+def _save_probs(stride: int, d: int, needs_grad: bool, requested: bool | None = None) -> bool:
+    """Whether the forward pass saves the probabilities: `requested` (BlockedConfig.save_probs)
+    if given, else ATTNLAB_NA_SAVE_PROBS=0/1 if set, else the memory budget; never without a
+    gradient to compute."""
     choice = os.environ.get("ATTNLAB_NA_SAVE_PROBS", "")
     if choice not in ("", "0", "1"):
         raise ValueError(f"ATTNLAB_NA_SAVE_PROBS must be 0 or 1, got {choice!r}")
     if not needs_grad or stride <= 0:
         return False
+    if requested is not None:
+        return bool(requested)
     return choice == "1" if choice else stride <= _SAVE_PROBS_BUDGET * d
 
 
@@ -323,7 +327,7 @@ class _FusedNeighborhood(torch.autograd.Function):
     """q, k (BH, N, d), v (BH, N, dv) float32 contiguous, tokens in kernel order -> (BH, N, dv)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, geo: _Geometry, scale: float, threads: int):
+    def forward(ctx, q, k, v, geo: _Geometry, scale: float, threads: int, save_probs: bool | None):
         lib, _ = library_status()
         BH, N, _ = q.shape
         out = _pooled(lib, BH, N, v.shape[-1])
@@ -332,7 +336,7 @@ class _FusedNeighborhood(torch.autograd.Function):
         stride = int(lib.attnlab_na_probs_stride(_ptr(dims), _ptr(geo.windows), geo.group, geo.group_rows,
                                                  geo.sub_group))
         probs = None
-        if _save_probs(stride, q.shape[-1], any(ctx.needs_input_grad[:3])):
+        if _save_probs(stride, q.shape[-1], any(ctx.needs_input_grad[:3]), save_probs):
             probs = _pooled(lib, BH, N, stride)
         items = _work(BH, geo.groups, threads)
         _call(lib.attnlab_na_forward, items, lambda j, it: (
@@ -366,7 +370,7 @@ class _FusedNeighborhood(torch.autograd.Function):
             geo.group_rows, geo.sub_group))
         if not zero:
             dk, dv = (torch.stack(parts).sum(0) for parts in zip(*targets))
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _reorder(x: Tensor, perms: tuple) -> Tensor:
@@ -378,12 +382,14 @@ def _reorder(x: Tensor, perms: tuple) -> Tensor:
 
 
 def fused_neighborhood(q: Tensor, k: Tensor, v: Tensor, spatial: tuple, ks: tuple, dil: tuple, st: tuple,
-                       causal: tuple, scale: float, threads: int | None = None) -> Tensor:
-    """q, k (BH, N, d), v (BH, N, dv), tokens row-major over `spatial` -> (BH, N, dv) float32."""
+                       causal: tuple, scale: float, threads: int | None = None,
+                       save_probs: bool | None = None) -> Tensor:
+    """q, k (BH, N, d), v (BH, N, dv), tokens row-major over `spatial` -> (BH, N, dv) float32.
+    save_probs: keep the probabilities for the backward pass (None: see `_save_probs`)."""
     geo = _geometry(tuple(spatial), tuple(ks), tuple(dil), tuple(st), tuple(causal))
     BH, N = q.shape[:2]
     threads = threads or torch.get_num_threads()
     xs = [_reorder(t.to(torch.float32).reshape(BH, *geo.dims, t.shape[-1]), geo.perms).reshape(BH, N, -1)
           .contiguous() for t in (q, k, v)]
-    out = _FusedNeighborhood.apply(*xs, geo, float(scale), max(1, threads))
+    out = _FusedNeighborhood.apply(*xs, geo, float(scale), max(1, threads), save_probs)
     return _reorder(out.view(BH, *geo.dims, -1), geo.inverse).reshape(BH, N, -1)

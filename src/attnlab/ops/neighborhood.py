@@ -307,12 +307,17 @@ class BlockedConfig:
     intra-op thread: a chunk is a dozen small ops, and small ops each run on an OpenMP team
     stall whenever one thread of the team is descheduled, which on a shared CPU costs about
     a time slice per op (measured here: 5-10x slower forward+backward at 2 threads under load).
+    save_probs (fused method): keep the probabilities from the forward pass for the backward
+    pass, which then skips recomputing them (True), or recompute them and keep memory at O(N d)
+    (False); default: keep them when they take at most 4x the memory of q
+    (`attnlab.ops.na_fused`; the ATTNLAB_NA_SAVE_PROBS environment variable sets the default).
     """
 
     tile: tuple[int, ...] | None = None
     chunk_scores: int | None = None
     threads: int | None = None
     method: str | None = None       # "fused" (default where it runs, else "chunks"), "chunks" or "sdpa"
+    save_probs: bool | None = None  # fused: keep the probabilities for backward (None: if <= 4x q's memory)
 
 
 @dataclass
@@ -788,7 +793,8 @@ def _blocked(q, k, v, spatial, ks, dil, st, causal, scale, config: BlockedConfig
         from attnlab.ops.na_fused import fused_neighborhood, fused_reasons
         reasons = fused_reasons(q, k, v)
         if not reasons:
-            out = fused_neighborhood(qf, kf, vf, spatial, ks, dil, st, causal, scale, config.threads)
+            out = fused_neighborhood(qf, kf, vf, spatial, ks, dil, st, causal, scale, config.threads,
+                                     config.save_probs)
             return out.view(B, h, *spatial, dv_).to(q.dtype)
         if method == "fused":
             raise BackendUnavailable("neighborhood_attention: BlockedConfig(method='fused') cannot run this call ("
