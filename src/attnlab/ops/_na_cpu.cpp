@@ -59,8 +59,7 @@ constexpr int PAD = 8;   // zero key columns after each transposed key row
 // G x vectors accumulators of the weighted sum plus the loaded value vectors, and for the
 // scatter (dk, dv) G x vectors of the group's rows plus the loaded target vectors.
 template <int G> constexpr int kScoreTasks = G == 4 ? 3 : 4;
-template <int G> constexpr int kWeightVectors = G == 4 ? 3 : 4;
-template <int G> constexpr int kScatterVectors = G == 4 ? 3 : 4;
+template <int G> constexpr int kHeadVectors = G == 4 ? 3 : 4;      // weighted sums and scatters alike
 
 inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void store(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
@@ -100,9 +99,6 @@ struct Geometry {
 
 // dst[row][c][x] = src[row][x][c]; columns n2 .. n2 + PAD - 1 are zero.
 void transpose_rows(const float* src, float* dst, int rows, int n2, int D) {
-#ifdef SKIP_T
-    return;
-#endif
     const int width = n2 + PAD;
     for (int r = 0; r < rows; ++r) {
         const float* s = src + int64_t(r) * n2 * D;
@@ -267,7 +263,7 @@ inline int tile_vectors(int left) { return left >= NV && left - NV != 1 ? NV : l
 
 template <int G>
 void weighted(const float* P, int pstride, int R, int Wt, int W, const float* const* rows, int Dx, float* acc_out) {
-    constexpr int NV = kWeightVectors<G>;
+    constexpr int NV = kHeadVectors<G>;
     for (int d0 = 0; d0 < Dx;) {
         const int nv = tile_vectors<NV>((Dx - d0) / 8);
         if (nv == NV) weighted_block<G, NV>(P, pstride, R, Wt, W, rows, Dx, d0, acc_out);
@@ -306,7 +302,7 @@ inline void scatter_block(const float* P, int pstride, int R, int Wt, int W, con
 template <int G>
 void scatter(const float* P, int pstride, int R, int Wt, int W, const float* X, int Dx, float alpha,
              float* const* rows) {
-    constexpr int NV = kScatterVectors<G>;
+    constexpr int NV = kHeadVectors<G>;
     for (int d0 = 0; d0 < Dx;) {
         const int nv = tile_vectors<NV>((Dx - d0) / 8);
         if (nv == NV) scatter_block<G, NV>(P, pstride, R, Wt, W, X, Dx, alpha, rows, d0);
@@ -777,6 +773,22 @@ bool make_geometry(const int32_t* dims, const int32_t* windows, float scale, Geo
     return true;
 }
 
+// The compiled layouts: (queries per group, query rows per group, queries per score tile).
+template <int G_, int GY_, int SG_>
+struct Layout {
+    static constexpr int G = G_, GY = GY_, SG = SG_;
+};
+
+// fn(Layout<...>()) for the compiled layout (group, group_rows, sub_group); 1 for any other.
+template <typename Fn>
+int with_layout(int group, int group_rows, int sub_group, Fn fn) {
+    if (group == 2 && group_rows == 1 && sub_group == 2) return fn(Layout<2, 1, 2>());
+    if (group == 4 && group_rows == 1 && sub_group == 2) return fn(Layout<4, 1, 2>());
+    if (group == 4 && group_rows == 1 && sub_group == 4) return fn(Layout<4, 1, 4>());
+    if (group == 4 && group_rows == 2 && sub_group == 4) return fn(Layout<4, 2, 4>());
+    return 1;
+}
+
 // --- output tensors from a reusing pool, handed to torch through DLPack --------------------------
 //
 // torch allocates large tensors with mmap and returns them with munmap, so every fresh output
@@ -900,17 +912,12 @@ int64_t attnlab_na_pool_clear() {
 
 int attnlab_na_abi_version() { return 6; }
 
-// The compiled layouts: (queries per group, query rows per group, queries per score tile).
-static bool known_layout(int group, int group_rows, int sub_group) {
-    return (group == 2 && group_rows == 1 && sub_group == 2) || (group == 4 && group_rows == 1 && sub_group == 2) ||
-           (group == 4 && group_rows == 1 && sub_group == 4) || (group == 4 && group_rows == 2 && sub_group == 4);
-}
-
 // Floats per query of the probabilities attnlab_na_forward can save for the backward pass
 // (0 for a bad geometry or layout).
 int64_t attnlab_na_probs_stride(const int32_t* dims, const int32_t* windows, int group, int group_rows, int sub_group) {
     Geometry geo;
-    if (!make_geometry(dims, windows, 1.0f, geo) || !known_layout(group, group_rows, sub_group)) return 0;
+    if (!make_geometry(dims, windows, 1.0f, geo) || with_layout(group, group_rows, sub_group, [](auto) { return 0; }))
+        return 0;
     int64_t rows, width, sub_width;
     extents(geo, group, group_rows, sub_group, rows, width, sub_width);
     return rows * sub_width;
@@ -929,17 +936,13 @@ int attnlab_na_forward(const float* q, const float* k, const float* v, float* ou
                        const int32_t* dims, const int32_t* windows, float scale, int group, int group_rows,
                        int sub_group) {
     Geometry geo;
-    if (!make_geometry(dims, windows, scale, geo) || !known_layout(group, group_rows, sub_group)) return 1;
+    if (!make_geometry(dims, windows, scale, geo)) return 1;
     try {
-#define ATTNLAB_NA_FORWARD(G, GY, SG) \
-        if (group == G && group_rows == GY && sub_group == SG) \
-            return forward_impl<G, GY, SG>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1, geo);
-        ATTNLAB_NA_FORWARD(2, 1, 2)
-        ATTNLAB_NA_FORWARD(4, 1, 2)
-        ATTNLAB_NA_FORWARD(4, 1, 4)
-        ATTNLAB_NA_FORWARD(4, 2, 4)
-#undef ATTNLAB_NA_FORWARD
-        return 1;
+        return with_layout(group, group_rows, sub_group, [&](auto layout) {
+            using L = decltype(layout);
+            return forward_impl<L::G, L::GY, L::SG>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1,
+                                                    geo);
+        });
     } catch (const std::bad_alloc&) {
         return 2;
     }
@@ -952,19 +955,13 @@ int attnlab_na_backward(const float* q, const float* k, const float* v, const fl
                         const int32_t* dims, const int32_t* windows, float scale, int group, int group_rows,
                         int sub_group) {
     Geometry geo;
-    if (!make_geometry(dims, windows, scale, geo) || !known_layout(group, group_rows, sub_group)) return 1;
-    const bool zero = zero_grads != 0;
+    if (!make_geometry(dims, windows, scale, geo)) return 1;
     try {
-#define ATTNLAB_NA_BACKWARD(G, GY, SG) \
-        if (group == G && group_rows == GY && sub_group == SG) \
-            return backward_impl<G, GY, SG>(q, k, v, o, dout, lse, probs, probs_stride, zero, dq, dk, dv, bh0, bh1, \
-                                            group0, group1, geo);
-        ATTNLAB_NA_BACKWARD(2, 1, 2)
-        ATTNLAB_NA_BACKWARD(4, 1, 2)
-        ATTNLAB_NA_BACKWARD(4, 1, 4)
-        ATTNLAB_NA_BACKWARD(4, 2, 4)
-#undef ATTNLAB_NA_BACKWARD
-        return 1;
+        return with_layout(group, group_rows, sub_group, [&](auto layout) {
+            using L = decltype(layout);
+            return backward_impl<L::G, L::GY, L::SG>(q, k, v, o, dout, lse, probs, probs_stride, zero_grads != 0, dq,
+                                                     dk, dv, bh0, bh1, group0, group1, geo);
+        });
     } catch (const std::bad_alloc&) {
         return 2;
     }
