@@ -789,6 +789,18 @@ int with_layout(int group, int group_rows, int sub_group, Fn fn) {
     return 1;
 }
 
+// fn(geo) on the call's geometry; 1 for a bad geometry, 2 when memory ran out.
+template <typename Fn>
+int with_geometry(const int32_t* dims, const int32_t* windows, float scale, Fn fn) {
+    Geometry geo;
+    if (!make_geometry(dims, windows, scale, geo)) return 1;
+    try {
+        return fn(geo);
+    } catch (const std::bad_alloc&) {
+        return 2;
+    }
+}
+
 // --- output tensors from a reusing pool, handed to torch through DLPack --------------------------
 //
 // torch allocates large tensors with mmap and returns them with munmap, so every fresh output
@@ -935,17 +947,13 @@ int attnlab_na_forward(const float* q, const float* k, const float* v, float* ou
                        int64_t probs_stride, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1,
                        const int32_t* dims, const int32_t* windows, float scale, int group, int group_rows,
                        int sub_group) {
-    Geometry geo;
-    if (!make_geometry(dims, windows, scale, geo)) return 1;
-    try {
+    return with_geometry(dims, windows, scale, [&](const Geometry& geo) {
         return with_layout(group, group_rows, sub_group, [&](auto layout) {
             using L = decltype(layout);
             return forward_impl<L::G, L::GY, L::SG>(q, k, v, out, lse, probs, probs_stride, bh0, bh1, group0, group1,
                                                     geo);
         });
-    } catch (const std::bad_alloc&) {
-        return 2;
-    }
+    });
 }
 
 // probs: those saved by the forward call with the same geometry, or null (recomputed).
@@ -954,17 +962,13 @@ int attnlab_na_backward(const float* q, const float* k, const float* v, const fl
                         float* dk, float* dv, int64_t bh0, int64_t bh1, int64_t group0, int64_t group1,
                         const int32_t* dims, const int32_t* windows, float scale, int group, int group_rows,
                         int sub_group) {
-    Geometry geo;
-    if (!make_geometry(dims, windows, scale, geo)) return 1;
-    try {
+    return with_geometry(dims, windows, scale, [&](const Geometry& geo) {
         return with_layout(group, group_rows, sub_group, [&](auto layout) {
             using L = decltype(layout);
             return backward_impl<L::G, L::GY, L::SG>(q, k, v, o, dout, lse, probs, probs_stride, zero_grads != 0, dq,
                                                      dk, dv, bh0, bh1, group0, group1, geo);
         });
-    } catch (const std::bad_alloc&) {
-        return 2;
-    }
+    });
 }
 
 }  // extern "C"
