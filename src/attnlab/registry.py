@@ -16,6 +16,11 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 LAYOUTS = ("seq", "2d", "3d", "cross", "pool")
+# Where a mechanism's formula comes from (MechanismSpec.provenance; the details go in `source`):
+#   official-code   the authors' released code: "owner/repo path/file.py::Name"
+#   paper           the paper's equations: "Sec. 3, Eqs. (4)-(6)"
+#   reconstruction  no code and no equation to follow: what was guessed, in `source`
+PROVENANCES = ("official-code", "paper", "reconstruction")
 BACKENDS = ("sdpa", "reference", "flex", "blocked")  # blocked: the neighborhood CPU kernel
 
 
@@ -38,6 +43,8 @@ class MechanismSpec:
     backends: tuple[str, ...] = ()  # ops.attention backends it can run on
     variants: tuple[str, ...] = ()  # values of its `variant` option ("name:variant" in create)
     url: str = ""
+    provenance: str = ""            # one of PROVENANCES ("" only for throwaway test specs)
+    source: str = ""                # repository + file, equation numbers, or what was reconstructed
     # A tiny configuration for the shared test suite (options only, dim/num_heads are chosen
     # by the suite). Excluded from hashing/equality because a mapping is not hashable.
     test_kwargs: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -51,6 +58,11 @@ class MechanismSpec:
             raise ValueError(f"spec name must be lower snake_case, got {self.name!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"spec {self.name!r}: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.provenance and self.provenance not in PROVENANCES:
+            raise ValueError(f"spec {self.name!r}: provenance must be one of {PROVENANCES}, got {self.provenance!r}")
+        if self.provenance and not self.source:
+            raise ValueError(f"spec {self.name!r}: provenance {self.provenance!r} needs a source "
+                             "(repository + file, equation numbers, or what was reconstructed)")
         unknown = set(self.backends) - set(BACKENDS)
         if unknown:
             raise ValueError(f"spec {self.name!r}: unknown backends {sorted(unknown)}, known {BACKENDS}")

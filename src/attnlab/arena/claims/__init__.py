@@ -59,6 +59,9 @@ class Report:
     notes: list[str] = field(default_factory=list)  # setup, deviations from the paper, caveats
     figures: list[Path] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)  # raw numbers (saved as JSON beside the page)
+    # Which training budget the run used and why it is enough: the baseline's curve has
+    # flattened (say by how much over the last part), or it has not and the verdict is provisional.
+    budget: str = ""
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -91,6 +94,8 @@ def render(claim: Claim, report: Report, command: str, seconds: float) -> str:
              f"Reproduce: `{command}`  ", f"Machine: {machine()}; {seconds:.0f} s; {date}.", ""]
     if claim.url:
         parts += [f"Paper: {claim.url}", ""]
+    if report.budget:
+        parts += [f"**Budget.** {report.budget}", ""]
     for t in report.tables:
         parts += [t.to_markdown(), ""]
     for fig in report.figures:
@@ -167,7 +172,8 @@ def main(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     _atomic_write(out / f"{claim.name}.md", page)
     _atomic_write(out / f"{claim.name}.json", json.dumps(
         {"claim": claim.name, "verdict": report.verdict, "command": command, "machine": machine(),
-         "seconds": seconds, "options": {k: str(v) for k, v in vars(opts).items()}, "data": report.data},
+         "seconds": seconds, "budget": report.budget, "options": {k: str(v) for k, v in vars(opts).items()},
+         "data": report.data},
         indent=1, default=str))
     print(page)
     print(f"wrote {out / (claim.name + '.md')}")
