@@ -1,46 +1,43 @@
-"""Selective self-attention (SSA): softmax attention with learned query and value temperatures.
+"""Selective self-attention (SSA): softmax attention whose scores carry a position temperature.
 
 Paper: Selective Attention: Enhancing Transformer through Principled Context Control
 (Zhang, Chang, Li, Roy-Chowdhury, Chen, Oymak; NeurIPS 2024, arXiv 2411.12892).
-Implements: the SSA layer of Section 3 on top of multi-head attention. Each query is scaled by an
-inverse temperature that depends on the token and on its position, each value by one that
-depends on the token:
+Code: umich-sota/selective_attention, lit_gpt/model_finetune_att.py::CausalSelfAttention
+(`scaled_dot_product_attention`), which the default here follows:
 
-    tau_q(x_i, n_i) = tau_pos(n_i) + tau_tok(x_i)
-    tau_pos(n)      = 1 + sigmoid(alpha_h) * log(n)            n = 1-based absolute position
-    tau_tok(x)      = tanh(<w_h, q_h(x)>)                      q_h(x) = W_q^h x (weight sharing)
-    tau_v(x)        = 1 + tanh(<u_g, v_g(x)>)                  v_g(x) = W_v^g x (weight sharing)
-    out_i           = sum_j softmax_j(tau_q,i * q_i . k_j / sqrt(d)) * tau_v,j * v_j
+    s_ij   = q_i . k_j / sqrt(d)
+    s'_ij  = s_ij * (1 + exp(-exp(beta)) * log(n_i))       n_i = 1-based position of query i
+    out_i  = sum_j softmax_j(s'_ij) v_j
 
-Weight sharing: the token temperatures reuse the query / value projections that attention
-computes anyway and add one vector per head (w_h, u_g in R^d) and one scalar per head
-(alpha_h): 2 * dim + num_heads new parameters with multi-head attention, about 0.07% of an
-attention layer at dim 768 / 12 heads (the paper reports < 0.5% for a whole model).
-Status: full SSA (query temperature with token and position terms, value temperature). The
-scaled q and v go through `attnlab.ops.attention`, so masks, causal alignment and backends are
-the shared ones. With every temperature switched off (`query_temp=False, pos_temp=False,
-value_temp=False`), or with w = u = 0 and alpha -> -inf, it is `mhsa` exactly; the parameter
-names `qkv` / `proj` match `mhsa`, so an `mhsa` state dict loads with `strict=False` (only the
-temperature parameters are missing).
+with one learned scalar beta per layer, initialised to 2.0 (`beta_init`; the released code's
+value, so exp(-exp(2)) ~ 6.2e-4 and a fresh layer is almost plain attention). That code has only
+this position term: no token-dependent and no value temperature.
+Opt-in (off by default, attnlab's reading of the paper's Sec. 3, see Deviations):
+- `query_temp=True`: a token term added to the query's inverse temperature,
+  tau_q,i = 1 + exp(-exp(beta)) log(n_i) + tanh(<w_h, q_h,i>)   (w_h in R^d, one per head);
+- `value_temp=True`: a value temperature, v_j <- (1 + tanh(<u_g, v_g,j>)) v_j (u_g per kv head).
+Weight sharing: the token terms reuse the q / v projections attention computes anyway, so SSA
+adds 1 parameter by default and h d + h_kv d + 1 with both token terms (0.07% of a 768 / 12
+layer; the paper reports < 0.5% for a whole model).
+Status: the released code's computation by default, on `attnlab.ops.attention` (the row factor
+is applied to q, which scales the whole score row of query i exactly as the released code
+scales `att`), so masks, causal alignment, GQA, the KV cache and backends are the shared ones.
+With every temperature off (`pos_temp=False`, token terms off) or beta -> +inf it is `mhsa`
+exactly; the parameter names `qkv` / `proj` match `mhsa`, so an `mhsa` state dict loads with
+`strict=False` (only the temperature parameters are missing).
 Deviations:
-- Sources: the equations of the paper's Section 3 ("Methodology: Selective Attention Layer")
-  could not be read in full here, so no equation numbers are cited. The forms come from the
-  paper's released code (umich-sota/selective_attention, which carries only the position term,
-  score * (1 + c * log(row length)) with c = exp(-exp(beta))), the paper's ablation tables, whose
-  column "tau_pos + tau_tok" is read as an additive combination, and summaries of the paper giving
-  tau_pos = 1 + sigmoid(alpha) log n and tau_tok = tanh(f(x)).
-- Weight sharing: f(x) is read as <w_h, W_q^h x> (resp. <u_g, W_v^g x>), i.e. the shared
-  projection followed by a head-wise vector; alpha is one scalar per head (the released code
-  used one per layer).
-- The value temperature has no position term: the position term counters attention dilution,
-  which concerns the number of keys a query sees, not the value's own index. Its offset 1 plays
-  the role of tau_pos(1), so tau_v in (0, 2) and tau_v = 1 when u = 0.
-- n is the query's 1-based absolute position (cache length + index in the chunk), also without
-  `is_causal`, so a padding mask or a KV cache never changes a token's temperature. For causal
-  attention n equals the number of keys the query sees, the paper's row length.
-- Initialisation: w = u = 0 (tau_tok = 0) and sigmoid(alpha) ~ 6e-4 (alpha_init=-7.4, close to
-  the released code's exp(-exp(2))), so a fresh layer starts as (almost) plain attention, as
-  for fine-tuning a pretrained model. `temp_std > 0` draws w and u at random instead.
+- Sources: the paper's Section 3 ("Methodology: Selective Attention Layer") could not be read
+  here (only its abstract, figure captions and an ablation-table caption naming tau_pos, tau_tok
+  and "tau_pos + tau_tok" for q and v). The token and value temperatures are therefore a
+  reconstruction: tau_tok = tanh(<w_h, W_q^h x>) and tau_v = 1 + tanh(<u_g, W_v^g x>) (shared
+  projection plus one vector per head), added to the position term. Until the paper's
+  equations are at hand they are opt-in and the default is the released code.
+- Position under a KV cache: n_i is the absolute position (cache length + index in the chunk),
+  also without `is_causal`, so cached decoding equals the full forward. The released code
+  indexes its row-length buffer by the chunk's own rows (n restarts at 1 for each chunk); for a
+  single full-sequence forward, which is all it is used for there, the two agree.
+- The released code computes the factor in the module's dtype; here it is computed in float32
+  (float64 for float64 input) and cast to q's dtype.
 """
 from __future__ import annotations
 
@@ -80,15 +77,21 @@ def _check_float(arg: str, value, *, min_value: float | None = None) -> float:
     memory="O(N) with fused SDPA, O(N^2) eager", exact=False,
     causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/2411.12892",
-    test_kwargs=dict(qkv_bias=True, alpha_init=0.0, temp_std=0.5),
-    test_configs=(dict(num_kv_heads=2, alpha_init=0.0, temp_std=0.5),)))
+    provenance="official-code",
+    source=("umich-sota/selective_attention lit_gpt/model_finetune_att.py::CausalSelfAttention."
+            "scaled_dot_product_attention: scores * (1 + exp(-exp(beta)) * log(n)), one beta per layer, "
+            "init 2.0 (the default). Opt-in query_temp / value_temp token terms are a reconstruction "
+            "of Sec. 3 (paper text not read): tanh(<w_h, q_h>) added to the query factor, "
+            "1 + tanh(<u_g, v_g>) on the values"),
+    test_kwargs=dict(qkv_bias=True, beta_init=0.0),
+    test_configs=(dict(num_kv_heads=2, query_temp=True, value_temp=True, beta_init=0.0, temp_std=0.5),)))
 class SelectiveAttention(nn.Module):
     """x (B, N, C) -> (B, N, C). Temperatures and softmax run in float32 (float64 for float64)."""
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, num_kv_heads: int | None = None, proj_bias: bool = True,
-                 scale: float | None = None, query_temp: bool = True, pos_temp: bool = True,
-                 value_temp: bool = True, alpha_init: float = -7.4, temp_std: float = 0.0,
+                 scale: float | None = None, pos_temp: bool = True, query_temp: bool = False,
+                 value_temp: bool = False, beta_init: float = 2.0, temp_std: float = 0.0,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims(NAME, dim, num_heads)
@@ -105,7 +108,7 @@ class SelectiveAttention(nn.Module):
         self.query_temp = _check_flag("query_temp", query_temp)
         self.pos_temp = _check_flag("pos_temp", pos_temp)
         self.value_temp = _check_flag("value_temp", value_temp)
-        alpha_init = _check_float("alpha_init", alpha_init)
+        beta_init = _check_float("beta_init", beta_init)
         temp_std = _check_float("temp_std", temp_std, min_value=0.0)
         for arg, flag in (("qkv_bias", qkv_bias), ("proj_bias", proj_bias)):
             _check_flag(arg, flag)
@@ -120,12 +123,13 @@ class SelectiveAttention(nn.Module):
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * d, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        # SSA's additions: one vector per head for each token temperature, one scalar per head
-        # for the position temperature. A switched-off temperature has no parameter at all.
+        # SSA's additions: one scalar per layer for the position temperature (the released code's
+        # `beta`), and, opt-in, one vector per head for each token temperature. A switched-off
+        # temperature has no parameter at all.
+        self.tau_pos_beta = nn.Parameter(torch.empty((), **factory)) if pos_temp else None
         self.tau_q_weight = nn.Parameter(torch.empty(num_heads, d, **factory)) if query_temp else None
         self.tau_v_weight = nn.Parameter(torch.empty(num_kv_heads, d, **factory)) if value_temp else None
-        self.tau_pos_alpha = nn.Parameter(torch.empty(num_heads, **factory)) if pos_temp else None
-        self._alpha_init, self._temp_std = alpha_init, temp_std
+        self._beta_init, self._temp_std = beta_init, temp_std
         self.reset_temperatures()
         # Identity hook points for probes (see attnlab.probes): shapes in comments.
         self.hook_q = nn.Identity()      # (B, h, N, d), before the temperature
@@ -136,7 +140,7 @@ class SelectiveAttention(nn.Module):
         self.hook_out = nn.Identity()    # (B, h, N, d), per-head outputs before proj
 
     def reset_temperatures(self) -> None:
-        """Re-initialise the temperature parameters (w, u ~ N(0, temp_std^2), alpha = alpha_init)."""
+        """Re-initialise the temperature parameters (beta = beta_init, w, u ~ N(0, temp_std^2))."""
         with torch.no_grad():
             for weight in (self.tau_q_weight, self.tau_v_weight):
                 if weight is None:
@@ -145,18 +149,18 @@ class SelectiveAttention(nn.Module):
                     weight.normal_(0.0, self._temp_std)
                 else:
                     weight.zero_()
-            if self.tau_pos_alpha is not None:
-                self.tau_pos_alpha.fill_(self._alpha_init)
+            if self.tau_pos_beta is not None:
+                self.tau_pos_beta.fill_(self._beta_init)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"query_temp={self.query_temp}, pos_temp={self.pos_temp}, value_temp={self.value_temp}")
+                f"pos_temp={self.pos_temp}, query_temp={self.query_temp}, value_temp={self.value_temp}")
 
     # --- temperatures ---------------------------------------------------------------------------
 
     def query_temperature(self, q: Tensor, start: int = 0) -> Tensor | None:
-        """tau_q = 1 + sigmoid(alpha) log(n) + tanh(<w, q>) for q (B, h, N, d) at absolute positions
-        start .. start + N - 1; returns (B|1, h, N, 1) in the compute dtype, or None if off."""
+        """tau_q = 1 + exp(-exp(beta)) log(n) [+ tanh(<w, q>) with query_temp] for q (B, h, N, d) at
+        absolute positions start .. start + N - 1; (B|1, h, N, 1) in the compute dtype, or None if off."""
         if not (self.query_temp or self.pos_temp):
             return None
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -164,8 +168,8 @@ class SelectiveAttention(nn.Module):
         tau = torch.ones(1, h, N, 1, dtype=compute, device=q.device)
         if self.pos_temp:
             n = torch.arange(start + 1, start + N + 1, dtype=compute, device=q.device)   # (N,)
-            coef = torch.sigmoid(self.tau_pos_alpha.to(compute))                        # (h,)
-            tau = tau + (coef[:, None] * torch.log(n)[None, :])[None, :, :, None]        # (1, h, N, 1)
+            coef = torch.exp(-torch.exp(self.tau_pos_beta.to(compute)))                 # () one per layer
+            tau = tau + coef * torch.log(n)[None, None, :, None]                         # (1, h, N, 1)
         if self.query_temp:
             f = torch.einsum("bhnd,hd->bhn", q.to(compute), self.tau_q_weight.to(compute))
             tau = tau + torch.tanh(f)[..., None]                                          # (B, h, N, 1)
