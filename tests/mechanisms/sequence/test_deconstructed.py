@@ -606,3 +606,21 @@ def test_hybrid_stack_runs_and_decodes_with_a_cache():
     cache = body.new_cache()
     steps = [body(x[:, i:i + 1], is_causal=True, cache=cache) for i in range(6)]
     assert_close(torch.cat(steps, dim=1), full, **TIGHT)
+
+
+def test_non_approximate_without_causal_mask_gives_every_query_the_same_row():
+    """Eq. 7, A = Softmax((Q o K) 1^T / sqrt(d_h)): a key's score s_j = SiLU(q_j).k_j / sqrt(d) does
+    not involve the query, so with every key visible all rows of A, and all outputs, are equal:
+    out_i = sum_j softmax_j(s_j) v_j for every i (the paper, arXiv 2510.11602 Sec. 3.3)."""
+    m = build("non_approximate")
+    B, N, C, h = 2, 5, DIM, HEADS
+    d = C // h
+    x = torch.randn(B, N, C, dtype=torch.float64)
+    Q = F.silu(split_heads(linear(x, m.qk)[..., :C], h))                   # Eq. 8
+    K = split_heads(linear(x, m.qk)[..., C:], h)
+    V = split_heads(linear(x, m.v), h)
+    w = torch.softmax((Q * K).sum(-1) / math.sqrt(d), dim=-1)               # (B, h, N) over keys
+    O = torch.einsum("bhj,bhjd->bhd", w, V)[:, :, None].expand(B, h, N, d)
+    y = m(x)
+    assert_close(y, linear(O.transpose(1, 2).reshape(B, N, C), m.proj), **TIGHT)
+    assert_close(y, y[:, :1].expand_as(y), **TIGHT)

@@ -30,10 +30,15 @@ Deviations and readings:
   (which Eq. 6 and Based define). Computed in its quadratic form; T(s) >= 1/2, so no row divides
   by zero. A float mask m multiplies the weights by exp(m) (what adding m to the scores does for
   softmax), so -inf removes a key and bool and float masks agree.
-- Non-approximate (Eq. 7, 18): the score of key j is its own s_j = SiLU(q_j).k_j / sqrt(d), and
-  query i averages the values of its visible keys with weights softmax_j(s_j) (Eq. 18 is the
-  causal recurrence). Without a causal mask every query row sees the same keys and gets the
-  same output; that is the formula, not a bug.
+- Non-approximate (Eq. 7-8, 18): the score of key j is its own s_j = SiLU(q_j).k_j / sqrt(d), and
+  query i averages the values of its visible keys with weights softmax_j(s_j). Checked against
+  the paper's text (arXiv 2510.11602v1, Sec. 3.3 and App. I): Eq. 7 is A = Softmax((Q o K) 1^T
+  / sqrt(d_h)), "element-wise self-gating, multiplying Q and K derived from the same hidden
+  state, and normalizes the result across time steps", Q = SiLU(H W_Q) (Eq. 8), and Eq. 18
+  writes o_i = (sum_{j<i} e^{q_j k_j} v_j + e^{q_i k_i} v_i) / (sum_{j<i} e^{q_j k_j} + e^{q_i k_i}),
+  whose denominator "strictly increases with the index i". The weights depend on the key
+  alone by design; the paper only trains causal LMs. Without a causal mask every query row sees
+  the same keys and gets the same output; that is the formula, not a misreading.
 - MLP (Eq. 4-5): "each token ... only attending to itself": the attention matrix is the
   identity, so the output of token i is GatedMLP(x_i) when token i may attend to itself
   (key i allowed for query i, per head slice of the output), and zero otherwise. Hidden width
@@ -165,6 +170,12 @@ def _taylor_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Te
     memory="O(N^2) (O(N) on SDPA for the softmax variants)",
     exact=False, causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/2510.11602", variants=VARIANTS,
+    provenance="paper",
+    source=("arXiv 2510.11602v1: Sec. 3, Eqs. 1-3 (standard), 4-5 (mlp), 6 (approximate), 7-8 "
+            "(non_approximate, key-only self-gated scores; recurrent form Eq. 18, App. I), 9-12 "
+            "(rnd_emb_qk, fixed_seq_qk), 13 (static_emb_qk); hybrids from Table 11. `fixed` is "
+            "attnlab's extension, not in the paper. The authors' code (HUIYINXUE/DeconAttn) was "
+            "not reachable"),
     test_kwargs=dict(variant="rnd_emb_qk", max_seq_len=16, seed=0),
     test_configs=tuple(dict(variant=v, max_seq_len=16, seed=0)
                        for v in ("standard", "approximate", "non_approximate", "fixed"))))
