@@ -31,11 +31,23 @@ Status: softmax attention over these similarities through `attnlab.ops.attention
 approximation; spec.exact is False because most configurations compute a different function
 than mhsa), with causal, masks and a KV cache. With collapse_qk=True and W_h = W_q,h W_k,h^T the scores equal
 mhsa's q k^T * scale (tests/mechanisms/sequence/test_minimal.py checks it).
-Deviations (the paper's text was not at hand in full; these are the readings chosen):
+Sources: checked against the text of arXiv 2410.13732v2 (its display equations were not rendered
+in the copy read, so sections rather than equation numbers are cited): Sec. 2 (no MLP), Sec. 3
+(single head: W^Q W^K^T collapsed to W^QK, W^V W^O to W^VO; "delete the value transformations",
+done in their Keras code by setting W^V and W^O to unit matrices, giving a convex combination of
+the inputs; the collapse by "setting W^K to a unit matrix", W^QK replacing W^Q), Sec. 4 (several
+heads: a collapsed W^QK_h is N x N per head, "no longer efficient"; omitting W^VO_h keeps the
+convex combination), Sec. 5 (symmetry: W^Q = W^K, or a W^QK mirrored over the diagonal,
+N(N+1)/2 parameters). The paper's experiments use the collapsed and value-free variants with one
+head only; the multi-head forms of those two are this file's generalisation.
+Deviations (readings where the text does not decide):
 - Scale: scores are multiplied by `scale` = 1/sqrt(d), d = C / h, as in mhsa, also when
-  collapsed (the paper's W could absorb it) so that collapsing reproduces mhsa's scores exactly.
+  collapsed (the paper's W could absorb it) so that collapsing reproduces mhsa's scores exactly;
+  their Keras implementation (W^K = I inside a standard attention layer) keeps that layer's
+  1/sqrt(key width) as well.
 - collapse_vo="none" with several heads averages the heads (W_vo,h = I / h), the reading under
-  which the output is a convex combination of the input tokens.
+  which the output stays a convex combination of the input tokens (Sec. 4 asks for that, without
+  saying how the heads combine).
 - With collapse_qk the keys are the inputs x, shared by all heads (one key head), and so are the
   values for collapse_vo "one"/"none", whose matrices are applied to the averages afterwards
   ((P_h X) W_vo,h = P_h (X W_vo,h)). For collapse_vo="separate" the values of all heads travel
@@ -80,6 +92,11 @@ def _check_bool(name: str, value) -> None:
     memory="O(N) with fused SDPA, O(N^2) eager", exact=False, causal=True, attn_mask=True,
     kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/2410.13732",
+    provenance="paper",
+    source=("arXiv 2410.13732v2 Sec. 3 (collapse W^Q W^K^T -> W^QK and W^V W^O -> W^VO; W^V = W^O = I "
+            "for a convex combination), Sec. 4 (multi-head), Sec. 5 (symmetric: W^Q = W^K or a "
+            "mirrored W^QK); the multi-head collapsed / value-free forms (heads averaged) and the "
+            "1/sqrt(d) scale when collapsed are attnlab's readings"),
     test_kwargs=dict(collapse_qk=True, symmetric=True, collapse_vo="one"),
     test_configs=(dict(collapse_qk=False, collapse_vo="separate", qkv_bias=True), dict(collapse_vo="none"))))
 class MinimalAttention(nn.Module):
