@@ -37,11 +37,23 @@ Tree format (`forward(x, tree=...)`), one tree shared by the batch:
 - `tree=None` is the flat hierarchy: plain multi-head softmax attention through
   `attnlab.ops.attention` (same weights and names as `mhsa`, so an mhsa state dict loads).
 Status: the derived attention and its DP as above; training and inference on a given tree.
-Deviations / readings (the paper text was not at hand in full while writing this file; the
-formulas are derived here from its stated principles, so no equation numbers are cited):
-- The block constraint is read as two-sided (all rows of A share their weights on B), which
-  makes the block energy the mean pairwise energy, bilinear in subtree-mean q and k, hence the
-  efficient DP. Queries live at the leaves only (no embeddings on internal nodes).
+Sources: the paper's PDF could not be read here and no code is released. The DP was first
+derived from the abstract's principle (entropy minimisation, closest to softmax); it was then
+checked against the paper's Sec. 3 formulas as transcribed in a NeurIPS 2025 paper note
+(papernotes, "Hierarchical Self-Attention ..."): the block energy
+    psi(A -> B) = -eps(A')^T eps(B') + 1 / (2 sqrt(d) |A| |B|) sum_{i in A, j in B} ||q_i - k_j||^2
+(a mean over the leaf pairs of A and B: the two-sided block constraint read here), and the
+recursion phi(A) = -sum_{B child of A} (|B| / |A|) log[exp(-phi(B)) + sum_{C sibling of B}
+|C| exp(-psi(B -> C))], which is g_A and L_a above with g = -phi, s = -psi; Theorem 3.2 (the
+KL-closest block-constrained matrix to flat softmax) is what the tests solve numerically.
+Deviations / readings:
+- Energy: the dot product s(A, B) = scale mean_A(q) . mean_B(k) instead of the mean squared
+  distance. With q and k of fixed norm (the LayerNorm of the paper's Prop. 3.1) the two differ by
+  a constant, which cancels at every level (each node's weights |B| / |A| sum to one); without
+  that normalisation they differ. Queries live at the leaves only; a leaf's own energy is
+  g_i = s_ii (phi(i) = psi(i -> i), not in the note), so that a flat tree is softmax.
+- No positional term: the paper's -eps(A')^T eps(B') (sibling positional embeddings) is left to
+  the caller's embeddings.
 - Masks, causal attention and the KV cache are not supported (spec False, NotImplementedError):
   a block's energy averages the queries of a whole subtree, so a token's output depends on
   later tokens of its subtree and no causal order can hold; an arbitrary (N, M) mask breaks the
@@ -338,7 +350,14 @@ def hierarchical_attention(q: Tensor, k: Tensor, v: Tensor, tree: CompiledTree, 
     time="O(sum_A c_A^2 d + N depth d) for c_A children per node (O(N^2 d) flat)",
     memory="O(sum_A c_A^2 d + N depth d) (gathered pairs; O(N^2 d) flat)", exact=False,
     causal=False, attn_mask=False, kv_cache=False, backends=("sdpa", "flex", "reference"),
-    url="https://arxiv.org/abs/2509.15448", test_kwargs=dict(qkv_bias=True)))
+    url="https://arxiv.org/abs/2509.15448",
+    provenance="paper",
+    source=("arXiv 2509.15448 Sec. 3: block energy psi(A->B) (mean over leaf pairs) and the recursion "
+            "phi(A) = -sum_B |B|/|A| log[e^-phi(B) + sum_C |C| e^-psi(B->C)], Theorem 3.2, as "
+            "transcribed in a NeurIPS 2025 paper note (the PDF was not read; no code released). "
+            "Readings: dot-product energy (equal to the squared distance only for fixed-norm q, k), "
+            "no positional eps term"),
+    test_kwargs=dict(qkv_bias=True)))
 class HierarchicalAttention(nn.Module):
     """x (B, N, C), tree -> (B, N, C). `tree=None` is flat: exactly mhsa with the same weights.
 
