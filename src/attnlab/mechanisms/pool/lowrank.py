@@ -19,10 +19,21 @@ The affinity is a dot product between a key k_i = sigma(U^T h_i) (shared by all 
 per-head query q_j = P_j o sigma(V^T c), so the pooling runs through `attnlab.ops.attention`
 (one query per head, one shared key/value head, scale 1) with attnlab's mask conventions.
 
-Status: x (B, N, C) -> (B, h C) or (B, out_dim); `attn_mask` is a (B, N) key-padding mask
-(bool, True = token present; or float, added to the scores); a sample with no valid token
-outputs zeros (also after the `out_dim` projection).
-Deviations (the paper's equations were not at hand in full; these are the readings chosen):
+Status: a reconstruction (see Sources). x (B, N, C) -> (B, h C) or (B, out_dim); `attn_mask`
+is a (B, N) key-padding mask (bool, True = token present; or float, added to the scores); a
+sample with no valid token outputs zeros (also after the `out_dim` projection).
+Sources: a reconstruction. Only the abstract (arXiv 1912.00835; v2 titled "Compact Multi-Head
+Self-Attention for Learning Supervised Text Representations") could be read here: "low-rank
+matrix factorization of the affinity matrix to efficiently get multiple attention distributions
+instead of having separate parameters for each head" and "attention scores are obtained by
+querying a global context vector". The bilinear form above is low-rank bilinear pooling (Kim et
+al. 2017, f = P^T(sigma(U^T x) o sigma(V^T y)) + b) applied to (h_i, c), which is this file's
+reading; the paper's own equations (Sec. 3) were not seen. A third-party port
+(JohnGiorgi/compact-multi-head-self-attention-pytorch, modules/lama.py::LAMA, "not one of the
+authors") reads it differently: scores tanh((P^T c) o (Q^T h_i)) with P, Q in R^{C x h} (rank =
+heads, the activation after the product) and cites an L2 normalisation in "Eq. 3.13" that it
+leaves out. Check against the paper before relying on the exact form.
+Deviations (readings chosen):
 - The bias b of low-rank bilinear pooling (f = P^T(...) + b) is left out: a per-head constant
   does not change a softmax over tokens.
 - No scaling of the scores (the paper has none); sigma is tanh by default, `activation=
@@ -51,7 +62,14 @@ _ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda t: t}
     name="lowrank", paper="Low Rank Factorization for Compact Multi-Head Self-Attention", year=2019,
     family="softmax", layout="pool", time="O(N C k)", memory="O(N (k + h))", exact=False,
     causal=False, attn_mask=True, kv_cache=False, backends=("sdpa", "reference"),
-    url="https://arxiv.org/abs/1912.00835", test_kwargs=dict(rank=8)))
+    url="https://arxiv.org/abs/1912.00835",
+    provenance="reconstruction",
+    source=("abstract only (arXiv 1912.00835): low-rank factorised affinity, global context vector. "
+            "Guessed: low-rank bilinear pooling f_i = P^T(tanh(U^T h_i) o tanh(V^T c)) (Kim et al. "
+            "2017) with rank k = dim // heads, no bias, no score scaling, no L2 normalisation; a "
+            "third-party port (JohnGiorgi/compact-multi-head-self-attention-pytorch modules/lama.py) "
+            "reads tanh((P^T c) o (Q^T h_i)) instead"),
+    test_kwargs=dict(rank=8)))
 class LowRankPooling(nn.Module):
     """x (B, N, C) -> (B, h C) (heads concatenated, head-major) or (B, out_dim).
 
