@@ -23,6 +23,12 @@ link) could not be consulted while writing this file, so no equation numbers are
 formulas above are the reading that the name, the abstract and the HTR setting (neighbouring
 columns of a text-line feature map belong to the same character) support best; they should be
 checked against the paper's Section on the Combined Attention when it is at hand.
+Re-checked for issue 12 (Fidelity): the paper's HTML (arxiv.org/html/2412.18524v1) is stored by
+the search service, but only its title and abstract could be read through it; no mirror of the
+body, no citing paper describing Proxima Attention's formula, and no copy of the code were
+found, and the code link is dead (paperswithnocode.com/paper/2412.18524: "Declared Dead",
+404). Both specs stay provenance="reconstruction": everything below the abstract's two
+sentences (the Gaussian form, the learned width, the scalar gate) is guessed.
 Deviations (readings chosen):
 - Proximity prior: Gaussian in |i - j| added to the logits (a multiplicative kernel on the
   softmax weights), one learned width per head, initialised to `sigma` tokens. An additive log
@@ -53,6 +59,15 @@ from attnlab.registry import MechanismSpec, register
 
 PAPER = "HTR-JAND: Handwritten Text Recognition with Joint Attention Network and Knowledge Distillation"
 URL = "https://arxiv.org/abs/2412.18524"
+# Only the title and abstract were readable (arXiv 2412.18524); the code link
+# (github.com/DocumentRecognitionModels/HTR-JAND) is dead. What was guessed:
+SOURCE_PROXIMA = ("title + abstract only (arXiv 2412.18524; code repository 404). Guessed: softmax "
+                  "attention plus a per-head Gaussian proximity bias -(p_i - p_j)^2 / (2 sigma_h^2) "
+                  "on the logits, learned log-width, absolute positions aligned like is_causal")
+SOURCE_COMBINED = ("title + abstract only (arXiv 2412.18524; code repository 404): 'a Combined Attention "
+                   "mechanism fusing Multi-Head Self-Attention with Proxima Attention'. Guessed: "
+                   "sigmoid(g) * mhsa(x) + (1 - sigmoid(g)) * proxima(x), separate projections, one "
+                   "learned scalar gate")
 
 
 def _check_drop(name: str, attn_drop, proj_drop) -> None:
@@ -97,7 +112,8 @@ def with_proximity(bias: Tensor, attn_mask: Tensor | None, B: int, N: int, M: in
     name="proxima", paper=PAPER, year=2024, family="softmax", layout="seq",
     time="O(N^2 d)", memory="O(N^2) (materialised proximity bias)", exact=False,
     causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
-    url=URL, test_kwargs=dict(qkv_bias=True, sigma=2.0)))
+    url=URL, provenance="reconstruction", source=SOURCE_PROXIMA,
+    test_kwargs=dict(qkv_bias=True, sigma=2.0)))
 class ProximaAttention(nn.Module):
     """x (B, N, C) -> (B, N, C): softmax attention with a learned Gaussian proximity prior.
 
@@ -167,7 +183,8 @@ class ProximaAttention(nn.Module):
     name="combined", paper=PAPER, year=2024, family="softmax", layout="seq",
     time="O(N^2 d)", memory="O(N^2) (materialised proximity bias)", exact=False,
     causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
-    url=URL, test_kwargs=dict(qkv_bias=True, sigma=2.0, gate_init=0.5)))
+    url=URL, provenance="reconstruction", source=SOURCE_COMBINED,
+    test_kwargs=dict(qkv_bias=True, sigma=2.0, gate_init=0.5)))
 class CombinedAttention(nn.Module):
     """x (B, N, C) -> (B, N, C): alpha * mhsa(x) + (1 - alpha) * proxima(x), alpha learned.
 
