@@ -27,6 +27,12 @@ from attnlab.registry import MechanismSpec, register
     time="O(N^2 d)", memory="O(N) with fused SDPA, O(N^2) eager", exact=True,
     causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/1706.03762",
+    provenance="paper",
+    source=("Vaswani et al. 2017 Sec. 3.2.1 Eq. (1) (scaled dot-product) and Sec. 3.2.2 (multi-head); "
+            "parametrisation as timm timm/layers/attention.py::Attention (fused qkv reshaped "
+            "(B, N, 3, h, d), proj, q_norm/k_norm LayerNorm over the head dim); grouped-query heads "
+            "as GQA (Ainslie et al. 2023); softmax='edgemoe' is Edge-MoE's single-pass softmax "
+            "(attnlab.ops.numerics)"),
     test_kwargs=dict(qkv_bias=True),
     test_configs=(dict(num_kv_heads=2, qk_norm=True), dict(softmax="edgemoe"))))
 class MultiHeadAttention(nn.Module):

@@ -98,6 +98,11 @@ def check_image(x, dim: int) -> None:
     time="O(N w^2 C), w = block + 2 halo", memory="O(N w^2)", exact=False,
     causal=False, attn_mask=False, kv_cache=False, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/2103.12731",
+    provenance="paper",
+    source=("Vaswani et al. 2021 (HaloNet) blocked local self-attention with halos (Fig. 1) and the "
+            "SASA relative-logit softmax; the separable relative logits, unscaled rel. logits and "
+            "zero-padded border keys follow timm timm/layers/halo_attn.py::HaloAttn (stride 1), a "
+            "third-party port: no authors' code was released"),
     test_kwargs=dict(block_size=4, halo_size=1, qkv_bias=True)))
 class HaloAttention2d(nn.Module):
     """x (B, H, W, C) -> (B, H, W, C), H and W multiples of `block_size`.

@@ -39,6 +39,9 @@ from attnlab.registry import MechanismSpec, register
 
 PAPER = "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light"
 URL = "https://arxiv.org/abs/2504.16922"
+SOURCE = ("SHI-Labs/NATTEN src/natten/functional.py::na1d/na2d/na3d (kernel_size, dilation, GNA "
+          "stride and is_causal window rules; NATTEN is the GNA authors' library); qkv/proj as timm "
+          "timm/layers/attention.py::Attention; no relative position bias")
 
 
 def _effective(spatial, ks, dil, st):
@@ -138,6 +141,7 @@ class _Neighborhood(nn.Module):
     name="neighborhood1d", paper=PAPER, year=2025, family="local", layout="seq",
     time="O(N k d)", memory="O(N d) (CPU kernel: + one head's k, v per thread; training: + O(N k) saved probabilities where <= 4x q)", exact=False,
     causal=True, attn_mask=False, kv_cache=True, backends=("blocked", "flex", "reference"), url=URL,
+    provenance="official-code", source=SOURCE,
     test_kwargs=dict(kernel_size=3),
     test_configs=(dict(kernel_size=4, dilation=2),)))
 class NeighborhoodAttention1d(_Neighborhood):
@@ -227,6 +231,7 @@ class _SpatialNeighborhood(_Neighborhood):
     name="neighborhood2d", paper=PAPER, year=2025, family="local", layout="2d",
     time="O(H W k^2 d)", memory="O(H W d) (CPU kernel: + one head's k, v per thread; training: + O(H W k^2) saved probabilities where <= 4x q)", exact=False,
     causal=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
+    provenance="official-code", source=SOURCE,
     test_kwargs=dict(kernel_size=3)))
 class NeighborhoodAttention2d(_SpatialNeighborhood):
     """x (B, H, W, C) -> (B, H, W, C): a kernel_size window per axis (GNA rules).
@@ -250,6 +255,7 @@ class NeighborhoodAttention2d(_SpatialNeighborhood):
     name="neighborhood3d", paper=PAPER, year=2025, family="local", layout="3d",
     time="O(D H W k^3 d)", memory="O(D H W d) (CPU kernel: + one head's k, v per thread; training: + O(D H W k^3) saved probabilities where <= 4x q)", exact=False,
     causal=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
+    provenance="official-code", source=SOURCE,
     test_kwargs=dict(kernel_size=3)))
 class NeighborhoodAttention3d(_SpatialNeighborhood):
     """x (B, D, H, W, C) -> (B, D, H, W, C): a kernel_size window per axis (GNA rules).
