@@ -43,3 +43,21 @@ def test_missing_subcommand_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
         cli.main([])
     assert e.value.code == 2
+
+
+def test_list_has_a_provenance_column(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")                  # wide enough that no cell is cut
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "provenance" in out
+    for spec in list_specs():
+        row = next(line for line in out.splitlines() if f" {spec.name} " in line)
+        assert (spec.provenance or "-") in row, row
+
+
+def test_info_shows_provenance_and_source_lines(capsys):
+    assert cli.main(["info", "selective"]) == 0
+    out = capsys.readouterr().out
+    spec = list_specs(name="selective")[0]
+    assert f"provenance: {spec.provenance}" in out
+    assert f"source: {spec.source}" in out                 # in full, not cut by a table cell

@@ -17,10 +17,11 @@ def _cmd_list(args) -> int:
     table.add_column("name", no_wrap=True)   # names are what users copy: never wrapped
     for col in ("paper", "year", "layout", "time", "memory", "exact", "causal", "mask", "cache"):
         table.add_column(col)
+    table.add_column("provenance", no_wrap=True)  # official-code / paper / reconstruction
     for s in list_specs(**filters):
         yes = lambda b: "yes" if b else "-"  # noqa: E731
         table.add_row(s.name, s.paper, str(s.year), s.layout, s.time, s.memory, yes(s.exact),
-                      yes(s.causal), yes(s.attn_mask), yes(s.kv_cache))
+                      yes(s.causal), yes(s.attn_mask), yes(s.kv_cache), s.provenance or "-")
     Console().print(table)
     return 0
 
@@ -41,11 +42,14 @@ def _cmd_info(args) -> int:
     console = Console()
     table = Table(title=f"{spec.name}: {spec.paper} ({spec.year})", show_header=False)
     for f in dataclasses.fields(spec):
-        if f.name != "cls":
+        if f.name not in ("cls", "provenance", "source"):   # those two get their own lines below
             value = getattr(spec, f.name)
             table.add_row(f.name, str(dict(value) if f.name == "test_kwargs" else value))
     table.add_row("class", f"{spec.cls.__module__}.{spec.cls.__qualname__}")
     console.print(table)
+    # Where the formula comes from (registry.PROVENANCES), in full: never cut by the table width.
+    console.print(f"provenance: {spec.provenance or '-'}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"source: {spec.source or '-'}", markup=False, highlight=False, soft_wrap=True)
     options = Table(title="options (attnlab.create(name, dim, num_heads, **options))")
     options.add_column("option")
     options.add_column("default")
