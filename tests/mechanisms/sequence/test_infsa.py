@@ -8,7 +8,8 @@ parameters and no attnlab code:
 
     A = [q k^T scale + float mask]_+, disallowed entries 0
     infsa:        A_hat = A / (||A over the rows of attended tokens||_F + eps)   (or per row)
-                  out   = sum_{t=1..T} gamma^t A_hat^t v     or   (inv(I - gamma A_hat) - I) v
+                  out   = gamma A_hat v   (variant "official", the default: one hop)
+                  out   = sum_{t=1..T} gamma^t A_hat^t v   or   (inv(I - gamma A_hat) - I) v   ("series")
     linear_infsa: q_bar = sum_i ||q_i|| q_i / (sum ||q_i|| + eps) over attended tokens,
                   a_j = [q_bar . k_j]_+ / (sum + eps),  out_i = gamma sum_j a_j v_j
 """
@@ -136,19 +137,24 @@ def padding(B, N, seed=1):
 
 # --- infsa: the formula -----------------------------------------------------------------------
 
+SERIES = dict(variant="series")                 # the series within one layer, summed to infinity
+ONE_HOP_AND_SERIES = pytest.mark.parametrize("options", [dict(), SERIES, dict(variant="series", hops=3)],
+                                             ids=["official", "series", "series-hops3"])
+
+
 @pytest.mark.parametrize("norm", ["frobenius", "row"])
-@pytest.mark.parametrize("hops", [None, 1, 3])
+@ONE_HOP_AND_SERIES
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padding"])
-def test_infsa_matches_reference(norm, hops, masked):
-    m = build("infsa", norm=norm, hops=hops, gamma=0.9)
+def test_infsa_matches_reference(norm, options, masked):
+    m = build("infsa", norm=norm, gamma=0.9, **options)
     x = torch.randn(2, 6, DIM, dtype=torch.float64)
     mask = padding(2, 6) if masked else None
     assert_outputs_and_grads(m, lambda t: m(t, attn_mask=mask), lambda t: naive_infsa(m, t, mask), x)
 
 
-@pytest.mark.parametrize("hops", [None, 2])
-def test_infsa_row_causal_matches_reference(hops):
-    m = build("infsa", norm="row", hops=hops)
+@ONE_HOP_AND_SERIES
+def test_infsa_row_causal_matches_reference(options):
+    m = build("infsa", norm="row", **options)
     x = torch.randn(2, 6, DIM, dtype=torch.float64)
     mask = padding(2, 6)
     assert_outputs_and_grads(m, lambda t: m(t, attn_mask=mask, is_causal=True),
@@ -156,14 +162,15 @@ def test_infsa_row_causal_matches_reference(hops):
 
 
 def test_infsa_float_and_pattern_masks_match_reference():
-    m = build("infsa")
     B, N = 2, 5
     x = torch.randn(B, N, DIM, dtype=torch.float64)
     pattern = torch.rand(B, HEADS, N, N) > 0.4
     pattern[..., 0] = True
     bias = torch.randn(B, 1, N, N, dtype=torch.float64).masked_fill(torch.rand(B, 1, N, N) > 0.7, -math.inf)
-    for mask in (pattern, bias):
-        assert_close(m(x, attn_mask=mask), naive_infsa(m, x, mask), rtol=1e-9, atol=1e-11)
+    for options in (dict(), SERIES):
+        m = build("infsa", **options)
+        for mask in (pattern, bias):
+            assert_close(m(x, attn_mask=mask), naive_infsa(m, x, mask), rtol=1e-9, atol=1e-11)
 
 
 def test_infsa_key_padding_equals_its_expansion():
@@ -172,8 +179,10 @@ def test_infsa_key_padding_equals_its_expansion():
     x = torch.randn(B, N, DIM, dtype=torch.float64)
     valid = padding(B, N)
     for norm in ("frobenius", "row"):
-        m = build("infsa", norm=norm)
-        assert_close(m(x, attn_mask=valid), m(x, attn_mask=valid[:, None, None, :].expand(B, 1, N, N)), **TIGHT)
+        for options in (dict(), SERIES):
+            m = build("infsa", norm=norm, **options)
+            assert_close(m(x, attn_mask=valid), m(x, attn_mask=valid[:, None, None, :].expand(B, 1, N, N)),
+                         **TIGHT)
 
 
 # --- infsa: the closed form and the limiting cases ----------------------------------------------
@@ -182,23 +191,23 @@ def test_infsa_series_converges_to_closed_form():
     """sum_{t<=T} gamma^t A_hat^t v -> ((I - gamma A_hat)^-1 - I) v as T grows, at rate gamma^T."""
     torch.manual_seed(3)
     x = torch.randn(2, 8, DIM, dtype=torch.float64)
-    closed = build("infsa", gamma=0.8)
+    closed = build("infsa", gamma=0.8, **SERIES)
     state = closed.state_dict()
     errors = []
     for hops in (2, 8, 32, 200):
-        m = build("infsa", gamma=0.8, hops=hops)
+        m = build("infsa", gamma=0.8, hops=hops, **SERIES)
         m.load_state_dict(state)
         errors.append((m(x) - closed(x)).abs().max().item())
     assert errors[0] > 1e-4                        # a short series is visibly not the closed form
     assert errors[0] > errors[1] > errors[2]       # and it gets closer with each longer one
-    m = build("infsa", gamma=0.8, hops=200)
+    m = build("infsa", gamma=0.8, hops=200, **SERIES)
     m.load_state_dict(state)
     assert_close(m(x), closed(x), rtol=1e-10, atol=1e-12)   # 0.8^200 ~ 4e-20
 
 
 def test_infsa_equals_inverse_on_captured_matrix():
     """The heads' output before proj is (inv(I - gamma A_hat) - I) v, A_hat read from hook_probs."""
-    m = build("infsa", gamma=0.95)
+    m = build("infsa", gamma=0.95, **SERIES)
     x = torch.randn(2, 9, DIM, dtype=torch.float64)
     seen = {}
     m.hook_probs.register_forward_hook(lambda mod, inp, out: seen.__setitem__("a_hat", out))
@@ -214,24 +223,47 @@ def test_infsa_equals_inverse_on_captured_matrix():
     assert (norms < 1).all()
 
 
-def test_infsa_one_hop_is_the_official_per_layer_formula():
-    """hops=1: gamma * Norm_F([q/sqrt(d) (k/sqrt(d))^T]_+) @ v, as the official `pure_infsa`."""
-    m = build("infsa", hops=1, gamma=0.7)
-    x = torch.randn(2, 5, DIM, dtype=torch.float64)
-    seen = {}
-    m.hook_out.register_forward_hook(lambda mod, inp, out: seen.__setitem__("out", out))
-    m(x)
-    q, k, v = heads_of(m, x)
-    d = DIM // HEADS
-    A = torch.relu((q / math.sqrt(d)) @ (k / math.sqrt(d)).transpose(-2, -1))
-    A = A / (A.flatten(-2).norm(dim=-1)[..., None, None] + 1e-6)
-    assert_close(seen["out"], m.gamma.detach() * A @ v, rtol=1e-10, atol=1e-12)
-    assert_close(m.gamma.item(), 0.7, rtol=0, atol=1e-7)
+def official_infsa_layer(m, x):
+    """The released layer, vectorised as in giorgioroffo/infinite-self-attention: `InfSAAttention.
+    forward` (infsa/attention.py) projects q, k, v, calls `infsa_attention(q, k, v, "pure_infsa",
+    rho)` = `pure_infsa_scores(q, k, rho) @ v` (infsa/core.py) and applies out_proj. rho stays a
+    tensor here (the official `.item()` would cut its gradient) so that gradients can be compared."""
+    B, N, C = x.shape
+    h, d = m.num_heads, C // m.num_heads
+    W, b = m.qkv.weight, m.qkv.bias
+    q, k, v = (t.reshape(B, N, h, d).transpose(1, 2)                      # 3 x (B, h, N, d)
+               for t in (x @ W[i * C:(i + 1) * C].T + b[i * C:(i + 1) * C] for i in range(3)))
+    rho = torch.sigmoid(m.gamma_logit)
+    scale = math.sqrt(1.0 / d)
+    A = torch.relu((q * scale) @ (k * scale).transpose(-2, -1))              # (B, h, N, N)
+    A = A / (A.flatten(-2).norm(p=2, dim=-1)[..., None, None] + 1e-6)        # Frobenius, eps 1e-6
+    out = (rho * A) @ v                                                      # (B, h, N, d)
+    return out.transpose(1, 2).reshape(B, N, C) @ m.proj.weight.T + m.proj.bias
+
+
+def test_infsa_default_is_the_official_one_hop_layer():
+    """create("infsa") at its defaults computes the released layer, outputs and gradients (gamma
+    included); rho = 0.95 as the official rho_init."""
+    m = attnlab.create("infsa", DIM, HEADS, qkv_bias=True).double()
+    with torch.no_grad():
+        m.qkv.bias.normal_(0.0, 0.5)
+        m.proj.bias.normal_(0.0, 0.5)
+    assert_close(m.gamma.item(), 0.95, rtol=0, atol=1e-7)
+    x = torch.randn(2, 7, DIM, dtype=torch.float64)
+    assert_outputs_and_grads(m, m, lambda t: official_infsa_layer(m, t), x)
+    assert m.spec.variants == ("official", "series") and m.variant == "official" and m.hops == 1
+    # the explicit name is the same function; the series within one layer is a different one
+    official = attnlab.create("infsa:official", DIM, HEADS, qkv_bias=True).double()
+    series = attnlab.create("infsa:series", DIM, HEADS, qkv_bias=True).double()
+    official.load_state_dict(m.state_dict())
+    series.load_state_dict(m.state_dict())
+    assert_close(official(x), m(x), rtol=0, atol=0)
+    assert (series(x) - m(x)).abs().max() > 1e-3
 
 
 def test_infsa_row_norm_is_a_random_walk():
     """norm="row": A_hat is row-stochastic; a uniform-attention graph gives out = gamma/(1-gamma) mean(v)."""
-    m = build("infsa", norm="row", gamma=0.5, eps=1e-300)
+    m = build("infsa", norm="row", gamma=0.5, eps=1e-300, **SERIES)
     with torch.no_grad():                              # q = k = constant > 0: every affinity equal
         m.qkv.weight[:2 * DIM].zero_()
         m.qkv.bias[:2 * DIM].fill_(1.0)
@@ -249,8 +281,9 @@ def test_infsa_row_norm_is_a_random_walk():
 
 # --- infsa: causal (norm="row") ---------------------------------------------------------------
 
-def test_infsa_row_causal_no_leak_and_equals_tril_mask():
-    m = build("infsa", norm="row")
+@pytest.mark.parametrize("options", [dict(), SERIES], ids=["official", "series"])
+def test_infsa_row_causal_no_leak_and_equals_tril_mask(options):
+    m = build("infsa", norm="row", **options)
     x = torch.randn(2, 8, DIM, dtype=torch.float64)
     x2 = x.clone()
     x2[:, 5:] = 3 * torch.randn(2, 3, DIM, dtype=torch.float64)
@@ -276,8 +309,9 @@ def test_infsa_frobenius_masked_keys_no_effect_with_huge_padding():
     """Padding tokens 1e4 times larger than the rest change nothing at the real positions, in
     float32 too: their rows are solved apart (left in the LU, their pivots moved the real rows'
     outputs by ~1e-4 relative in float32 when this was measured)."""
-    for dtype, hops in ((torch.float32, None), (torch.float64, None), (torch.float32, 3)):
-        m = build("infsa", dtype, hops=hops)
+    for dtype, options in ((torch.float32, SERIES), (torch.float64, SERIES),
+                           (torch.float32, dict(variant="series", hops=3)), (torch.float32, dict())):
+        m = build("infsa", dtype, **options)
         valid = padding(2, 48)
         x = torch.randn(2, 48, DIM, dtype=dtype)
         x2 = x.clone()
@@ -289,8 +323,8 @@ def test_infsa_frobenius_masked_keys_no_effect_with_huge_padding():
 def test_infsa_dropout_keeps_the_series_convergent():
     """attn_drop drops edges before the normaliser: ||A_hat||_F stays <= 1 in training, and the
     closed form is still the limit of the series (same dropout draw for both)."""
-    closed = build("infsa", gamma=0.9, attn_drop=0.5).train()
-    series = build("infsa", gamma=0.9, attn_drop=0.5, hops=400).train()
+    closed = build("infsa", gamma=0.9, attn_drop=0.5, **SERIES).train()
+    series = build("infsa", gamma=0.9, attn_drop=0.5, hops=400, **SERIES).train()
     series.load_state_dict(closed.state_dict())
     norms = []
     closed.hook_probs.register_forward_hook(lambda mod, inp, out: norms.append(torch.linalg.matrix_norm(out)))
@@ -438,8 +472,9 @@ def test_linear_infsa_importance():
 # --- gradcheck ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,options,causal", [
-    ("infsa", dict(), False), ("infsa", dict(hops=2), False), ("infsa", dict(norm="row"), True),
-    ("linear_infsa", dict(chunk_size=2), False)], ids=["infsa", "infsa-hops2", "infsa-row-causal", "linear"])
+    ("infsa", dict(), False), ("infsa", SERIES, False), ("infsa", dict(variant="series", hops=2), False),
+    ("infsa", dict(norm="row", **SERIES), True), ("linear_infsa", dict(chunk_size=2), False)],
+    ids=["infsa", "infsa-series", "infsa-series-hops2", "infsa-series-row-causal", "linear"])
 def test_gradcheck(name, options, causal):
     m = build(name, dim=8, heads=2, **options)
     x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
@@ -455,8 +490,8 @@ def test_gradcheck(name, options, causal):
 
 # --- fully masked, bf16 ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,options", [("infsa", dict()), ("infsa", dict(norm="row")),
-                                          ("linear_infsa", dict())])
+@pytest.mark.parametrize("name,options", [("infsa", dict()), ("infsa", SERIES),
+                                          ("infsa", dict(norm="row", **SERIES)), ("linear_infsa", dict())])
 def test_fully_masked_sample_is_finite(name, options):
     m = build(name, **options)
     x = torch.randn(2, 5, DIM, dtype=torch.float64, requires_grad=True)
@@ -468,9 +503,10 @@ def test_fully_masked_sample_is_finite(name, options):
     assert torch.isfinite(x.grad).all() and torch.isfinite(m.gamma_logit.grad)
 
 
-def test_infsa_row_causal_bf16():
-    m16 = build("infsa", torch.bfloat16, norm="row")
-    m32 = build("infsa", torch.float32, norm="row")
+@pytest.mark.parametrize("options", [dict(), SERIES], ids=["official", "series"])
+def test_infsa_row_causal_bf16(options):
+    m16 = build("infsa", torch.bfloat16, norm="row", **options)
+    m32 = build("infsa", torch.float32, norm="row", **options)
     m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})
     x = torch.randn(2, 11, DIM, dtype=torch.bfloat16)
     y16, y32 = m16(x, is_causal=True), m32(x.float(), is_causal=True)
@@ -493,7 +529,9 @@ def test_bad_options_raise_at_create(name, options, match):
 
 @pytest.mark.parametrize("options,match", [
     (dict(hops=0), "hops.*>= 1.*0"), (dict(hops=-2), "hops"), (dict(hops=1.5), "hops.*1.5"),
-    (dict(hops=True), "hops.*True"), (dict(norm="l2"), "norm.*frobenius.*row.*'l2'")])
+    (dict(hops=True), "hops.*True"), (dict(norm="l2"), "norm.*frobenius.*row.*'l2'"),
+    (dict(hops=3), "variant='official' is one hop.*hops=3.*variant='series'"),
+    (dict(variant="neumann"), "variant.*official.*series.*'neumann'")])
 def test_infsa_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         attnlab.create("infsa", DIM, HEADS, **options)
@@ -522,8 +560,10 @@ def test_bad_mask_raises(name):
 
 
 def test_useful_flops():
-    m = attnlab.create("infsa", 64, 4)
-    fwd, bwd = m.useful_flops(1, 128, 64, 4, False)
     d, N = 16, 128
-    assert_close(fwd, 2 * N * 64 * 256 + 4 * (4 * N * N * d + 2 / 3 * N ** 3 + 2 * N * N * d))
-    assert_close(bwd, 2 * fwd)
+    for options, per_head in ((dict(), 4.0 * N * N * d),                                # q k^T, A_hat v
+                              (SERIES, 4 * N * N * d + 2 / 3 * N ** 3 + 2 * N * N * d)):  # + LU, solves
+        m = attnlab.create("infsa", 64, 4, **options)
+        fwd, bwd = m.useful_flops(1, 128, 64, 4, False)
+        assert_close(fwd, 2 * N * 64 * 256 + 4 * per_head)
+        assert_close(bwd, 2 * fwd)

@@ -12,15 +12,19 @@ name (README "How it works", `pure_infsa_scores`, `linear_infsa_scores`), not by
     A      = [q k^T * scale]_+                                  ReLU affinities, (N, N)
     A_hat  = A / (||A||_F + eps)           norm="frobenius"     README, `pure_infsa_scores`
     A_hat  = A / (A 1 + eps)  (per row)    norm="row"           the random-walk matrix (below)
-    out    = sum_{t=1..T} gamma^t A_hat^t v                      hops=T, the truncated series
-    out    = ((I - gamma A_hat)^-1 - I) v                        hops=None (default): T -> inf
+    out    = gamma A_hat v                                       variant="official" (default): one hop
+    out    = sum_{t=1..T} gamma^t A_hat^t v                      variant="series", hops=T: truncated
+    out    = ((I - gamma A_hat)^-1 - I) v                        variant="series" (hops=None): T -> inf
 
-The default is the paper's spectral form, the discounted Neumann series summed to infinity,
+The default, variant="official", is the released layer: one hop, `pure_infsa_scores(q, k, rho) @ v`
+(`infsa_attention` with its "pure_infsa" variant in `infsa/core.py`, called by
+`InfSAAttention.forward` in `infsa/attention.py`). The higher powers of the series are not
+summed inside a layer there: the official core says multi-hop behaviour "emerges through stacked
+layers". variant="series" sums them within one layer instead: the README's spectral form, the
+discounted Neumann series, truncated after `hops` terms or (hops=None) summed to infinity and
 computed as the solution X of (I - gamma A_hat) X = gamma A_hat v (`torch.linalg.solve_ex`,
 differentiable; `solve_triangular` when causal). It converges for gamma in (0, 1): with the
 Frobenius normaliser ||A_hat||_2 <= ||A_hat||_F <= 1, with the row normaliser ||A_hat||_inf <= 1.
-`hops=1` is exactly the official per-layer computation `gamma * A_hat @ v` (the paper gets the
-higher hops from stacking layers; this module can sum them within one layer).
 
 `linear_infsa` (linear time, fixed-size state). Per head, official `linear_infsa_scores`:
 
@@ -37,8 +41,10 @@ sum_j r_j), so the memory beyond the input and output is O(chunk_size * C) and t
 is d + d + 1 numbers whatever N is. The output is one vector per (sample, head), projected once
 and expanded to every token.
 
-Status: both mechanisms as above, fp32 internals (fp64 for fp64 input), outputs and gradients
-checked against naive float64 references, the closed form and the eigenvector
+Status: both mechanisms as above, fp32 internals (fp64 for fp64 input). The defaults compute what
+the official layers compute (`infsa`: one hop; `linear_infsa`: one pooled vector; both without
+attn_drop in training, see Deviations); outputs and gradients are checked against naive float64
+references of the official formulas, of the series and its closed form, and the eigenvector
 (tests/mechanisms/sequence/test_infsa.py). With random weights the cosine between a and the
 principal eigenvector is 0.62-0.69 for isotropic tokens and 0.87-0.90 for tokens sharing a
 direction (the paper reports 0.985 for trained models); it is exactly 1 for a rank-one operator.
@@ -48,8 +54,10 @@ Deviations and readings:
 - scale = 1/d (q and k each divided by sqrt(d)), as the official code, not softmax's 1/sqrt(d).
   Both normalisers and the pooled weights are invariant to it except through eps and additive
   float masks.
-- The series starts at t = 1, as in the README's limit (I - gamma A_hat)^-1 - I: the t = 0 term
-  is v itself, a skip connection that the block's residual already provides.
+- variant="series" (not the default since issue 12) is the paper's spectral form inside one layer;
+  the official code has no such layer. Its series starts at t = 1, as in the README's limit
+  (I - gamma A_hat)^-1 - I: the t = 0 term is v itself, a skip connection that the block's
+  residual already provides. variant="official" accepts hops=None or 1 only.
 - gamma is learnable by default (sigmoid of a logit, `learn_gamma=True`), as the official module
   intends (its `rho_logit` parameter; its forward takes `.item()`, which cuts the gradient to rho,
   a bug we do not copy). `learn_gamma=False` keeps it fixed.
@@ -83,7 +91,9 @@ Deviations and readings:
 - Dropout (`attn_drop`, training only): `infsa` drops edges of A before the normaliser, so A_hat
   keeps its bound and the series still converges (dropping A_hat's entries after it and rescaling
   by 1/(1-p), as the official single-hop code does, can push gamma A_hat's spectral radius past 1);
-  `linear_infsa` drops importance weights in the numerator, as the official code drops its scores.
+  the one-hop default drops the same way, so with attn_drop > 0 in training it is not the official
+  computation (which normalises by the undropped A's norm and drops after). `linear_infsa` drops
+  importance weights in the numerator, as the official code drops its scores.
 """
 from __future__ import annotations
 
@@ -102,6 +112,8 @@ from attnlab.registry import MechanismSpec, register
 URL = "https://arxiv.org/abs/2603.00175"
 PAPER = "Self-Attention And Beyond the Infinite: Towards Linear Transformers with Infinite Self-Attention"
 NORMS = ("frobenius", "row")
+VARIANTS = ("official", "series")  # infsa: one hop (the released layer), or the series in one layer
+SOURCE = "giorgioroffo/infinite-self-attention"
 
 
 # --- option checks shared by both mechanisms --------------------------------------------------
@@ -209,36 +221,47 @@ def neumann_series(a_hat: Tensor, v: Tensor, gamma: Tensor | float, hops: int | 
 
 @register(MechanismSpec(
     name="infsa", paper=PAPER, year=2026, family="spectral", layout="seq",
-    time="O(N^3 + N^2 d) (O(hops N^2 d) truncated)", memory="O(N^2)", exact=False,
-    causal=False, attn_mask=True, kv_cache=False, url=URL,
-    test_kwargs=dict(qkv_bias=True)))
+    time="O(N^2 d) (series: O(N^3 + N^2 d), O(hops N^2 d) truncated)", memory="O(N^2)", exact=False,
+    causal=False, attn_mask=True, kv_cache=False, url=URL, variants=VARIANTS,
+    provenance="official-code", source=f"{SOURCE} infsa/core.py::pure_infsa_scores",
+    test_kwargs=dict(qkv_bias=True), test_configs=(dict(qkv_bias=True, variant="series"),)))
 class InfiniteSelfAttention(_GammaMixin, nn.Module):
-    """x (B, N, C) -> (B, N, C): the discounted Neumann series of the normalised ReLU attention.
+    """x (B, N, C) -> (B, N, C): gamma A_hat v, the normalised ReLU attention applied once (the
+    official layer), or its discounted Neumann series (variant="series").
 
-    Options: `gamma` (discount, in (0, 1), default 0.95 as the official rho_init), `learn_gamma`,
-    `hops` (None: summed to infinity, the default; an int T >= 1: the first T terms; 1 is the
-    official per-layer form), `norm` ("frobenius", the paper's; "row", the random-walk matrix,
-    which also supports is_causal), `scale` (default 1/d as in the official code), `eps`.
+    Options: `variant` ("official", the default: one hop, `pure_infsa_scores(q, k, rho) @ v`;
+    "series": the series within the layer), `hops` (series only: None sums it to infinity, an
+    int T >= 1 keeps the first T terms; "official" takes None or 1), `gamma` (discount, in (0, 1),
+    default 0.95 as the official rho_init), `learn_gamma`, `norm` ("frobenius", the official;
+    "row", the random-walk matrix, which also supports is_causal), `scale` (default 1/d as in the
+    official code), `eps`.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, proj_bias: bool = True, gamma: float = 0.95, learn_gamma: bool = True,
-                 hops: int | None = None, norm: str = "frobenius", scale: float | None = None,
-                 eps: float = 1e-6, device=None, dtype=None):
+                 variant: str = "official", hops: int | None = None, norm: str = "frobenius",
+                 scale: float | None = None, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
         name = "infsa"
         self.head_dim = check_dims(name, dim, num_heads)
         _check_drop(name, attn_drop, proj_drop)
         gamma = _check_gamma(name, gamma)
+        if not isinstance(variant, str) or variant not in VARIANTS:
+            raise ValueError(f"{name}: variant must be one of {VARIANTS}, got {variant!r}")
         if hops is not None and (isinstance(hops, bool) or not isinstance(hops, int) or hops < 1):
             raise ValueError(f"{name}: hops must be None (the infinite series) or an int >= 1, got {hops!r}")
+        if variant == "official":
+            if hops not in (None, 1):
+                raise ValueError(f"{name}: variant='official' is one hop, got hops={hops!r}; "
+                                 "use variant='series' for more hops")
+            hops = 1
         if not isinstance(norm, str) or norm not in NORMS:
             raise ValueError(f"{name}: norm must be one of {NORMS}, got {norm!r}")
         self.scale = 1.0 / self.head_dim if scale is None else _check_positive(name, "scale", scale)
         self.eps = _check_positive(name, "eps", eps)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
-        self.hops, self.norm, self.attn_drop = hops, norm, attn_drop
+        self.variant, self.hops, self.norm, self.attn_drop = variant, hops, norm, attn_drop
         self._init_gamma(gamma, learn_gamma, factory)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
@@ -247,11 +270,12 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
         self.hook_k = nn.Identity()      # (B, h, N, d)
         self.hook_v = nn.Identity()      # (B, h, N, d)
         self.hook_probs = nn.Identity()  # (B, h, N, N): A_hat, the normalised one-hop matrix
-        self.hook_out = nn.Identity()    # (B, h, N, d): the series, before proj
+        self.hook_out = nn.Identity()    # (B, h, N, d): one hop or the series, before proj
 
     def extra_repr(self) -> str:
         hops = "inf" if self.hops is None else self.hops
-        return f"dim={self.dim}, num_heads={self.num_heads}, norm={self.norm!r}, hops={hops}"
+        return (f"dim={self.dim}, num_heads={self.num_heads}, variant={self.variant!r}, "
+                f"norm={self.norm!r}, hops={hops}")
 
     def attention_matrix(self, q: Tensor, k: Tensor, attn_mask: Tensor | None = None,
                          is_causal: bool = False) -> Tensor:
@@ -318,6 +342,7 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
     name="linear_infsa", paper=PAPER, year=2026, family="spectral", layout="seq",
     time="O(N d)", memory="O(d) state per head", exact=False,
     causal=False, attn_mask=True, kv_cache=False, url=URL,
+    provenance="official-code", source=f"{SOURCE} infsa/core.py::linear_infsa_scores",
     test_kwargs=dict(qkv_bias=True, chunk_size=4)))
 class LinearInfiniteSelfAttention(_GammaMixin, nn.Module):
     """x (B, N, C) -> (B, N, C): every token receives gamma * sum_j a_j v_j, with a the one-step
