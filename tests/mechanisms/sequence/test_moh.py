@@ -1,13 +1,18 @@
-"""MoH (Mixture-of-Head attention) against a naive float64 reference of the paper's equations.
+"""MoH (Mixture-of-Head attention) against naive float64 references of the released code and of
+the paper's equations.
 
-The reference below is written from Sec. 3.2 of the paper, token by token and head by head, in
+`reference_moh` is written from Sec. 3.2 of the paper, token by token and head by head, in
 the summation form of Eq. 4 (Σ_i g_i H^i W_O^i, each head's own slice of the output
 projection) rather than the module's gate-then-concatenate-then-project, with the gates of
 Eq. 5-6 and the load-balance loss of Eq. 7 computed from their definitions; `official=True`
-adds the scaling of the authors' released code (see the module docstring).
+adds the scaling of the authors' released code (see the module docstring). `released_moh` is
+the released layer itself (SkyworkAI/MoH, MoH-DiT/models.py `MoHAttention.forward`, with
+MoH-ViT's path for one shared head), vectorised as there, against which the default is checked.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 
 import pytest
@@ -139,7 +144,7 @@ def masking(kind, B, N):
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
 @pytest.mark.parametrize("mask_kind", ["none", "padding_causal", "pattern"])
 def test_matches_reference_outputs_grads_and_aux_loss(variant, config, mask_kind):
-    m = make(variant=variant, **config)
+    m = make(variant=variant, **config).train()    # no dropout; "official" computes L_b in training only
     B, N = 2, 4
     x = torch.randn(B, N, DIM, dtype=torch.float64, requires_grad=True)
     kw = masking(mask_kind, B, N)
@@ -165,7 +170,7 @@ def test_matches_reference_outputs_grads_and_aux_loss(variant, config, mask_kind
 
 def test_the_reference_can_fail():
     """The tolerance above detects a one-head change of routing or weighting."""
-    m = make(shared_heads=2, top_k=1)
+    m = make(variant="paper", shared_heads=2, top_k=1)
     x = torch.randn(2, 5, DIM, dtype=torch.float64)
     y_ref, _ = reference_moh(m, x)
     with torch.no_grad():
@@ -175,6 +180,71 @@ def test_the_reference_can_fail():
     # The paper's and the released code's scalings are different functions.
     with pytest.raises(AssertionError):
         assert_close(reference_moh(m, x, official=True)[0], y_ref, rtol=1e-3, atol=1e-3)
+
+
+# --- the default is the released layer -----------------------------------------------------------
+
+def released_moh(m: MoHAttention, x):
+    """y (B, N, C) and the load-balance loss (None outside training) of the released layer,
+    vectorised as in SkyworkAI/MoH MoH-DiT/models.py `MoHAttention.forward` (wg = W_r, wg_1 = W_s,
+    wg_0 = W_h; its `routed_head` is K), with MoH-ViT/attention.py's gate for one shared head."""
+    B, N, C = x.shape
+    h, hs, K = m.num_heads, m.shared_heads, m.top_k
+    hr, d = h - hs, C // h
+    xt = x.reshape(B * N, C)
+    q, k, v = (x @ m.qkv.weight.T + m.qkv.bias).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    heads = (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1) @ v).transpose(1, 2)  # (B, N, h, d)
+    aux = None
+    if K > 0:
+        gates = torch.softmax(xt @ m.w_r.weight.T, dim=1)                     # (BN, h_r)
+        mask = torch.nn.functional.one_hot(torch.topk(gates, k=K, dim=1).indices, hr).sum(1)
+        if m.training:
+            aux = torch.mean(gates.mean(0) * mask.double().mean(0)) * hr * hr
+        routed = gates * mask
+        routed = routed / routed.sum(1, keepdim=True).clamp(min=torch.finfo(routed.dtype).eps)
+        routed = routed.reshape(B, N, -1) * K
+        if hs > 1:
+            shared = torch.softmax(xt @ m.w_s.weight.T, dim=1).reshape(B, N, -1) * hs
+        else:
+            shared = torch.ones(B, N, hs, dtype=x.dtype) * hs
+        if hs == 0:
+            g = routed
+        else:
+            w0 = torch.softmax(xt @ m.w_h.weight.T, dim=1).reshape(B, N, 2) * 2
+            g = torch.cat([w0[..., :1] * shared, w0[..., 1:] * routed], dim=2)
+    else:
+        g = torch.softmax(xt @ m.w_s.weight.T, dim=1).reshape(B, N, -1) * hs
+    y = (g[..., None] * heads).reshape(B, N, C)
+    return y @ m.proj.weight.T + m.proj.bias, aux
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_default_is_the_released_layer(config):
+    """create("moh") at its default variant computes the released layer: outputs, the training
+    load-balance loss and all gradients; in eval the loss is None, as there."""
+    m = attnlab.create("moh", DIM, H, qkv_bias=True, **config).double().train()
+    with torch.no_grad():
+        m.qkv.bias.normal_(0.0, 0.5)
+        m.proj.bias.normal_(0.0, 0.5)
+    x = torch.randn(3, 5, DIM, dtype=torch.float64, requires_grad=True)
+    y, (y_ref, aux_ref) = m(x), released_moh(m, x)
+    assert_close(y, y_ref, **TIGHT)
+    params = list(m.parameters())
+    w = torch.randn_like(y)
+    if aux_ref is None:                                                      # no routed heads: L_b is 0
+        assert m.aux_loss.item() == 0.0
+        loss, loss_ref = (y * w).sum(), (y_ref * w).sum()
+    else:
+        assert_close(m.aux_loss, aux_ref, **TIGHT)
+        loss, loss_ref = (y * w).sum() + 0.5 * m.aux_loss, (y_ref * w).sum() + 0.5 * aux_ref
+    grads = torch.autograd.grad(loss, [x, *params])
+    grads_ref = torch.autograd.grad(loss_ref, [x, *params], allow_unused=True)
+    for name, g, g_ref in zip(["x"] + [n for n, _ in m.named_parameters()], grads, grads_ref):
+        g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+        assert_close(g, g_ref, **TIGHT, msg=lambda s, n=name: f"grad of {n}: {s}")
+    m.eval()
+    assert_close(m(x), released_moh(m, x)[0], **TIGHT)
+    assert m.aux_loss is None
 
 
 # --- the limiting case: all heads active with equal weight is mhsa -------------------------------
@@ -214,10 +284,33 @@ def test_all_heads_equal_weight_official_equals_mhsa(shared_heads, kw):
     assert_close(gx, gx_mhsa, **TIGHT)
 
 
+@pytest.mark.parametrize("shared_heads,top_k", [(0, 1), (1, 2), (2, 1)])
+def test_zero_routers_official_is_mhsa_on_the_shared_and_k_routed_heads(shared_heads, top_k):
+    """Routers at zero and K < h_r, the released gating: the shared gates are 2 · 1/2 · h_s · 1/h_s
+    = 1, the routed probabilities tie at 1/h_r, Top-K picks K of them (torch.topk's choice, the
+    same for every token) and renormalising gives 2 · 1/2 · K · (1/h_r) / (K/h_r) = 1 each, the
+    others 0. So the output is mhsa with the W_O slices of the h_r - K unpicked heads zeroed, for
+    exactly one K-subset of the routed heads."""
+    m = make(shared_heads=shared_heads, top_k=top_k)
+    zero_routers(m)
+    mhsa = mhsa_with_same_weights(m)                                         # m now has mhsa's weights
+    x = torch.randn(2, 6, DIM, dtype=torch.float64)
+    y = m(x, is_causal=True)
+    matches = []
+    for picked in itertools.combinations(range(shared_heads, H), top_k):
+        pruned = copy.deepcopy(mhsa)
+        with torch.no_grad():
+            for i in set(range(shared_heads, H)) - set(picked):
+                pruned.proj.weight[:, i * m.head_dim:(i + 1) * m.head_dim] = 0.0
+        if torch.allclose(y, pruned(x, is_causal=True), rtol=1e-10, atol=1e-12):
+            matches.append(picked)
+    assert len(matches) == 1, matches
+
+
 def test_all_heads_equal_weight_paper_equals_scaled_mhsa():
     """Eq. 5-6 with h_s = h_r, all routed heads chosen and routers at zero: g_i = 1/2 · 1/(h/2)
     = 1/h for every head, i.e. mhsa with W_O scaled by 1/h."""
-    m = make(shared_heads=2, top_k=2)
+    m = make(variant="paper", shared_heads=2, top_k=2)
     zero_routers(m)
     mhsa = mhsa_with_same_weights(m)
     with torch.no_grad():
@@ -250,20 +343,25 @@ def test_each_token_activates_shared_plus_top_k_heads(variant, config):
 
 def test_defaults_and_last_active_fraction():
     m = attnlab.create("moh", 64, 8)
-    assert (m.shared_heads, m.routed_heads, m.top_k, m.variant) == (4, 4, 2, "paper")
+    assert (m.shared_heads, m.routed_heads, m.top_k, m.variant) == (4, 4, 2, "official")
     assert m.aux_loss is None and m.last_active_fraction is None
-    m(torch.randn(2, 3, 64))
+    x = torch.randn(2, 3, 64)
+    m(x)                                                                     # training mode
     assert m.last_active_fraction == 0.75
     assert m.aux_loss.shape == () and m.aux_loss.dtype == torch.float32
-    assert attnlab.create("moh:official", 32, 4).variant == "official"
+    m.eval()(x)                                                              # released code: no L_b in eval
+    assert m.aux_loss is None
+    paper = attnlab.create("moh:paper", 64, 8).eval()
+    paper(x)
+    assert paper.variant == "paper" and paper.aux_loss.shape == ()           # Eq. 7 whatever the mode
 
 
 def test_aux_loss_empty_batch_and_bf16_dtype():
-    m = make(shared_heads=1, top_k=2)
+    m = make(shared_heads=1, top_k=2).train()
     y = m(torch.randn(0, 4, DIM, dtype=torch.float64))
     assert y.shape == (0, 4, DIM)
     assert m.aux_loss.item() == 0.0
-    m16 = make(shared_heads=1, top_k=2, dtype=torch.bfloat16)
+    m16 = make(shared_heads=1, top_k=2, dtype=torch.bfloat16).train()
     m16(torch.randn(2, 3, DIM, dtype=torch.bfloat16))
     assert m16.aux_loss.dtype == torch.float32                              # router in float32
 
@@ -271,7 +369,7 @@ def test_aux_loss_empty_batch_and_bf16_dtype():
 def test_aux_loss_uniform_router_value():
     """Routers at zero: P_i = 1/h_r, f_i = K/h_r, so L_b = K/h_r (paper) and K (released code)."""
     for variant, want in (("paper", 2 / 3), ("official", 2.0)):
-        m = make(variant=variant, shared_heads=1, top_k=2)
+        m = make(variant=variant, shared_heads=1, top_k=2).train()
         zero_routers(m)
         m(torch.randn(2, 5, DIM, dtype=torch.float64))
         assert_close(m.aux_loss, torch.tensor(want, dtype=torch.float64), **TIGHT)
@@ -294,7 +392,7 @@ def test_kv_cache_decode_matches_full_causal_forward(variant, config):
 
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_gradcheck(variant):
-    m = make(dim=8, num_heads=4, variant=variant, shared_heads=2, top_k=1)
+    m = make(dim=8, num_heads=4, variant=variant, shared_heads=2, top_k=1).train()   # L_b for both
     x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
     valid = torch.tensor([[True, False, True]])
     names = ["w_r.weight", "w_s.weight", "w_h.weight", "qkv.weight", "proj.weight"]

@@ -2,7 +2,8 @@
 
 Paper: MoH: Multi-Head Attention as Mixture-of-Head Attention (Jin, Zhu, Yuan, Yan; 2024,
 arXiv 2410.11842; ICML 2025).
-Implements Sec. 3.2. Multi-head attention in summation form is Σ_i H^i W_O^i (Eq. 3), H^i the
+Official code: github.com/SkyworkAI/MoH, read for the formulas, not copied.
+Sec. 3.2: multi-head attention in summation form is Σ_i H^i W_O^i (Eq. 3), H^i the
 output of head i and W_O^i its slice of the output projection. MoH weights the sum (Eq. 4):
 
     MoH(x_t) = Σ_i g_i(x_t) H^i_t W_O^i
@@ -18,12 +19,27 @@ paper, Eq. 8):
     L_b = Σ_{i routed} f_i P_i,  f_i = (1/T) Σ_t 1[token t selects head i],
                                  P_i = (1/T) Σ_t Softmax_i(W_r x_t)
 
+The released code (`MoHAttention.forward` in MoH-DiT/models.py, plain softmax attention; the
+same gating in `Attention.forward` of MoH-ViT/attention.py and `AggregatedAttention.forward` of
+MoH-ViT/attention_native.py around TransNeXt's attention) scales these gates. With
+p = Softmax(W_r x_t) and S = Top-K(p), per token:
+
+    g_i = 2 α1 · h_s Softmax_i(W_s x_t)                   shared heads (h_s = 1: 2 α1)
+    g_i = 2 α2 · K p_i / max(Σ_{j∈S} p_j, eps)  (i ∈ S)   routed heads, 0 outside S
+    L_b = h_r Σ_i f_i P_i                                 (`mean(me * ce) * E * E`, E = h_r)
+
+with L_b computed only in training (`if self.training`). With one kind of head only there is no
+W_h and no factor 2 α (as in the released code). So every gate is 1 when the routers output
+zeros. This is the default, `variant="official"` (`create("moh")` is
+`create("moh:official")`); `variant="paper"` is Eq. 5-7 verbatim.
+
 The shared heads are heads 0..h_s-1 and the routed heads h_s..h-1, of the same fused
 `qkv = Linear(dim, 3 dim)` and `proj = Linear(dim, dim)` as `mhsa`, so an mhsa state dict loads
 with `load_state_dict(sd, strict=False)` (only the routers are new).
 
-Status: routing, two-stage weighting and load-balance loss as in the paper (`variant="paper"`)
-or as in the authors' released code (`variant="official"`, see Deviations). Every token
+Status: routing, two-stage weighting and load-balance loss as in the authors' released code
+(`variant="official"`, the default) or as in the paper's equations (`variant="paper"`), both
+checked against naive float64 references (tests/mechanisms/sequence/test_moh.py). Every token
 activates exactly h_s + K heads; `module.last_active_fraction` reports (h_s + K) / h after each
 forward. Causal, attn_mask and KV cache are supported: the routing of a token depends on that
 token alone, so it composes with any mask and with a cache (the cache holds keys/values of all
@@ -34,19 +50,25 @@ queries, attention rows and output-projection slices are needed) is not turned i
 here. `useful_flops` reports the work a head-sparse kernel would do.
 
 Deviations:
-- `variant="paper"` (default) is Eq. 5-7 verbatim. The released code (SkyworkAI/MoH, MoH-ViT
-  and MoH-DiT `MoHAttention`) differs in its scaling, and `variant="official"` follows it:
-  the routed gates are renormalised over the selected Top-K and multiplied by K, the shared
-  gates multiplied by h_s and [α1, α2] by 2, so every gate is 1 when the routers output zeros
-  (MoH then equals mhsa); its load-balance loss is h_r · Σ f_i P_i. The paper does not state
-  this scaling, so the default keeps the equations.
+- The default follows the released code, not the equations (issue 12): the paper does not state
+  the renormalisation over the Top-K or the factors K, h_s and 2, which make the gates of
+  zero-output routers 1 (so MoH with every head active and the routers at zero is mhsa) instead
+  of 1/(2 h_s) (shared) and 1/(2 h_r) (routed). `variant="paper"` keeps Eq. 5-7 and computes
+  L_b in eval too.
+- `variant="official"` leaves `aux_loss` None in eval mode, as the released code appends no loss
+  there. Its training scripts (MoH-ViT/engine.py, MoH-DiT/train.py) average the layers' L_b and
+  weight the mean by 0.01; attnlab keeps one L_b per module (`Transformer.aux_loss` sums them).
+- The released code's `routed_head` argument is K (the Top-K count), not h_r; here `top_k`.
+  MoH-DiT's version has no path for h_s = 1 with routed heads (it calls the missing W_s); this
+  follows MoH-ViT there (shared gate 2 α1 · 1).
 - Degenerate splits (the paper always has both kinds): with h_s = 0 there is no W_s and no W_h
-  and α2 = 1; with h_r = 0 there is no W_r, no W_h, α1 = 1 and aux_loss is 0; with h_s = 1 the
+  and α2 = 1; with h_r = 0 there is no W_r, no W_h, α1 = 1 and L_b is 0; with h_s = 1 the
   shared softmax is over one head, i.e. 1, and W_s is omitted (as in the released ViT code).
 - Top-K is taken on the logits W_r x_t (the same set as on their softmax); ties go to
   torch.topk's choice.
-- Router logits, softmaxes and the loss are computed in float32 (float64 for float64 input);
-  the gates are cast to the input dtype before they scale the head outputs.
+- Router logits, softmaxes and the loss are computed in float32 (float64 for float64 input; the
+  released code uses the input dtype); the gates are cast to the input dtype before they scale
+  the head outputs. Masks, causal and the KV cache are additions (the released layers have none).
 - Every token of `x` counts in T of Eq. 7, padding included (the mask says which keys a query
   may see, not which queries are real); with a cache, T is the tokens of the current call.
 - MoH-LLaMA3's continue-tuning variant routes parameter-free on the query norms; not done here.
@@ -63,7 +85,7 @@ from attnlab.mechanisms.common import check_dims, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
-VARIANTS = ("paper", "official")
+VARIANTS = ("official", "paper")  # the released code's scaling (default), the paper's Eq. 5-7
 
 
 def _check_count(name: str, value, low: int, high: int, why: str) -> int:
@@ -79,20 +101,22 @@ def _check_count(name: str, value, low: int, high: int, why: str) -> int:
     memory="O(N) with fused SDPA, O(N^2) eager", exact=False,
     causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
     url="https://arxiv.org/abs/2410.11842", variants=VARIANTS,
+    provenance="official-code", source="SkyworkAI/MoH MoH-DiT/models.py::MoHAttention.forward",
     test_kwargs=dict(shared_heads=2, top_k=1, qkv_bias=True),
-    test_configs=(dict(variant="official", shared_heads=1, top_k=2), dict(shared_heads=0, top_k=2))))
+    test_configs=(dict(variant="paper", shared_heads=1, top_k=2), dict(shared_heads=0, top_k=2))))
 class MoHAttention(nn.Module):
     """x (B, N, C) -> (B, N, C). Routers run in float32 (float64 for float64 input).
 
     Options: `shared_heads` h_s (default h // 2) always-active heads; `top_k` K (default
-    max(1, h_r // 2)) of the h_r = h - h_s routed heads chosen per token; `variant` "paper"
-    (Eq. 5-7) or "official" (the released code's scaling, see the module docstring).
-    After each forward: `aux_loss` (scalar tensor, Eq. 7) and `last_active_fraction` (float).
+    max(1, h_r // 2)) of the h_r = h - h_s routed heads chosen per token; `variant` "official"
+    (default: the released code's scaling, see the module docstring) or "paper" (Eq. 5-7).
+    After each forward: `aux_loss` (scalar tensor, Eq. 7; None after an eval-mode forward of
+    "official") and `last_active_fraction` (float).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, shared_heads: int | None = None, top_k: int | None = None,
-                 variant: str = "paper", proj_bias: bool = True, scale: float | None = None,
+                 variant: str = "official", proj_bias: bool = True, scale: float | None = None,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims("moh", dim, num_heads)
@@ -145,14 +169,16 @@ class MoHAttention(nn.Module):
         """Fraction of heads each token activates: (h_s + K) / h."""
         return (self.shared_heads + self.top_k) / self.num_heads
 
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Gates g (B, N, h) of Eq. 5-6 and the load-balance loss of Eq. 7, in float32/float64."""
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Gates g (B, N, h) of Eq. 5-6 and the load-balance loss of Eq. 7, in float32/float64
+        (the loss is None for "official" outside training, as in the released code)."""
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         xc = x.to(compute)
         B, N, _ = x.shape
         h_s, h_r, k = self.shared_heads, self.routed_heads, self.top_k
         official = self.variant == "official"
-        parts, aux = [], xc.new_zeros(())
+        with_loss = self.training or not official                           # released: training only
+        parts, aux = [], xc.new_zeros(()) if with_loss else None
 
         def logits(layer: nn.Linear) -> Tensor:
             return F.linear(xc, layer.weight.to(compute))
@@ -169,17 +195,18 @@ class MoHAttention(nn.Module):
             if official:  # renormalise over the Top-K, then scale by K (released code)
                 routed = k * routed / routed.sum(-1, keepdim=True).clamp_min(torch.finfo(compute).eps)
             parts.append(routed)
-            # Eq. 7 over the T = B N tokens of this call; f_i carries no gradient (an indicator).
-            T = max(B * N, 1)
-            f = chosen.reshape(-1, h_r).sum(0) / T                           # (h_r,)
-            P = probs.reshape(-1, h_r).sum(0) / T                            # (h_r,)
-            aux = (f * P).sum() * (h_r if official else 1)
+            if with_loss:
+                # Eq. 7 over the T = B N tokens of this call; f_i carries no gradient (an indicator).
+                T = max(B * N, 1)
+                f = chosen.reshape(-1, h_r).sum(0) / T                       # (h_r,)
+                P = probs.reshape(-1, h_r).sum(0) / T                        # (h_r,)
+                aux = (f * P).sum() * (h_r if official else 1)              # official: mean(f P) h_r^2
         if self.w_h is not None:
             alpha = logits(self.w_h).softmax(-1)                             # (B, N, 2), Eq. 6
             if official:
                 alpha = 2 * alpha
             parts = [parts[0] * alpha[..., :1], parts[1] * alpha[..., 1:]]
-        return torch.cat(parts, dim=-1), aux                                 # (B, N, h), ()
+        return torch.cat(parts, dim=-1), aux                                 # (B, N, h), () or None
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache: KVCache | None = None) -> Tensor:
