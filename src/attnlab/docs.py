@@ -16,14 +16,19 @@ _BLOCK = re.compile(re.escape(START) + r"(.*?)" + re.escape(END), flags=re.S)
 
 
 def mechanism_table() -> str:
-    """A markdown table with one row per registered mechanism."""
+    """A markdown table with one row per registered mechanism.
+
+    "provenance" is where the formula comes from (registry.PROVENANCES: official-code, paper,
+    reconstruction); the file and equations behind it are `spec.source` (`attnlab info NAME`).
+    """
     yes = lambda flag: "yes" if flag else "-"  # noqa: E731
-    rows = ["| name | paper | year | layout | time | memory | exact | causal | mask | KV cache |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| name | paper | year | layout | time | memory | exact | causal | mask | KV cache | provenance |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in list_specs():
         paper = f"[{s.paper}]({s.url})" if s.url else s.paper
         rows.append(f"| `{s.name}` | {paper} | {s.year} | {s.layout} | {s.time} | {s.memory} | "
-                    f"{yes(s.exact)} | {yes(s.causal)} | {yes(s.attn_mask)} | {yes(s.kv_cache)} |")
+                    f"{yes(s.exact)} | {yes(s.causal)} | {yes(s.attn_mask)} | {yes(s.kv_cache)} | "
+                    f"{s.provenance or '-'} |")
     return "\n".join(rows)
 
 
