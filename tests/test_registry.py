@@ -167,6 +167,23 @@ def test_spec_backends_become_a_tuple():
     assert spec(backends=["sdpa"]).backends == ("sdpa",)
 
 
+# --- provenance --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("s", attnlab.list_specs(), ids=lambda s: s.name)
+def test_every_registered_spec_says_where_its_formula_comes_from(s):
+    """Issue 12 (Fidelity): official-code, paper or reconstruction, and a source that names the
+    repository + file::function, the equations, or what was guessed."""
+    assert s.provenance in attnlab.registry.PROVENANCES, (s.name, s.provenance)
+    assert s.source.strip(), f"{s.name}: empty source"
+
+
+@pytest.mark.parametrize("fields", [dict(provenance="folklore", source="x"), dict(provenance="paper")],
+                         ids=["unknown", "no_source"])
+def test_spec_provenance_validation(fields):
+    with pytest.raises(ValueError, match="provenance"):
+        spec(**fields)
+
+
 # --- register ----------------------------------------------------------------------------------
 
 def test_register_adds_and_create_builds(registry_snapshot):
