@@ -161,3 +161,25 @@ def test_aux_losses_are_summed(aux_mechanism):
     body(torch.randn(2, 3, 8))
     want = body.blocks[0].attn.aux_loss + body.blocks[2].attn.aux_loss
     torch.testing.assert_close(body.aux_loss, want)
+
+
+def test_block_runs_a_2d_mechanism_on_grid_tokens():
+    # A 2-D mechanism in a Block sees the tokens as the (H, W) image they came from, row-major.
+    block = attnlab.Block(16, 2, mechanism=("neighborhood2d", {"kernel_size": 3}), mlp_ratio=0, grid=(4, 5)).double()
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    image = block.norm1(x).reshape(2, 4, 5, 16)
+    expected = x + block.attn(image).reshape(2, 20, 16)
+    torch.testing.assert_close(block(x), expected)
+    with pytest.raises(ValueError, match="expected 20 tokens"):
+        block(torch.randn(2, 21, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="grid"):
+        attnlab.Block(16, 2, mechanism="neighborhood2d")
+    with pytest.raises(ValueError, match="is_causal"):
+        block(x, is_causal=True)
+
+
+def test_classifier_mixes_2d_and_sequence_layers_on_image_tokens():
+    clf = attnlab.Classifier(10, 16, 2, [("halo2d", {"block_size": 2, "halo_size": 1}), "mhsa"], in_dim=4,
+                             max_len=16, grid=(4, 4))
+    out = clf(torch.randn(3, 16, 4))
+    assert out.shape == (3, 10) and torch.isfinite(out).all()

@@ -95,11 +95,15 @@ class Block(nn.Module):
 
     x (B, N, C) -> (B, N, C). `softmax` and other mechanism options go in `mechanism_options`
     (`softmax=` here is a shortcut for mechanisms that take it, such as mhsa).
+    A 2-D mechanism (layout "2d", e.g. halo2d, neighborhood2d) needs `grid=(H, W)`: its tokens
+    are an H x W image in row-major order, (B, H*W, C) -> (B, H, W, C) -> mechanism -> back. Sequence
+    mechanisms ignore `grid`, so one stack can mix both on the tokens of an image.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, mechanism: LayerSpec = "mhsa",
                  mechanism_options: dict | None = None, mlp_ratio: float = 4.0, act: str = "gelu",
-                 softmax: str | None = None, drop: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm):
+                 softmax: str | None = None, drop: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm,
+                 grid: tuple[int, int] | None = None):
         super().__init__()
         name, options = parse_layer(mechanism)
         options.update(mechanism_options or {})
@@ -108,8 +112,16 @@ class Block(nn.Module):
         if mlp_ratio < 0:
             raise ValueError(f"mlp_ratio must be >= 0 (0 = no MLP), got {mlp_ratio}")
         spec = get_spec(name)
-        if spec.layout != "seq":
-            raise ValueError(f"Block needs a sequence mechanism (layout 'seq'), {name!r} has layout {spec.layout!r}")
+        if spec.layout not in ("seq", "2d"):
+            raise ValueError(f"Block needs a sequence or 2-D mechanism (layout 'seq' or '2d'), {name!r} has "
+                             f"layout {spec.layout!r}")
+        self.grid = None
+        if spec.layout == "2d":
+            if grid is None or len(grid) != 2 or any(not isinstance(g, int) or isinstance(g, bool) or g < 1
+                                                     for g in grid):
+                raise ValueError(f"mechanism {name!r} is 2-D: Block needs grid=(H, W), positive ints with "
+                                 f"H * W tokens, got grid={grid!r}")
+            self.grid = (int(grid[0]), int(grid[1]))
         self.mechanism = name
         self.norm1 = norm_layer(dim)
         self.attn = create(name, dim, num_heads, **options)
@@ -126,10 +138,26 @@ class Block(nn.Module):
                 raise ValueError(f"mechanism {self.mechanism!r} needs the stack's input embeddings; "
                                  "pass embeddings= (B, N, C)")
             extra["embeddings"] = embeddings
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, cache=cache, **extra)
+        if self.grid is not None:
+            x = x + self._attend_grid(self.norm1(x), attn_mask, is_causal, cache)
+        else:
+            x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, cache=cache, **extra)
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))
         return x
+
+
+    def _attend_grid(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache) -> Tensor:
+        B, N, C = x.shape
+        H, W = self.grid
+        if N != H * W:
+            raise ValueError(f"mechanism {self.mechanism!r} is 2-D over grid {self.grid}: expected {H * W} "
+                             f"tokens, got {N} (shape {tuple(x.shape)})")
+        if attn_mask is not None or cache is not None or is_causal:
+            raise ValueError(f"mechanism {self.mechanism!r} is 2-D: in a Block it takes no attn_mask, cache or "
+                             "is_causal (give a causal 2-D mechanism its own causal= option)")
+        y = self.attn(x.reshape(B, H, W, C))                               # (B, H, W, C)
+        return y.reshape(B, N, C)
 
 
 class Transformer(nn.Module):
@@ -137,7 +165,7 @@ class Transformer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, layers: int | Sequence[LayerSpec] = 4, *,
                  mlp_ratio: float = 4.0, act: str = "gelu", softmax: str | None = None, drop: float = 0.0,
-                 norm_layer: type[nn.Module] = nn.LayerNorm):
+                 norm_layer: type[nn.Module] = nn.LayerNorm, grid: tuple[int, int] | None = None):
         super().__init__()
         if isinstance(layers, int):
             if layers <= 0:
@@ -151,7 +179,7 @@ class Transformer(nn.Module):
             raise ValueError("layers must not be empty")
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mechanism=layer, mlp_ratio=mlp_ratio, act=act, softmax=softmax, drop=drop,
-                  norm_layer=norm_layer) for layer in layers)
+                  norm_layer=norm_layer, grid=grid) for layer in layers)
         self.norm = norm_layer(dim)
         self.dim = dim
 

@@ -130,8 +130,9 @@ class ImageClassTask(Task):
         return {"inputs": self.tokens(self.images[split][rows]), "targets": self.labels[split][rows]}
 
     def build_model(self, dim: int, num_heads: int, layers: int | Sequence[Any], **block_options) -> nn.Module:
+        side = self.image_size // self.patch                                       # patches per image side
         return Classifier(self.num_classes, dim, num_heads, layers, in_dim=self.patch * self.patch,
-                          max_len=self.num_patches, pool="mean", **block_options)
+                          max_len=self.num_patches, pool="mean", grid=(side, side), **block_options)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         logits = model(batch["inputs"])                                            # (B, classes)
