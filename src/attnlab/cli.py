@@ -56,6 +56,10 @@ def _cmd_info(args) -> int:
     for name, p in spec.options().items():
         options.add_row(name, "required" if p.default is inspect.Parameter.empty else repr(p.default))
     console.print(options)
+    describe = getattr(spec.cls, "describe", None)  # optional hook: extra lines (e.g. measured values)
+    if callable(describe):
+        for line in describe():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     doc = inspect.getdoc(sys.modules[spec.cls.__module__])
     if doc:
         console.print(doc, markup=False, highlight=False)

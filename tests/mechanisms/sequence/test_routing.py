@@ -1,8 +1,10 @@
-"""Routing attention against a naive float64 reference written from the paper's equations.
+"""Routing attention against naive float64 references written from the paper's equations and the
+released code (google-research routing_transformer/utils.py, lucidrains/routing-transformer).
 
 The reference recomputes everything from the module's parameters, head by head and cluster by
 cluster: layer-normed queries and keys, the cluster membership from the routing rule (nearest
-centroid with a per-cluster cap in sequence order, or each cluster's top-w tokens), then for
+centroid with a per-cluster cap in sequence order, or each cluster's top-w tokens; the default
+"auto" is top-w without is_causal and nearest with it), then for
 each cluster a dense N x N softmax under the mask "query in the cluster, key in the cluster,
 key <= query (causal), attn_mask", averaged over the clusters that hold the query. Local heads
 are a dense softmax under the block mask. Nothing of the module's gather/scatter path is reused.
@@ -99,6 +101,9 @@ def reference_routing(m, x, *, attn_mask=None, is_causal=False, return_members=F
     blk = torch.arange(N) // W
     near = (blk[None, :] >= blk[:, None] - 1) & (blk[None, :] <= blk[:, None] + (0 if is_causal else 1))
     w = max(1, min(N, math.ceil(m.capacity * N / m.num_clusters)))
+    # "auto" routes causally when the call may not see the future: is_causal, or a mask hiding it
+    later = torch.ones(N, N, dtype=torch.bool).triu(1)
+    causal_call = is_causal or (attn_mask is not None and not (user_allowed[:, L:] & later).any())
     heads, found = [], []
     for head in range(h):
         rows = []
@@ -112,7 +117,8 @@ def reference_routing(m, x, *, attn_mask=None, is_causal=False, return_members=F
             qn, kn = layer_norm(q[b, head]), layer_norm(k[b, head])
             pad = ~user_allowed[b, head].any(0)                      # a key nobody may see: padding
             mu = m.centroids[r].to(x.dtype)
-            Qc, Kc = members(m.variant, mu, qn.detach(), pad, w), members(m.variant, mu, kn.detach(), pad, w)
+            variant = m.variant if m.variant != "auto" else ("nearest" if causal_call else "topk")
+            Qc, Kc = members(variant, mu, qn.detach(), pad, w), members(variant, mu, kn.detach(), pad, w)
             found.append((b, r, Qc, Kc))
             total = torch.zeros(N, d, dtype=x.dtype)
             count = torch.zeros(N, 1, dtype=x.dtype)
@@ -227,6 +233,130 @@ def test_route_matches_the_rule():
                 assert set(q_idx[b, r, c][q_ok[b, r, c]].tolist()) == Qc[c]
                 assert set(k_idx[b, r, c][k_ok[b, r, c]].tolist()) == Kc[c]
                 assert not (~valid[b])[q_idx[b, r, c][q_ok[b, r, c]]].any()   # padding never routed
+
+
+# --- the defaults against the released code --------------------------------------------------------
+
+def released_code_routing(m, x):
+    """create("routing", C) at its defaults, non-causal, written from the released code's formulas
+    in a few lines of torch (no attnlab code): google-research routing_transformer/utils.py
+    clustered_local_attention_helper (LayerNorm of q and k without scale), nearest_neighbor
+    (similarity <z, mu_c>), gather_cluster_attention_items (each cluster's top-w queries and top-w
+    keys by similarity, sorted by position), softmax(q k^T / sqrt(d)) inside each cluster, and
+    scatter_cluster_items (outputs back at the queries' positions, averaged over a query's clusters;
+    the released code divides by count + 0.01, attnlab by count: a documented deviation). The local
+    heads (the first half) see one block when N <= window_size: a dense softmax on the raw q, k."""
+    B, N, C = x.shape
+    h = m.num_heads
+    d, L = C // h, h // 2
+    q, k, v = (x @ m.qkv.weight.T).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)      # 3 x (B, h, N, d), no bias
+    local = torch.softmax(q[:, :L] @ k[:, :L].transpose(-1, -2) / math.sqrt(d), -1) @ v[:, :L]
+    qn, kn, vr = layer_norm(q[:, L:]), layer_norm(k[:, L:]), v[:, L:]              # (B, R, N, d)
+    w = math.ceil(N / m.num_clusters)
+    top = lambda z: torch.einsum("brnd,rcd->brcn", z, m.centroids).topk(w, -1).indices.sort(-1).values
+    qi, ki = top(qn.detach()), top(kn.detach())                                    # (B, R, c, w)
+    pick = lambda t, i: torch.take_along_dim(t[:, :, None], i[..., None], dim=3)    # (B, R, c, w, d)
+    att = torch.softmax(pick(qn, qi) @ pick(kn, ki).transpose(-1, -2) / math.sqrt(d), -1) @ pick(vr, ki)
+    idx = qi.flatten(2)[..., None]                                                 # (B, R, c w, 1)
+    total = torch.zeros_like(vr).scatter_add(2, idx.expand(-1, -1, -1, d), att.flatten(2, 3))
+    count = torch.zeros_like(vr[..., :1]).scatter_add(2, idx, torch.ones_like(idx, dtype=x.dtype))
+    routed = total / count.clamp(min=1)
+    out = torch.cat([local, routed], 1).transpose(1, 2).reshape(B, N, C)
+    return out @ m.proj.weight.T + m.proj.bias
+
+
+def test_default_matches_the_released_code_outputs_and_grads():
+    m = attnlab.create("routing", 64).double().eval()                # every option at its default
+    assert m.variant == "auto" and m.routing_variant(False) == "topk"
+    x = torch.randn(2, 40, 64, dtype=torch.float64)                   # w = ceil(40 / 16) = 3, one local block
+    xm, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, y_ref = m(xm), released_code_routing(m, xr)
+    assert_close(y, y_ref, **CLOSE)
+    g = torch.randn_like(y)
+    leaves = [m.qkv.weight, m.proj.weight, m.proj.bias]
+    for a, b in zip(torch.autograd.grad((y * g).sum(), [xm, *leaves]),
+                    torch.autograd.grad((y_ref * g).sum(), [xr, *leaves])):
+        assert_close(a, b, **CLOSE)
+    assert 0.0 < m.unrouted_fraction < 1.0                            # see the next tests
+
+
+def reference_unrouted(found, valid, is_causal, N):
+    """Share of the valid queries (over samples and routing heads) that no cluster gives a key they may
+    see, from the reference's cluster membership: valid (B, N) key padding."""
+    missed = total = 0
+    for b, _, Qc, Kc in found:
+        for i in range(N):
+            if not valid[b, i]:
+                continue
+            total += 1
+            missed += not any(i in Qc[c] and any(valid[b, j] and (j <= i or not is_causal) for j in Kc[c])
+                              for c in range(len(Qc)))
+    return missed / total
+
+
+@pytest.mark.parametrize("variant,is_causal", [("auto", False), ("auto", True), ("nearest", False), ("topk", False)])
+def test_unrouted_fraction_is_the_measured_share(variant, is_causal):
+    m = make(variant=variant, num_clusters=4, local_heads=1)
+    assert math.isnan(m.unrouted_fraction)                            # nothing measured yet
+    B, N = 3, 17
+    valid = key_padding(B, N)
+    x = torch.randn(B, N, DIM, dtype=torch.float64)
+    m(x, attn_mask=valid, is_causal=is_causal)
+    _, found = reference_routing(m, x, attn_mask=valid, is_causal=is_causal, return_members=True)
+    assert isinstance(m.unrouted_fraction, float)
+    assert m.unrouted_fraction == pytest.approx(reference_unrouted(found, valid, is_causal, N), abs=1e-12)
+    only_local = make(local_heads=H)
+    only_local(x)
+    assert only_local.unrouted_fraction == 0.0                        # no routing heads, nothing unrouted
+
+
+def test_topk_clusters_are_full_but_do_not_route_every_query():
+    """The released code's balanced top-w fills every cluster with exactly w queries and w keys; it does
+    not give every query a cluster: at initialisation a large share of the queries is in none (their
+    routing-head output is zero, as in the released code). unrouted_fraction reports that share."""
+    m = make(num_clusters=4, local_heads=0)
+    N = 32
+    w = m.cluster_size(N)
+    x = torch.randn(2, N, DIM, dtype=torch.float64)
+    m(x)
+    _, found = reference_routing(m, x, return_members=True)
+    assert all(len(Qc[c]) == w and len(Kc[c]) == w for _, _, Qc, Kc in found for c in range(4))
+    in_none = [sum(all(i not in Qc[c] for c in range(4)) for i in range(N)) for _, _, Qc, _ in found]
+    assert sum(in_none) > 0
+    assert m.unrouted_fraction == pytest.approx(sum(in_none) / (N * len(found)), abs=1e-12)
+
+
+def test_auto_routes_causally_under_an_explicit_causal_mask():
+    """A lower-triangular attn_mask without is_causal: "auto" takes the causal assignment, so the
+    future cannot move a past token in or out of a cluster; the result is the reference's."""
+    m = make(num_clusters=4, local_heads=1, window_size=3)
+    N = 20
+    tril = torch.ones(N, N, dtype=torch.bool).tril()[None, None]          # (1, 1, N, N)
+    x = torch.randn(2, N, DIM, dtype=torch.float64)
+    y = m(x, attn_mask=tril)
+    assert_close(y, reference_routing(m, x, attn_mask=tril), **CLOSE)
+    assert_close(y, m(x, is_causal=True), **CLOSE)
+    for t in (4, 11):
+        x2 = x.clone()
+        x2[:, t:] = 5 * torch.randn(2, N - t, DIM, dtype=torch.float64)
+        assert_close(m(x2, attn_mask=tril)[:, :t], y[:, :t], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["auto", "nearest"])
+def test_causal_variant_never_sees_a_future_key(variant):
+    """No gradient flows from a future token into a past output (the perturbation test below checks
+    that the routing decisions, which carry no gradient, do not depend on the future either)."""
+    m = make(dim=8, num_heads=2, variant=variant, num_clusters=2, local_heads=1, window_size=2)
+    x = torch.randn(1, 9, 8, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: m(t, is_causal=True), x)      # (1, 9, 8, 1, 9, 8)
+    dep = J[0, :, :, 0].abs().sum((1, 3))                                           # (9, 9): output i <- input j
+    assert (dep.triu(1) == 0).all()
+    assert (dep.tril(-1) != 0).any()
+    y = m(x, is_causal=True)
+    for t in (3, 6):
+        x2 = x.clone()
+        x2[:, t:] = 5 * torch.randn(1, 9 - t, 8, dtype=torch.float64)
+        assert_close(m(x2, is_causal=True)[:, :t], y[:, :t], rtol=0, atol=0)
 
 
 # --- limiting cases ---------------------------------------------------------------------------------
@@ -358,8 +488,10 @@ def test_centroids_are_a_buffer_not_a_parameter():
 
 
 def reference_ema(m, x, valid, decay):
-    """mu_c <- decay mu_c + (1 - decay) mean of the layer-normed queries and keys (both halves of
-    every valid token of every sample) whose nearest centroid is mu_c; empty clusters stay."""
+    """mu_c <- decay mu_c + (1 - decay) sqrt(d) S_c / |S_c|, S_c the sum of the layer-normed queries
+    and keys (both halves of every valid token of every sample) whose nearest centroid is mu_c
+    (lucidrains' kmeans_iter: F.normalize of the member sum, here on the layer-norm radius sqrt(d));
+    empty clusters stay."""
     q, k, _ = heads_qkv(m, x)
     L = m.local_heads
     new = m.centroids.clone()
@@ -372,7 +504,8 @@ def reference_ema(m, x, valid, decay):
                         members_[int((z[i] @ m.centroids[r].T).argmax())].append(z[i])
         for c, zs in enumerate(members_):
             if zs:
-                new[r, c] = decay * m.centroids[r, c] + (1 - decay) * torch.stack(zs).mean(0)
+                total = torch.stack(zs).sum(0)
+                new[r, c] = decay * m.centroids[r, c] + (1 - decay) * total / total.norm() * math.sqrt(m.head_dim)
     return new
 
 
@@ -406,7 +539,7 @@ def test_ema_not_driven_by_gradients():
     assert_close(m.centroids, expected, **CLOSE)          # backward and the optimizer leave it alone
 
 
-def test_decay_zero_sets_centroids_to_the_batch_means():
+def test_decay_zero_sets_centroids_to_the_normalised_batch_sums():
     m = make(num_clusters=2, local_heads=0, decay=0.0).train()
     x = torch.randn(2, 12, DIM, dtype=torch.float64)
     expected = reference_ema(m.eval(), x, None, 0.0)
@@ -478,3 +611,20 @@ def test_bad_input_names_expected_and_got():
         m(torch.randn(2, 5, DIM, dtype=torch.float64), attn_mask=torch.ones(2, 6, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match=r"routing.*kv_cache"):
         m(torch.randn(2, 5, DIM, dtype=torch.float64), cache=attnlab.KVCache())
+
+
+# --- attnlab info -----------------------------------------------------------------------------------
+
+def test_info_prints_the_measured_unrouted_fraction(capsys):
+    from attnlab.cli import build_parser
+    torch.manual_seed(1)
+    lines = RoutingAttention.describe()
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(3))              # describe leaves the global RNG where it was
+    assert "unrouted" in lines[0] and any("topk" in line for line in lines) and any("nearest" in line for line in lines)
+    args = build_parser().parse_args(["info", "routing"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    for line in lines:
+        assert line in out

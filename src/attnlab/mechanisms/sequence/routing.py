@@ -2,12 +2,25 @@
 
 Paper: Efficient Content-Based Sparse Attention with Routing Transformers (Roy, Saffar,
 Vaswani, Grangier; TACL 2021, arXiv 2003.05997).
-Implements the routing attention of Sec. 4 with the paper's mix of local and routing heads:
+Released code followed (read for this file): google-research/google-research
+routing_transformer/utils.py: `clustered_local_attention_helper` (layer-norm q and k without
+scale, route queries and keys separately, one dense attention per cluster, scatter back),
+`nearest_neighbor` (similarity <z, mu_c>, nearest = argmax), `gather_cluster_attention_items`
+(each cluster takes `attention_window` tokens by `tf.math.top_k` over the token-centroid
+similarity, sorted by position), `cluster_items` (centroids = LayerNorm of a N(0, 1) draw),
+`online_kmeans` (EMA of the nearest-assigned members), `scatter_cluster_items` (a query in
+several clusters gets the sum of its outputs over count + 0.01); and lucidrains/routing-transformer
+routing_transformer/routing_transformer.py: `distribution` (the same top-w, sorted), `kmeans_iter`
+(the new centroid is the normalised sum of its nearest members, F.normalize of the sum) and
+`Kmeans.update` (EMA toward it).
 
     Q, K <- LayerNorm(Q), LayerNorm(K)        (no scale or bias: the shared Q/K space of the routing)
-    mu(z) = argmax_c <z, mu_c>                 nearest of the num_clusters centroids mu_c
-    X'_i = sum_{j : mu(K_j) = mu(Q_i), j <= i (causal)} softmax_j(Q_i K_j^T / sqrt(d)) V_j
-    mu_c <- lambda mu_c + (1 - lambda) * mean{Q_i, K_j : mu(Q_i) = c, mu(K_j) = c}   (training only)
+    s_c(z) = <z, mu_c>                         similarity to each of the num_clusters centroids mu_c
+    X'_i = mean over the clusters c holding query i of
+           sum_{j in K_c (, j <= i causal)} softmax_j(Q_i K_j^T / sqrt(d)) V_j
+    mu_c <- decay mu_c + (1 - decay) sqrt(d) S_c / |S_c|,  S_c = sum of the layer-normed queries and
+           keys whose nearest centroid is mu_c (training only; sqrt(d) is the norm of a layer-normed
+           vector, so the target lies on the sphere the tokens and the initial centroids lie on)
 
 The centroids are a buffer `centroids` (routing heads, num_clusters, d), one set per head,
 shared by queries and keys, never a parameter: they change only by the moving average above,
@@ -17,20 +30,33 @@ Computation, O(N^1.5 d) with num_clusters ~ sqrt(N): each cluster holds exactly
 w = ceil(capacity * N / num_clusters) query slots and w key slots, so attention is one batched
 dense (num_clusters, w, w) call of `attnlab.ops.attention` per head, and the results are
 scattered back to the tokens' positions. Which tokens fill the slots (`variant`):
-- "nearest" (default): each query and each key goes to its nearest centroid (the paper's
-  formula above); a cluster keeps its first w members in sequence order, the rest of that
-  cluster's tokens are not routed. Membership of token i then depends on tokens <= i only, so
-  the causal variant is truly causal and composes with any mask.
-- "topk": the balanced assignment of the authors' released code: each cluster takes its w
-  tokens with the largest <z, mu_c> (queries and keys selected separately), so a token can
-  land in several clusters or in none. A query in several clusters gets the mean of its
-  per-cluster outputs. Non-causal only: whether a past token is among a cluster's top w depends
-  on the future tokens, so with is_causal the future would reach the past through the routing;
-  is_causal=True raises NotImplementedError for this variant.
+- "auto" (default): "nearest" for a call that may not see the future (is_causal=True, or an
+  attn_mask under which no query may attend a later key: an explicit causal mask), "topk" for
+  every other call.
+- "topk": the balanced assignment of the released code: cluster c takes the w queries, and
+  separately the w keys, with the largest <z, mu_c> (`gather_cluster_attention_items`), so every
+  cluster is full, and a token can land in several clusters or in none. A query in several
+  clusters gets the mean of its per-cluster outputs. Non-causal only: whether a past token is
+  among a cluster's top w depends on the future tokens, so with is_causal the future would reach
+  the past through the routing; an explicit variant="topk" raises NotImplementedError for
+  is_causal=True (the released code trains its decoder this way: its causal mask is
+  `attention_bias_lower_triangle` over the slots inside a cluster, which leaves the membership
+  itself to the whole sequence).
+- "nearest": the truly causal variant for language models. Each query and each key goes to its
+  nearest centroid only (argmax_c <z, mu_c>, the paper's formula), and a cluster keeps its first
+  w members in sequence order, so the membership of token i depends on tokens <= i only and
+  composes with any mask. What it drops against "topk": (1) the balance: a cluster holds at most
+  w members and may hold fewer, and the tokens that reach a full cluster are not routed (the cap
+  keeps the cost at num_clusters * w^2; `capacity` > 1 drops fewer); (2) overlap: a token is in
+  at most one cluster; (3) with is_causal, a query whose cluster holds no key at or before it
+  sees nothing. The released code has no such variant for training.
 A query that is not routed (or whose clusters hold no key it may see) gets a zero output from
-the routing heads; the local heads still see it. Measured at initialisation (random centroids,
-N = 1024..4096, 16 or 64 clusters): "nearest" routes 88-95% of the queries, "topk" about 63%
-(26% of the queries in two or more clusters).
+the routing heads; the local heads still see it. `module.unrouted_fraction` (a float) is that
+share of the non-padding queries of the routing heads in the last forward (measured, not
+estimated; nan before the first call). Measured at initialisation (`attnlab info routing`:
+random x, dim 64, 8 heads, N = 1024, 32 clusters): "topk" leaves about 38% of the queries
+unrouted, "nearest" about 17% (21% causal). Balanced top-w does not route every query: the
+released code's zero output (sum / (0 + 0.01)) for those queries is reproduced here.
 Local heads: heads 0..local_heads-1 use blocked local attention (like the released code's
 local heads, blocks with a one-block flange): the sequence is cut into blocks of window_size;
 a query attends every key of its own block and of the previous block, and of the next block
@@ -41,7 +67,7 @@ attn_mask: any mask of the attnlab conventions, applied inside each cluster. A t
 query may attend (its key column fully masked: padding) is routed neither as a key nor as a
 query, so padding can never take a cluster slot (its routing-head output is zero). No KV cache.
 
-Status: routing, both assignments, causal, masks, EMA centroids, local/routing head mix.
+Status: routing ("topk" as released, "nearest" causal), masks, EMA centroids, local/routing mix.
 Choosing num_clusters: the cost is ~ N * num_clusters * d (routing) + N^2 d / num_clusters
 (attention) per routing head, smallest at num_clusters ~ sqrt(N) (the paper uses sqrt(N)).
 The centroids fix the count at construction: pick it for the lengths you run (default 16,
@@ -49,24 +75,26 @@ around sqrt(256)..sqrt(1024); 64 for N ~ 4096).
 
 Deviations:
 - Centroid update: the arXiv text writes mu <- lambda mu + (1 - lambda)/2 sum_{i: mu(Q_i)=mu} Q_i
-  + (1 - lambda)/2 sum_{j: mu(K_j)=mu} K_j, a sum whose size grows with the number of members;
-  the released code keeps moving averages of the member sums and of the member counts and
-  divides them (VQ-VAE style, which starts from zero counts). Here the increment is the mean of
-  the call's members (queries and keys together, padding excluded; nearest assignment in both
-  variants): no extra state, a centroid stays a convex combination of layer-normed vectors, and
-  it equals the sums/counts form when every call brings a cluster the same number of members.
-  A cluster with no member keeps its centroid. No all-reduce across processes.
+  + (1 - lambda)/2 sum_{j: mu(K_j)=mu} K_j, a sum whose size grows with the number of members.
+  The google-research `online_kmeans` keeps moving averages of the member sums and of the member
+  counts and divides them (VQ-VAE style; its count average starts at zero, so the first updates
+  inflate the centroids' norms). Here, as lucidrains' `kmeans_iter` + `Kmeans.update`, the target
+  is the normalised member sum (queries and keys together, padding excluded, nearest assignment
+  in every variant), scaled to the layer-norm radius sqrt(d) because the tokens here are
+  layer-normed rather than L2-normalised; one EMA step per training forward (lucidrains averages
+  the targets of several forwards and applies them after backward). A cluster with no member
+  keeps its centroid. No all-reduce across processes.
 - Similarity: the inner product <z, mu_c> as in the released code (on layer-normed z it ranks
   like the Euclidean distance up to the centroids' norms).
 - Centroid init: LayerNorm of a standard normal draw (as the released code); `routing_seed`
-  makes it reproducible without touching the global RNG.
+  makes it reproducible without touching the global RNG. (lucidrains inits from data.)
 - Queries and keys have separate projections (the released code can tie them, `share_qk`);
   both are layer-normed without affine parameters and the normed values are also used for the
   scores of the routing heads, as in the released code. Local heads use the raw projections.
 - A query in several clusters ("topk") gets the plain mean of its per-cluster outputs; the
-  released code divides the sum by (count + 0.01).
-- "nearest" caps each cluster at w members in sequence order (the paper's formula has no cap;
-  the cap is what keeps the cost at num_clusters * w^2). `capacity` > 1 drops fewer tokens.
+  released code divides the sum by (count + 0.01), 1% smaller for a query in one cluster
+  (lucidrains' `scatter_mean` uses + 1e-5). A cluster where the mask hides every key from the
+  query adds nothing to its mean.
 - The commitment loss of the released code (which pulls Q and K toward their centroids) is
   not computed; the relative position embeddings of its local heads are not included.
 - Routing scores are computed in float32 (float64 for float64 input), from the projections
@@ -87,7 +115,7 @@ from attnlab.mechanisms.common import check_dims, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
-VARIANTS = ("nearest", "topk")
+VARIANTS = ("auto", "topk", "nearest")
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
@@ -95,6 +123,16 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
         bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
         raise ValueError(f"routing: {name} must be {bound}, got {value!r}")
     return value
+
+
+def _hides_the_future(seen: Tensor) -> bool:
+    """seen (B|1, h|1, N|1, M) bool "may attend": True when no query may attend a later key (an
+    explicit causal mask), so that the call's routing must not depend on the future either."""
+    Nm, M = seen.shape[-2:]
+    if Nm == 1:                                   # the same row for every query: key padding
+        return M <= 1
+    later = torch.ones(Nm, M, dtype=torch.bool, device=seen.device).triu(1)
+    return not bool((seen & later).any())
 
 
 def _gather_mask(mask: Tensor, qpos: Tensor, kpos: Tensor) -> Tensor:
@@ -114,13 +152,16 @@ def _gather_mask(mask: Tensor, qpos: Tensor, kpos: Tensor) -> Tensor:
     family="sparse", layout="seq", time="O(N k d + N^2 d / k), k clusters; O(N^1.5 d) at k ~ sqrt(N)",
     memory="O(N^2 / k) scores per head; O(N^1.5) at k ~ sqrt(N)", exact=False,
     causal=True, attn_mask=True, kv_cache=False, backends=("sdpa", "reference"),
-    url="https://arxiv.org/abs/2003.05997", variants=VARIANTS,
+    url="https://arxiv.org/abs/2003.05997", variants=VARIANTS, provenance="official-code",
+    source="google-research/google-research routing_transformer/utils.py::gather_cluster_attention_items "
+           "(top-w routing), ::clustered_local_attention_helper; lucidrains/routing-transformer "
+           "routing_transformer/routing_transformer.py::kmeans_iter (EMA toward the normalised member sums)",
     test_kwargs=dict(num_clusters=2, local_heads=1, window_size=4, qkv_bias=True)))
 class RoutingAttention(nn.Module):
     """x (B, N, C) -> (B, N, C): local heads 0..local_heads-1, routing heads after them."""
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, variant: str = "nearest", num_clusters: int = 16,
+                 proj_drop: float = 0.0, variant: str = "auto", num_clusters: int = 16,
                  capacity: float = 1.0, local_heads: int | None = None, window_size: int = 64,
                  decay: float = 0.999, scale: float | None = None, routing_seed: int | None = None,
                  backend: str | None = None, device=None, dtype=None):
@@ -157,6 +198,43 @@ class RoutingAttention(nn.Module):
         self.hook_k = nn.Identity()    # (B, h, N, d), projections (routing heads are layer-normed after)
         self.hook_v = nn.Identity()    # (B, h, N, d)
         self.hook_out = nn.Identity()  # (B, h, N, d), per-head outputs before proj
+        self._unrouted: Tensor | None = None   # (2,) int64: [unrouted, non-padding] queries, last forward
+
+    @property
+    def unrouted_fraction(self) -> float:
+        """Share of the non-padding queries that the routing heads of the last forward left without
+        output (in no cluster, or seeing no key in any of theirs), over samples and routing heads.
+        Measured in the forward; nan before the first call, 0.0 without routing heads."""
+        if self._unrouted is None:
+            return math.nan
+        missed, total = self._unrouted.tolist()    # read (and synchronised) only when asked
+        return missed / total if total else 0.0
+
+    def routing_variant(self, is_causal: bool) -> str:
+        """The assignment a call uses: "auto" is "nearest" for a call that may not see the future
+        (is_causal, or a mask that hides every later key) and "topk" otherwise."""
+        if self.variant == "auto":
+            return "nearest" if is_causal else "topk"
+        return self.variant
+
+    @classmethod
+    def describe(cls) -> list[str]:
+        """Lines `attnlab info routing` prints: the unrouted fraction measured at initialisation
+        on a fixed input (seeded weights, centroids and x; the global RNG is left as it was)."""
+        B, N, dim, heads, clusters = 2, 1024, 64, 8, 32
+        lines = [f"unrouted queries at initialisation, measured (x ~ N(0, 1) of shape ({B}, {N}, {dim}), "
+                 f"{heads} heads of which {heads // 2} routing, {clusters} clusters, seed 0):"]
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            m = cls(dim, heads, num_clusters=clusters, routing_seed=0).eval()
+            x = torch.randn(B, N, dim, generator=torch.Generator().manual_seed(0))
+            for variant, causal, label in (("topk", False, "default, non-causal calls"),
+                                           ("nearest", True, "default, causal calls"),
+                                           ("nearest", False, "explicit, non-causal")):
+                m.variant = variant
+                m(x, is_causal=causal)
+                lines.append(f"  {variant:<8} is_causal={str(causal):<5} ({label}): {m.unrouted_fraction:.1%}")
+        return lines
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, variant={self.variant!r}, "
@@ -169,14 +247,14 @@ class RoutingAttention(nn.Module):
 
     # --- routing ---------------------------------------------------------------------------------
 
-    def _members(self, scores: Tensor, pad: Tensor | None, w: int) -> tuple[Tensor, Tensor]:
+    def _members(self, scores: Tensor, pad: Tensor | None, w: int, variant: str) -> tuple[Tensor, Tensor]:
         """scores (B, R, N, k) of tokens against centroids -> positions (B, R, k, w), ok (B, R, k, w).
 
         Slots of a cluster are in ascending position; `ok` is False for an empty slot.
         """
         B, R, N, k = scores.shape
         pos = torch.arange(N, device=scores.device)
-        if self.variant == "topk":
+        if variant == "topk":   # gather_cluster_attention_items: top_k over the sequence, then sorted
             s = scores.transpose(-1, -2)                                       # (B, R, k, N)
             if pad is not None:
                 s = s.masked_fill(pad[:, :, None, :], float("-inf"))
@@ -197,22 +275,25 @@ class RoutingAttention(nn.Module):
         idx = order.gather(-1, where.flatten(2)).view(B, R, k, w)
         return idx.masked_fill(~ok, 0), ok
 
-    def route(self, q: Tensor, k: Tensor, pad: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Cluster slots of the routing heads.
+    def route(self, q: Tensor, k: Tensor, pad: Tensor | None = None, *,
+              is_causal: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Cluster slots of the routing heads (the assignment `routing_variant(is_causal)`).
 
         q, k (B, R, N, d) layer-normed routing queries and keys (routing precision), pad (B, R, N)
         bool or None (True = padding, never routed) -> q_idx, q_ok, k_idx, k_ok, each
         (B, R, num_clusters, w): the positions in each cluster's slots and which slots are filled.
         """
+        variant = self.routing_variant(is_causal)
         w = self.cluster_size(q.shape[2])
         mu = self.centroids.to(q.dtype)                                        # (R, k, d)
-        q_idx, q_ok = self._members(torch.einsum("brnd,rcd->brnc", q, mu), pad, w)
-        k_idx, k_ok = self._members(torch.einsum("brnd,rcd->brnc", k, mu), pad, w)
+        q_idx, q_ok = self._members(torch.einsum("brnd,rcd->brnc", q, mu), pad, w, variant)
+        k_idx, k_ok = self._members(torch.einsum("brnd,rcd->brnc", k, mu), pad, w, variant)
         return q_idx, q_ok, k_idx, k_ok
 
     @torch.no_grad()
     def _update_centroids(self, q: Tensor, k: Tensor, pad: Tensor | None) -> None:
-        """mu_c <- decay mu_c + (1 - decay) mean of the queries and keys nearest to mu_c (batch-wide)."""
+        """mu_c <- decay mu_c + (1 - decay) sqrt(d) S_c / |S_c|, S_c the sum of the queries and keys
+        nearest to mu_c (batch-wide; lucidrains' kmeans_iter on the layer-norm sphere)."""
         B, R, N, d = q.shape
         mu = self.centroids.to(q.dtype)                                        # (R, k, d)
         z = torch.cat([q, k], dim=2)                                           # (B, R, 2N, d)
@@ -226,8 +307,8 @@ class RoutingAttention(nn.Module):
         sums = mu.new_zeros(R, self.num_clusters, d).scatter_add_(1, cid[..., None].expand(-1, -1, d),
                                                                   z * weight[..., None])
         counts = mu.new_zeros(R, self.num_clusters).scatter_add_(1, cid, weight)
-        means = sums / counts.clamp(min=1)[..., None]
-        new = torch.where(counts[..., None] > 0, self.decay * mu + (1 - self.decay) * means, mu)
+        target = F.normalize(sums, dim=-1) * math.sqrt(d)                      # (R, k, d), norm sqrt(d)
+        new = torch.where(counts[..., None] > 0, self.decay * mu + (1 - self.decay) * target, mu)
         self.centroids.copy_(new.to(self.centroids.dtype))
 
     # --- the two kinds of heads ------------------------------------------------------------------
@@ -239,10 +320,11 @@ class RoutingAttention(nn.Module):
             mask = bias if allowed is None else torch.where(allowed, bias, float("-inf"))
         return attention(q, k, v, attn_mask=mask, scale=self.scale, dropout_p=dropout_p, backend=self.backend)
 
-    def _routing_heads(self, q, k, v, qr, kr, pad, mask, is_causal, dropout_p):
-        """q, k, v (B, R, N, d) (q, k layer-normed); qr, kr the same in routing precision."""
+    def _routing_heads(self, q, k, v, qr, kr, pad, mask, is_causal, causal_routing, dropout_p):
+        """q, k, v (B, R, N, d) (q, k layer-normed); qr, kr the same in routing precision;
+        causal_routing: the call may not see the future (is_causal or a mask hiding it)."""
         B, R, N, d = q.shape
-        q_idx, q_ok, k_idx, k_ok = self.route(qr, kr, pad)                     # (B, R, c, w) each
+        q_idx, q_ok, k_idx, k_ok = self.route(qr, kr, pad, is_causal=causal_routing)   # (B, R, c, w) each
         c, w = q_idx.shape[2], q_idx.shape[3]
         base = (torch.arange(B * R, device=q.device) * N).view(B, R, 1, 1)
         fq, fk = (q_idx + base).reshape(-1), (k_idx + base).reshape(-1)        # flat rows of (B R N, d)
@@ -271,6 +353,10 @@ class RoutingAttention(nn.Module):
         weight = row_ok.reshape(-1, 1).to(out.dtype)
         total = out.new_zeros(B * R * N, d).index_add(0, fq, out.reshape(-1, d) * weight)
         count = out.new_zeros(B * R * N, 1).index_add(0, fq, weight)
+        with torch.no_grad():  # unrouted: a non-padding query that no cluster gave a key to see
+            routed = count.view(B, R, N) > 0
+            valid = torch.ones_like(routed) if pad is None else ~pad
+            self._unrouted = torch.stack([(valid & ~routed).sum(), valid.sum()])
         return (total / count.clamp(min=1)).view(B, R, N, d)                   # mean over a query's clusters
 
     def _local_heads(self, q, k, v, mask, is_causal, dropout_p):
@@ -327,7 +413,7 @@ class RoutingAttention(nn.Module):
             raise NotImplementedError(
                 "mechanism 'routing' with variant='topk' does not support causal: a cluster's top-w tokens "
                 "are chosen over the whole sequence, so future tokens would decide which past tokens are "
-                "routed; use variant='nearest' (the default) for causal attention")
+                "routed; use variant='nearest' (or the default 'auto', which takes it for causal calls)")
         B, N, C = x.shape
         h, L, R, d = self.num_heads, self.local_heads, self.routing_heads, self.head_dim
         mask = None if attn_mask is None else check_attn_mask(attn_mask, B, h, N, N).to(x.device)
@@ -341,7 +427,9 @@ class RoutingAttention(nn.Module):
         outs = []
         if L:
             outs.append(self._local_heads(q[:, :L], k[:, :L], v[:, :L], head_mask(slice(0, L)), is_causal, dropout_p))
-        if R:
+        if not R:
+            self._unrouted = torch.zeros(2, dtype=torch.long)              # no routing head: nothing unrouted
+        else:
             q_r, k_r = F.layer_norm(q[:, L:], (d,)), F.layer_norm(k[:, L:], (d,))   # (B, R, N, d)
             with torch.no_grad():  # routing decisions: float32 at least, recomputed for low precision
                 if x.dtype in (torch.float32, torch.float64):
@@ -351,13 +439,15 @@ class RoutingAttention(nn.Module):
                     full = F.linear(x.detach().float(), self.qkv.weight.float(), b)
                     qf, kf, _ = full.reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
                     qr, kr = F.layer_norm(qf[:, L:], (d,)), F.layer_norm(kf[:, L:], (d,))
-                pad = None
+                pad, causal_routing = None, is_causal
                 if mask is not None:  # a key no query may attend is padding: routed neither way
                     seen = mask if mask.dtype == torch.bool else mask != float("-inf")
                     seen = seen[:, L:] if seen.shape[1] > 1 else seen
                     pad = (~seen.any(dim=2)).expand(B, R, N)                       # (B, R, N)
+                    if self.variant == "auto" and not is_causal:   # an explicit causal mask: route causally
+                        causal_routing = _hides_the_future(seen)
             outs.append(self._routing_heads(q_r, k_r, v[:, L:], qr, kr, pad, head_mask(slice(L, h)), is_causal,
-                                            dropout_p))
+                                            causal_routing, dropout_p))
             if self.training:
                 self._update_centroids(qr, kr, pad)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]            # (B, h, N, d)
