@@ -48,7 +48,7 @@ def test_attention_features_are_the_papers_sum_over_keys():
     W = RandomFeatureAttention(d + 1, M, qk_mean=0.7, seed=11).qk_weight.double()   # (M, d+1, d+1)
     tok = torch.cat([x.double(), torch.ones(2, N + 1, 1, dtype=torch.float64)], -1)
     q, keys = tok[:, -1], tok[:, :-1]
-    scores = torch.einsum("mcd,bd,bnc->bmn", W, q, keys) / math.sqrt(d + 1)      # <W_m x~_0, x~_i> / sqrt(d+1)
+    scores = torch.einsum("bc,mcd,bnd->bmn", q, W, keys)                         # x~_0^T W_m x~_i (scale 1)
     expected = torch.einsum("bmn,bnc->bmc", torch.relu(scores), keys) / N        # (2, M, d + 1)
     assert torch.allclose(feats, expected.reshape(2, -1), atol=1e-5)
     assert mlp_features(x, 7, seed=0).shape == (2, 7)

@@ -1,10 +1,11 @@
 """random_features against the paper's sum over heads and keys, the frozen part, seeds and means.
 
 The reference is written from the random-feature attention model of Fu, Guo, Bai and Mei (2023):
-    f_c(x_0; x_1..x_N) = sum_m sum_i a_i(<W_m x_0, x_i> * scale) <v_{m,c}, x_i>
+    f_c(x_0; x_1..x_N) = sum_m sum_i a_i(x_0^T W_m x_i * scale) <v_{m,c}, x_i>
 with a_i = ReLU(.) / N (relu) or softmax over i (softmax), as plain Python loops over heads and
 keys in float64 with the module's W_m (buffer) and v_m (rows of the value Linear). It shares no
-code with attnlab.
+code with attnlab. The paper's own form (scale 1 with ReLU / N, the default) is also checked
+without reading the module's scale.
 """
 from __future__ import annotations
 
@@ -32,9 +33,8 @@ def paper_f(m, x0, keys):
     N = keys.shape[0]
     out = torch.zeros(C, dtype=x0.dtype)
     for mh in range(m.num_heads):
-        W = m.qk_weight[mh]
-        Wx0 = W @ x0
-        s = torch.stack([Wx0 @ keys[i] for i in range(N)]) * m.scale
+        W = m.qk_weight[mh]                                                   # the paper's W_m
+        s = torch.stack([x0 @ W @ keys[i] for i in range(N)]) * m.scale       # x_0^T W_m x_i
         a = torch.relu(s) / N if m.activation == "relu" else torch.exp(s) / torch.exp(s).sum()
         V_m = m.value.weight[:, mh * C:(mh + 1) * C]                         # (C_out, C): rows are v_{m,c}
         for i in range(N):
@@ -106,6 +106,40 @@ def test_single_query_of_the_paper_is_one_output_position(activation):
     assert_close(y_perm, y, **TIGHT)
 
 
+def test_default_is_the_papers_score_outputs_and_grads():
+    """create() at its defaults against the paper's f(x_0; X) = sum_m (1/N) sum_i ReLU(x_0^T W_m x_i)
+    V_m x_i: no 1/sqrt(d), W_m as stored, written here without the module's scale."""
+    m = attnlab.create("random_features", DIM, HEADS, seed=0).double()
+    assert m.activation == "relu" and m.scale == 1.0
+    B, N = 2, 5
+    X = torch.randn(B, N, DIM, dtype=torch.float64, requires_grad=True)
+    x0 = torch.randn(B, DIM, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([True] * N + [False])
+
+    def paper():
+        W, V = m.qk_weight, m.value.weight.view(DIM, HEADS, DIM)              # V[:, m] is V_m
+        s = torch.einsum("bc,mcd,bnd->bmn", x0, W, X)                         # x_0^T W_m x_i
+        return torch.einsum("bmn,kmc,bnc->bk", torch.relu(s) / N, V, X)       # (B, C)
+
+    leaves = [X, x0, m.value.weight]
+    y, g = grads(lambda: m(torch.cat([X, x0[:, None]], 1), attn_mask=valid)[:, N], leaves)
+    y_ref, g_ref = grads(paper, leaves)
+    assert_close(y, y_ref, **TIGHT)
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, **TIGHT)
+
+
+def test_query_key_matrix_is_stored_as_the_paper_writes_it():
+    """qk_weight[m] = W_m with the query on the left: W = E_01 scores x_0[0] * x_i[1], not x_0[1] * x_i[0]."""
+    m = build(heads=1, qk_std=0.0)
+    with torch.no_grad():
+        m.qk_weight.zero_()
+        m.qk_weight[0, 0, 1] = 1.0
+    x = torch.randn(1, 2, DIM, dtype=torch.float64)
+    s = torch.relu(x[0, :, 0, None] * x[0, None, :, 1]) / 2                  # (query, key): x_q[0] x_k[1]
+    assert_close(m.features(x)[0], s @ x[0], **TIGHT)
+
+
 def test_relu_weights_are_averaged_not_normalised():
     """ReLU(s)/N: scaling the scores (qk_mean with qk_std=0) scales the output linearly."""
     a = build(qk_mean=1.0, qk_std=0.0)
@@ -114,8 +148,8 @@ def test_relu_weights_are_averaged_not_normalised():
         b.value.weight.copy_(a.value.weight)
     x = torch.randn(2, 4, DIM, dtype=torch.float64)
     assert_close(b(x), 3.0 * a(x), **TIGHT)
-    # identity mean, no noise: phi_m(x_i) = (1/N) sum_j ReLU(<x_i, x_j> / sqrt(C)) x_j for every head
-    s = torch.relu(torch.einsum("bic,bjc->bij", x, x) / math.sqrt(DIM)) / 4
+    # identity mean, no noise: phi_m(x_i) = (1/N) sum_j ReLU(<x_i, x_j>) x_j for every head (scale 1)
+    s = torch.relu(torch.einsum("bic,bjc->bij", x, x)) / 4
     phi = torch.einsum("bij,bjc->bic", s, x)
     assert_close(a.features(x), phi.repeat(1, 1, HEADS), **TIGHT)
 
@@ -229,7 +263,7 @@ def test_relu_float_mask_is_added_to_the_scores():
     m = build(qk_mean=1.0)
     x = torch.randn(1, 4, DIM, dtype=torch.float64)
     bias = torch.randn(1, 1, 4, 4, dtype=torch.float64)
-    q = torch.einsum("bnc,mdc->bmnd", x, m.qk_weight)
+    q = torch.einsum("bnc,mcd->bmnd", x, m.qk_weight)                        # x_i^T W_m
     s = torch.einsum("bmnd,bkd->bmnk", q, x) * m.scale + bias
     phi = torch.einsum("bmnk,bkc->bmnc", torch.relu(s) / 4, x)
     ref = m.value(phi.transpose(1, 2).reshape(1, 4, HEADS * DIM))

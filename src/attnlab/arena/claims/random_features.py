@@ -9,8 +9,9 @@ its excess-risk bounds analyse):
 - (a) random-feature attention: attnlab's `random_features` mechanism with M heads on the tokens
   x~ = [x; 1] (the constant coordinate gives the value vectors a bias, as the paper augments its
   inputs), ReLU activation averaged over the N keys, query-key matrices W_m = mu I + G_m / sqrt(d+1)
-  frozen; the features of head m are (1/N) sum_i ReLU(<W_m x~_0, x~_i> / sqrt(d+1)) x~_i, read at the
-  query with the query hidden from the keys. M (d + 1) trainable weights (one value vector per head).
+  frozen; the features of head m are (1/N) sum_i ReLU(x~_0^T W_m x~_i) x~_i (the paper's score, no
+  1/sqrt(d+1): the mechanism's default scale), read at the query with the query hidden from the
+  keys. M (d + 1) trainable weights (one value vector per head).
 - (b) a two-layer random-feature MLP on the flattened input z = [x_1; ...; x_N; x_0; 1]:
   ReLU(<w_k, z>), w_k ~ N(0, I / dim z) frozen, K = M (d + 1) units, so the same number of trainable
   weights as (a).
@@ -242,14 +243,17 @@ def run(args: argparse.Namespace) -> Report:
     summary = " ".join(lines)
     notes = [
         f"d = {args.d}, N = {args.N} keys, M = {args.heads} heads; features from attnlab's `random_features` "
-        f"mechanism (activation='relu', scale and entry std 1/sqrt(d+1), qk_mean = mu) on tokens [x; 1]; "
+        f"mechanism (activation='relu', the paper's scale 1, entry std 1/sqrt(d+1), qk_mean = mu) on tokens [x; 1]; "
         f"RF MLP with {width} ReLU units on the {args.d * (args.N + 1) + 1}-dim flattened input; "
         f"{args.val} validation and {args.test} test examples; training sets are nested prefixes of one pool.",
         f"Ridge penalty per example from {PENALTIES[0]:g} to {PENALTIES[-1]:g} (x10 steps) on standardised "
         "features, picked per target and model by validation MSE; the reported number is test MSE / test variance.",
         "The paper's full text was not reachable from this machine (abstract only). Its exact targets, the "
         "scaling of W and of the inputs, and its mean matrix are therefore our reading: here the mean is "
-        "mu * identity on the augmented tokens, which gives the scores a term mu <x_0, x_i> / sqrt(d+1).",
+        "mu * identity on the augmented tokens, which gives the scores x~_0^T W_m x~_i a term "
+        "mu <x~_0, x~_i> = mu (<x_0, x_i> + 1) beside the noise term x~_0^T G_m x~_i / sqrt(d+1). The features "
+        "are standardised before the fit, so a global score scale (ReLU is positively homogeneous) "
+        "changes nothing here.",
         "softmax_read (sum_i softmax_i(<x_0, x_i> / sqrt(d)) <beta, x_i>) is not of the averaged form "
         "(1/N) sum_i F(x_0, x_i) the theory covers; it is reported but not used for the verdict.",
         "Reading of the gap (not measured here): the MLP sees a flattened vector of dimension D = (N+1)d+1 and "
