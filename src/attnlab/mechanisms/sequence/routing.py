@@ -41,7 +41,9 @@ scattered back to the tokens' positions. Which tokens fill the slots (`variant`)
   the past through the routing; an explicit variant="topk" raises NotImplementedError for
   is_causal=True (the released code trains its decoder this way: its causal mask is
   `attention_bias_lower_triangle` over the slots inside a cluster, which leaves the membership
-  itself to the whole sequence).
+  itself to the whole sequence). Likewise an explicit causal attn_mask with variant="topk" is
+  applied inside the clusters but leaves the membership to the whole sequence ("auto" routes
+  such a call with "nearest").
 - "nearest": the truly causal variant for language models. Each query and each key goes to its
   nearest centroid only (argmax_c <z, mu_c>, the paper's formula), and a cluster keeps its first
   w members in sequence order, so the membership of token i depends on tokens <= i only and
