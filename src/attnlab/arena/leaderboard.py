@@ -62,12 +62,28 @@ from typing import Any
 
 import torch
 
-FORMAT = 1
-DEFAULT_TASKS = ("assoc_recall",)
+FORMAT = 2
+# The default run: MQAR over a difficulty sweep (the causal sequence mechanisms), character-level
+# tiny-shakespeare (the same, on real text), and Fashion-MNIST patches (every sequence mechanism,
+# causal or not, and the 2-D ones on the 4 x 4 patch grid). See the module docstring for the sizes.
+DEFAULT_TASKS = ("mqar_sweep", "tinyshakespeare", "fashion_mnist")
 # Arena-size options of tasks, used unless --task-option sets them (see the module docstring).
 DEFAULT_TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "mqar_sweep": {"seq_len": 64, "pairs": [2, 4, 8, 16], "num_keys": 16, "num_values": 16},
     "assoc_recall": {"num_pairs": 8, "num_queries": 8, "num_keys": 16, "num_values": 16},
+    "tinyshakespeare": {"context": 64},
+    "fashion_mnist": {"patch": 7},
+    "digits": {"patch": 2},
 }
+# A default task whose data are missing on this machine is replaced by one that always exists.
+FALLBACK_TASKS = {"fashion_mnist": "digits"}
+# Arena-size options of mechanisms (under --options): the 2-D windows must fit a 4 x 4 grid.
+DEFAULT_MECHANISM_OPTIONS: dict[str, dict[str, Any]] = {
+    "halo2d": {"block_size": 2, "halo_size": 1},
+    "neighborhood2d": {"kernel_size": 3},
+}
+QUICK_STEPS = 20
+CURVE_POINTS = 6              # validation evaluations per model (the learning curve in arena.json)
 DEFAULT_SEQ_LENS = (256, 1024)
 DEFAULT_TIMING_BUDGET_S = 1.0     # timed seconds per sequence length (all mechanisms interleaved)
 TIMING_PROCESS_TIMEOUT_S = 600
@@ -91,7 +107,7 @@ class ArenaConfig:
     mlp_ratio: float = 0.0
     steps: int = 600
     batch_size: int = 64
-    lr: float = 1e-2
+    lr: float = 3e-3
     warmup: int = 60
     eval_batches: int = 8
     eval_batch_size: int = 128
@@ -101,9 +117,10 @@ class ArenaConfig:
     timing_budget_s: float = DEFAULT_TIMING_BUDGET_S
     device: str = "cpu"
     threads: int | None = DEFAULT_THREADS
+    jobs: int = field(default_factory=lambda: max(1, min(2, os.cpu_count() or 1)))
 
     def __post_init__(self):
-        for name in ("layers", "dim", "heads", "steps", "batch_size", "eval_batches", "eval_batch_size"):
+        for name in ("layers", "dim", "heads", "steps", "batch_size", "eval_batches", "eval_batch_size", "jobs"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -129,50 +146,101 @@ class ArenaConfig:
 
 # --- what runs ------------------------------------------------------------------------------------
 
-def _select(config: ArenaConfig) -> tuple[list, list[str], list[dict[str, str]]]:
-    """(task instances for seed 0, mechanism names, skipped entries); ValueError/TypeError on bad names."""
-    from attnlab.arena.tasks import create_task
+def _takes(task_cls, key: str) -> bool:
+    import inspect
+    return key in inspect.signature(task_cls.__init__).parameters
+
+
+def _is_image_task(task) -> bool:
+    return hasattr(task, "image_size") and hasattr(task, "patch")
+
+
+def _unfit(task, spec) -> str | None:
+    """Why mechanism `spec` cannot train on `task` (None when it can)."""
+    if spec.layout == "2d" and not _is_image_task(task):
+        return f"{spec.name!r} is a 2-D mechanism and task {task.name!r} has no image grid"
+    if task.causal and not spec.causal:
+        return f"task {task.name!r} trains a causal model and {spec.name!r} has no causal mode (spec.causal=False)"
+    return None
+
+
+def _select(config: ArenaConfig, *, log=None) -> tuple[list, list[str], list[dict[str, str]]]:
+    """(task instances for seed 0, mechanism names, skipped entries); ValueError/TypeError on bad names.
+
+    A task option (--task-option KEY=VALUE) goes to every selected task whose constructor takes KEY.
+    A default task whose data are missing (FALLBACK_TASKS) is replaced, with a log line.
+    """
+    from attnlab.arena.tasks import create_task, get_task
     from attnlab.registry import get_spec, list_specs
 
+    classes = {name: get_task(name) for name in config.tasks}          # unknown task: the registry's error
+    for key in config.task_options:
+        if not any(_takes(cls, key) for cls in classes.values()):
+            raise ValueError(f"no selected task takes the option {key!r} (tasks: {', '.join(config.tasks)})")
     tasks = []
     for name in config.tasks:
-        options = {**DEFAULT_TASK_OPTIONS.get(name, {}), **config.task_options}
-        tasks.append(create_task(name, **options))   # unknown task or option: the registry's errors
+        def build(task_name: str):
+            cls = get_task(task_name)
+            options = {**DEFAULT_TASK_OPTIONS.get(task_name, {}),
+                       **{k: v for k, v in config.task_options.items() if _takes(cls, k)}}
+            return create_task(task_name, **options)
+        try:
+            tasks.append(build(name))
+        except (FileNotFoundError, OSError, ImportError) as e:
+            fallback = FALLBACK_TASKS.get(name)
+            if fallback is None or fallback in config.tasks:
+                raise ValueError(f"task {name!r} cannot load its data: {e}") from e
+            if log is not None:
+                log(f"task {name!r} cannot load its data ({_reason(e)}); using {fallback!r} instead")
+            tasks.append(build(fallback))
     if config.mechanisms is None:
-        names = [s.name for s in list_specs(layout="seq")]
+        names = [s.name for s in list_specs(layout="seq")] + [s.name for s in list_specs(layout="2d")]
     else:
         names = list(dict.fromkeys(config.mechanisms))
         for name in names:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"mechanism names must be non-empty strings, got {name!r}")
             spec = get_spec(name)                    # unknown: ValueError with close names
-            if spec.layout != "seq":
-                raise ValueError(f"the arena trains sequence models; {name!r} has layout {spec.layout!r} "
-                                 "(sequence mechanisms: attnlab list --layout seq)")
+            if spec.layout not in ("seq", "2d"):
+                raise ValueError(f"the arena trains sequence and 2-D models; {name!r} has layout {spec.layout!r} "
+                                 "(attnlab list --layout seq, attnlab list --layout 2d)")
     unknown = sorted(set(config.options) - set(names))
     if unknown:
         raise ValueError(f"--options names {unknown}, which the arena does not run (running: {', '.join(names)})")
-    skipped = [{"task": task.name, "mechanism": name,
-                "reason": f"task {task.name!r} trains a causal model and {name!r} has no causal mode "
-                          "(spec.causal=False)"}
-               for task in tasks for name in names if task.causal and not get_spec(name).causal]
+    skipped = []
+    for task in tasks:
+        for name in names:
+            reason = _unfit(task, get_spec(name))
+            if reason:
+                skipped.append({"task": task.name, "mechanism": name, "reason": reason})
     return tasks, names, skipped
 
 
-def _train_one(config: ArenaConfig, task, mechanism: str, seed: int) -> dict[str, Any]:
+def _mechanism_options(config: ArenaConfig, name: str) -> dict[str, Any]:
+    base = name.split(":")[0]
+    return {**DEFAULT_MECHANISM_OPTIONS.get(base, {}), **config.options.get(name, {})}
+
+
+def _train_one(config: ArenaConfig, task_name: str, task_options: dict[str, Any], mechanism: str,
+               seed: int) -> dict[str, Any]:
+    """Train one model (in a worker process when config.jobs > 1): the row's per-seed numbers."""
     from rich.console import Console
 
     from attnlab.arena.train import TrainConfig, train
-    layer = {"name": mechanism, **config.options.get(mechanism, {})}
+    layer = {"name": mechanism, **_mechanism_options(config, mechanism)}
     train_config = TrainConfig(
-        task=task.name, task_options={k: v for k, v in task.options().items() if k != "seed"},
+        task=task_name, task_options=task_options,
         layers=[layer] * config.layers, dim=config.dim, num_heads=config.heads, mlp_ratio=config.mlp_ratio,
         steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=min(config.warmup, config.steps),
-        eval_every=config.steps, eval_batches=config.eval_batches, eval_batch_size=config.eval_batch_size,
-        log_every=config.steps, checkpoint_every=0, seed=seed, device=config.device, threads=config.threads)
+        eval_every=max(1, config.steps // CURVE_POINTS), eval_batches=config.eval_batches,
+        eval_batch_size=config.eval_batch_size, log_every=config.steps, checkpoint_every=0, seed=seed,
+        device=config.device, threads=config.threads)
     t0 = time.perf_counter()
-    result = train(train_config, None, progress=Console(stderr=True).is_terminal)
-    return {"seed": seed, "quality": result.final[f"val_{task.quality}"], "final": result.final,
+    result = train(train_config, None, progress=config.jobs == 1 and Console(stderr=True).is_terminal)
+    from attnlab.arena.tasks import get_task
+    quality = get_task(task_name).quality
+    return {"seed": seed, "quality": result.final[f"val_{quality}"], "final": result.final,
+            "curve": [[h["step"], h[f"val_{quality}"]] for h in result.history],
             "params": result.params, "tokens_per_s": result.tokens_per_s, "train_s": time.perf_counter() - t0}
 
 
@@ -206,7 +274,8 @@ def _aggregate(task, mechanism: str, options: dict, runs: list[dict], failures: 
                            "quality_metric": task.quality, "higher_is_better": task.higher_is_better,
                            "seeds": [r["seed"] for r in runs], "failed_seeds": failures,
                            "quality": None, "quality_std": None, "quality_per_seed": [r["quality"] for r in runs],
-                           "params": None, "tokens_per_s": None, "train_s": None, "final": {}}
+                           "params": None, "tokens_per_s": None, "train_s": None, "final": {},
+                           "curves": {}, "difficulty": {}}
     if runs:
         qualities = row["quality_per_seed"]
         row["quality"] = statistics.fmean(qualities)
@@ -215,18 +284,53 @@ def _aggregate(task, mechanism: str, options: dict, runs: list[dict], failures: 
         row["tokens_per_s"] = statistics.fmean(r["tokens_per_s"] for r in runs)
         row["train_s"] = statistics.fmean(r["train_s"] for r in runs)
         row["final"] = {k: statistics.fmean(r["final"][k] for r in runs) for k in runs[0]["final"]}
+        row["curves"] = {str(r["seed"]): r["curve"] for r in runs}
+        row["difficulty"] = difficulty(row["final"], task.quality)
     return row
 
 
+def difficulty(final: dict[str, float], quality: str) -> dict[str, dict[str, float]]:
+    """The quality broken down by difficulty, from a task's val_{quality}_p{P} / _d{lo}_{hi} metrics.
+
+    {"pairs": {"2": 1.0, "4": 0.98, ...}, "distance": {"0-8": 1.0, "8-16": 0.9, ...}} ({} for tasks
+    without a breakdown), in increasing difficulty.
+    """
+    out: dict[str, dict[str, float]] = {}
+    prefix = f"val_{quality}_"
+    pairs, distance = [], []
+    for key, value in final.items():
+        if not key.startswith(prefix):
+            continue
+        tail = key[len(prefix):]
+        if tail[:1] == "p" and tail[1:].isdigit():
+            pairs.append((int(tail[1:]), value))
+        elif tail[:1] == "d" and "_" in tail and all(p.isdigit() for p in tail[1:].split("_")):
+            lo, hi = map(int, tail[1:].split("_"))
+            distance.append((lo, hi, value))
+    if pairs:
+        out["pairs"] = {str(p): v for p, v in sorted(pairs)}
+    if distance:
+        out["distance"] = {f"{lo}-{hi}": v for lo, hi, v in sorted(distance)}
+    return out
+
+
 def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of one task, best quality first (by its direction), failed last; sets `rank`."""
+    """Rows of one task, best quality first (by its direction), failed last; sets `rank` and `tie`.
+
+    With several seeds, a row whose mean lies within the spread of the row ranked above it (the
+    larger of the two standard deviations) is a tie: it shares that row's rank and `tie` is True.
+    With one seed there is no spread and every row gets its own rank (`tie` False).
+    """
     ok = [r for r in rows if r["status"] == "ok" and r["quality"] is not None and math.isfinite(r["quality"])]
     rest = [r for r in rows if r not in ok]
     ok.sort(key=lambda r: (-r["quality"] if r["higher_is_better"] else r["quality"], r["mechanism"]))
     for i, r in enumerate(ok, 1):
-        r["rank"] = i
+        prev = ok[i - 2] if i > 1 else None
+        spread = max(prev["quality_std"] or 0.0, r["quality_std"] or 0.0) if prev else 0.0
+        r["tie"] = bool(prev and spread > 0 and abs(prev["quality"] - r["quality"]) <= spread)
+        r["rank"] = prev["rank"] if r["tie"] else i
     for r in rest:
-        r["rank"] = None
+        r["rank"], r["tie"] = None, False
     return ok + sorted(rest, key=lambda r: r["mechanism"])
 
 
@@ -265,6 +369,7 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
     """
     from attnlab.arena import bench
     from attnlab.arena.train import TrainInterrupted
+    from attnlab.registry import get_spec
 
     if log is None:
         def log(text: str) -> None:
@@ -273,40 +378,71 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
     device = _device(config)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda, but torch.cuda.is_available() is False")
-    tasks, names, skipped = _select(config)
+    tasks, names, skipped = _select(config, log=log)
     skipped_keys = {(s["task"], s["mechanism"]) for s in skipped}
     jobs = [(task, name) for task in tasks for name in names if (task.name, name) not in skipped_keys]
     for s in skipped:
         log(f"skip {s['task']} {s['mechanism']}: {s['reason']}")
 
-    rows = []
-    total = len(jobs) * len(config.seeds)
-    done = 0
-    for task, name in jobs:
-        runs, failures = [], []
-        for seed in config.seeds:
-            done += 1
+    work = [(task, name, seed) for task, name in jobs for seed in config.seeds]
+    results: dict[tuple[str, str], tuple[list, list]] = {(t.name, n): ([], []) for t, n in jobs}
+
+    def record(task, name: str, seed: int, outcome: dict | BaseException, seconds: float, done: int) -> None:
+        runs, failures = results[(task.name, name)]
+        head = f"[{time.perf_counter() - started:6.1f} s] {done}/{len(work)} {task.name} {name} seed {seed}"
+        if isinstance(outcome, BaseException):     # a mechanism that cannot train is a failed row, not the end
+            failures.append({"seed": seed, "error": _reason(outcome)})
+            log(f"{head}: FAILED after {seconds:.1f} s: {_reason(outcome)}")
+            return
+        runs.append(outcome)
+        log(f"{head}: {task.quality} {outcome['quality']:.4f}, {outcome['params']:,} params, "
+            f"{outcome['tokens_per_s']:,.0f} tokens/s, {outcome['train_s']:.1f} s")
+
+    def args_of(task, name: str, seed: int) -> tuple:
+        return (config, task.name, {k: v for k, v in task.options().items() if k != "seed"}, name, seed)
+
+    if config.jobs == 1 or len(work) <= 1:
+        for i, (task, name, seed) in enumerate(work, 1):
             t0 = time.perf_counter()
             try:
-                r = _train_one(config, task, name, seed)
+                outcome = _train_one(*args_of(task, name, seed))
             except TrainInterrupted:
                 raise
-            except Exception as e:  # a mechanism that cannot train is a failed row, not the end
-                failures.append({"seed": seed, "error": _reason(e)})
-                log(f"[{time.perf_counter() - started:6.1f} s] {done}/{total} {task.name} {name} seed {seed}: "
-                    f"FAILED after {time.perf_counter() - t0:.1f} s: {_reason(e)}")
-                continue
-            runs.append(r)
-            log(f"[{time.perf_counter() - started:6.1f} s] {done}/{total} {task.name} {name} seed {seed}: "
-                f"{task.quality} {r['quality']:.4f}, {r['params']:,} params, {r['tokens_per_s']:,.0f} tokens/s, "
-                f"{r['train_s']:.1f} s")
-        rows.append(_aggregate(task, name, config.options.get(name, {}), runs, failures))
+            except Exception as e:
+                outcome = e
+            record(task, name, seed, outcome, time.perf_counter() - t0, i)
+    else:
+        # Worker processes, one intra-op thread each (config.threads): the models are small enough
+        # that two processes on two cores train about twice as fast as one process with two threads.
+        import concurrent.futures
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=config.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_train_one, *args_of(*w)): (w, time.perf_counter()) for w in work}
+            try:
+                for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                    (task, name, seed), t0 = futures[future]
+                    try:
+                        outcome = future.result()
+                    except Exception as e:
+                        outcome = e
+                    record(task, name, seed, outcome, time.perf_counter() - t0, i)
+            except KeyboardInterrupt:
+                for future in futures:
+                    future.cancel()
+                raise TrainInterrupted(2, 0, None, None) from None
+    rows = []
+    for task, name in jobs:
+        runs, failures = results[(task.name, name)]
+        runs.sort(key=lambda r: r["seed"])
+        rows.append(_aggregate(task, name, _mechanism_options(config, name), runs, failures))
 
     # One layer of each mechanism that ran, timed causally where its task is causal.
     timing_env = None
     if config.timing:
         for causal in sorted({t.causal for t in tasks}):
-            timed = list(dict.fromkeys(n for t, n in jobs if t.causal == causal))
+            timed = list(dict.fromkeys(n for t, n in jobs if t.causal == causal
+                                       and get_spec(n).layout == "seq"))   # the timing layer is (B, N, C)
             if not timed:
                 continue
             log(f"[{time.perf_counter() - started:6.1f} s] timing one layer of {len(timed)} mechanism(s) at "
@@ -315,14 +451,14 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
             job_common = {"heads": config.heads, "head_dim": config.dim // config.heads, "batch": 1,
                           "dtype": "float32", "causal": causal, "device": device, "threads": config.threads,
                           "timeout": TIMING_PROCESS_TIMEOUT_S}
-            measured = bench.measure([{"name": n, "options": config.options.get(n, {})} for n in timed],
+            measured = bench.measure([{"name": n, "options": _mechanism_options(config, n)} for n in timed],
                                      list(config.seq_lens), job_common, baseline=None, warmup=1,
                                      budget_s=config.timing_budget_s,
                                      log=lambda text: log(f"[{time.perf_counter() - started:6.1f} s] {text}"))
             timing_env = timing_env or measured["env"]
             for row in rows:
                 task = next(t for t in tasks if t.name == row["task"])
-                if task.causal == causal:
+                if task.causal == causal and row["mechanism"] in timed:
                     row["timing"] = _timing_entries(measured, row["mechanism"], list(config.seq_lens))
     for row in rows:
         row.setdefault("timing", [])
@@ -395,16 +531,44 @@ def print_tables(doc: dict[str, Any], console) -> None:
                 notes.insert(0, f"failed: {r['error']}")
             elif r["failed_seeds"]:
                 notes.insert(0, "failed seeds " + ", ".join(f"{f['seed']} ({f['error']})" for f in r["failed_seeds"]))
-            table.add_row(_fmt(r["rank"], "d"), escape(r["mechanism"]), _quality_text(r), _fmt(r["params"], ","),
+            rank = _fmt(r["rank"], "d") + ("=" if r.get("tie") else "")
+            table.add_row(rank, escape(r["mechanism"]), _quality_text(r), _fmt(r["params"], ","),
                           _fmt(r["tokens_per_s"], ",.0f"), *cells, escape("; ".join(notes)),
                           style="dim" if r["status"] != "ok" else None)
         console.print(table)
+        _print_difficulty(task, rows, console)
+    if any(r.get("tie") for r in doc["rows"]):
+        console.print("a rank with '=' ties the row above it: the means differ by less than the larger standard "
+                      "deviation over seeds", style="dim", highlight=False)
+    elif len(doc["options"]["seeds"]) == 1:
+        console.print("one seed: no spread, so close ranks may be noise (--seeds 0,1,2 gives mean ± std and ties)",
+                      style="dim", highlight=False)
     if seq_lens:
         console.print("times: medians of one layer, B=1, float32, causal where the task is; peak MB: growth of a "
                       "fresh process's memory over one forward+backward of that layer", style="dim", highlight=False)
     if doc["skipped"]:
         console.print("skipped: " + "; ".join(f"{s['mechanism']} on {s['task']}: {s['reason']}"
                                               for s in doc["skipped"]), highlight=False, markup=False)
+
+
+def _print_difficulty(task: dict[str, Any], rows: list[dict[str, Any]], console) -> None:
+    """Per task with a difficulty breakdown: the quality at each pair count and query distance."""
+    from rich.markup import escape
+    from rich.table import Table
+    ok = [r for r in rows if r["status"] == "ok" and r.get("difficulty")]
+    if not ok:
+        return
+    axes = [(axis, list(ok[0]["difficulty"].get(axis, {}))) for axis in ("pairs", "distance")]
+    table = Table(title=f"{task['name']}: {task['quality']} by difficulty (key-value pairs; tokens from a query "
+                        "back to its key)")
+    table.add_column("mechanism", no_wrap=True)
+    for axis, keys in axes:
+        for k in keys:
+            table.add_column(f"{'P' if axis == 'pairs' else 'dist'}\n{k}", justify="right")
+    for r in ok:
+        cells = [_fmt(r["difficulty"].get(axis, {}).get(k), ".3f") for axis, keys in axes for k in keys]
+        table.add_row(escape(r["mechanism"]), *cells)
+    console.print(table)
 
 
 def _label_points(ax, points: list[tuple[float, float, str]], dpi: float) -> None:
@@ -471,6 +635,47 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.savefig(path)
 
 
+def plot_difficulty(doc: dict[str, Any], path: Path) -> bool:
+    """Quality against difficulty, a line per mechanism: a row of (pairs, distance) panels per task
+    with a breakdown. Returns False (and writes nothing) when no task has one."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = []
+    for task in doc["tasks"]:
+        rows = [r for r in doc["rows"] if r["task"] == task["name"] and r["status"] == "ok" and r.get("difficulty")]
+        for axis in ("pairs", "distance"):
+            if any(axis in r["difficulty"] for r in rows):
+                panels.append((task, axis, rows))
+    if not panels:
+        return False
+    colors = matplotlib.colormaps["tab20"].colors[::2] + matplotlib.colormaps["tab20"].colors[1::2]
+    order = list(doc["options"]["mechanisms"])
+    fig = Figure(figsize=(6.5 * len(panels), 4.8), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    seeds = doc["options"]["seeds"]
+    for ax, (task, axis, rows) in zip(axes, panels):
+        for r in rows:
+            points = r["difficulty"].get(axis, {})
+            labels, values = list(points), list(points.values())
+            color = colors[order.index(r["mechanism"]) % len(colors)] if r["mechanism"] in order else "black"
+            ax.plot(range(len(values)), values, marker="o", color=color, label=r["mechanism"])
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("key-value pairs in the sequence" if axis == "pairs"
+                      else "tokens from the query back to its key")
+        ax.set_ylabel(f"{task['quality']} after {doc['options']['steps']} steps")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{task['name']} ({task['seq_len']} tokens): by {axis}; "
+                     + (f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"), fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def _names(text: str) -> list[str]:
@@ -522,6 +727,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"linear warm-up steps (default: {d.warmup})")
     parser.add_argument("--eval-batches", type=positive, default=d.eval_batches,
                         help=f"validation batches of {d.eval_batch_size} for the quality (default: {d.eval_batches})")
+    parser.add_argument("--eval-batch-size", type=positive, default=d.eval_batch_size,
+                        help=f"rows per validation batch (default: {d.eval_batch_size})")
     parser.add_argument("--seeds", type=_seeds, default=list(d.seeds), metavar="S,S,...",
                         help="seeds of weights and data; several give mean ± std (default: 0)")
     parser.add_argument("--seq-lens", type=_int_list, default=list(DEFAULT_SEQ_LENS), metavar="N,N,...",
@@ -533,6 +740,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive, default=DEFAULT_THREADS,
                         help=f"torch intra-op threads for training and timing (default: {DEFAULT_THREADS}; "
                              "these models are too small to gain from more)")
+    parser.add_argument("--jobs", type=positive, default=d.jobs,
+                        help=f"models trained at once, each in its own process (default: {d.jobs}, "
+                             "up to 2 of this machine's cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a seconds-long smoke run: {QUICK_STEPS} steps, MQAR sweep only unless --tasks, "
+                             "one small validation batch, no timing")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: arena-results/<timestamp>)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
@@ -543,14 +756,22 @@ def config_from_args(args: argparse.Namespace) -> ArenaConfig:
     options = {}
     if args.options:
         from attnlab.registry import list_specs
-        running = args.mechanisms if args.mechanisms is not None else [s.name for s in list_specs(layout="seq")]
+        running = args.mechanisms if args.mechanisms is not None else \
+            [s.name for s in list_specs(layout="seq")] + [s.name for s in list_specs(layout="2d")]
         options = parse_options(args.options, running)
-    return ArenaConfig(tasks=args.tasks, mechanisms=args.mechanisms, options=options,
+    quick = getattr(args, "quick", False)
+    tasks = args.tasks
+    if quick and tasks == list(DEFAULT_TASKS):
+        tasks = ["mqar_sweep"]
+    return ArenaConfig(tasks=tasks, mechanisms=args.mechanisms, options=options,
                        task_options=dict(args.task_option), layers=args.layers, dim=args.dim, heads=args.heads,
-                       mlp_ratio=args.mlp_ratio, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       warmup=args.warmup, eval_batches=args.eval_batches, seeds=args.seeds,
-                       seq_lens=args.seq_lens, timing=not args.no_timing, timing_budget_s=args.timing_budget,
-                       device=args.device, threads=args.threads)
+                       mlp_ratio=args.mlp_ratio, steps=QUICK_STEPS if quick else args.steps,
+                       batch_size=args.batch_size, lr=args.lr, warmup=min(args.warmup, QUICK_STEPS) if quick
+                       else args.warmup, eval_batches=1 if quick else args.eval_batches,
+                       eval_batch_size=32 if quick else args.eval_batch_size, seeds=args.seeds,
+                       seq_lens=args.seq_lens, timing=not (args.no_timing or quick),
+                       timing_budget_s=args.timing_budget, device=args.device, threads=args.threads,
+                       jobs=getattr(args, "jobs", None) or ArenaConfig().jobs)
 
 
 def command(config: ArenaConfig) -> str:
@@ -566,7 +787,8 @@ def command(config: ArenaConfig) -> str:
     parts += ["--layers", str(d.layers), "--dim", str(d.dim), "--heads", str(d.heads),
               "--mlp-ratio", repr(float(d.mlp_ratio)), "--steps", str(d.steps), "--batch-size", str(d.batch_size),
               "--lr", repr(float(d.lr)), "--warmup", str(d.warmup), "--eval-batches", str(d.eval_batches),
-              "--seeds", ",".join(map(str, d.seeds))]
+              "--eval-batch-size", str(d.eval_batch_size), "--seeds", ",".join(map(str, d.seeds)),
+              "--jobs", str(d.jobs)]
     if d.timing:
         parts += ["--seq-lens", ",".join(map(str, d.seq_lens)), "--timing-budget", repr(float(d.timing_budget_s))]
     else:
@@ -608,6 +830,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_plot:
         written.append(out_dir / "arena.png")
         plot(doc, written[-1])
+        if plot_difficulty(doc, out_dir / "difficulty.png"):
+            written.append(out_dir / "difficulty.png")
     ok = sum(r["status"] == "ok" for r in doc["rows"])
     err.print(f"{ok}/{len(doc['rows'])} models trained, {len(doc['skipped'])} skipped, in {doc['wall_s']:.1f} s; "
               f"wrote {', '.join(map(str, written))}", highlight=False, markup=False, soft_wrap=True)
