@@ -55,3 +55,17 @@ def test_verdict_follows_the_checks(quick):
     passes = [c["pass"] for c in report.data["checks"].values()]
     expected = "holds" if all(passes) else "partly" if any(passes) else "does not hold"
     assert report.verdict == expected
+
+
+def test_curve_figure_budget_and_linear_reference(quick):
+    _, args, report = quick
+    assert len(report.figures) == 1 and report.figures[0].name == "minimal_curves.png"
+    assert report.figures[0].is_file() and report.figures[0].parent == args.out
+    assert report.figures[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "steps of batch" in report.budget and "linear classifier" in report.budget
+    linear = report.data["linear_reference"]
+    assert [r["seed"] for r in linear] == [0, 1]
+    for r in linear:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["curve"][0][0] == 0 and r["curve"][-1][0] == args.steps
+    for r in report.data["runs"]["standard"]:
+        assert r["curve"][0][0] == 0 and r["curve"][-1][0] == args.steps and len(r["curve"]) >= 3

@@ -28,7 +28,7 @@ def test_splits_are_the_nearest_achievable_fractions():
 def test_quick_report_has_mhsa_and_each_fraction_with_finite_numbers(quick):
     claim, args, report = quick
     rows = report.tables[0].rows
-    assert [row[0] for row in rows] == ["mhsa", "moh 50.0%", "moh 75.0%", "moh 87.5%"]
+    assert [row[0] for row in rows] == ["mhsa", "moh 50.0%", "moh 75.0%", "moh 87.5%", "reference: linear on pixels"]
     for label, runs in report.data["runs"].items():
         assert len(runs) == 2
         for r in runs:
@@ -64,3 +64,15 @@ def test_moh_differs_from_mhsa_only_by_its_routers(quick):
     for label in ("moh 50.0%", "moh 75.0%", "moh 87.5%"):
         assert stats[label]["router_params"] == routers
         assert stats[label]["params"] - stats["mhsa"]["params"] == routers
+
+
+def test_curve_figure_budget_and_linear_reference(quick):
+    _, args, report = quick
+    assert len(report.figures) == 1 and report.figures[0].name == "moh_curves.png"
+    assert report.figures[0].is_file() and report.figures[0].parent == args.out
+    assert report.figures[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "steps of batch" in report.budget and "linear classifier" in report.budget
+    assert report.tables[0].rows[-1][0] == "reference: linear on pixels"
+    assert len(report.data["linear_reference"]) == 2
+    for r in report.data["runs"]["mhsa"]:
+        assert r["curve"][0][0] == 0 and r["curve"][-1][0] == args.steps and len(r["curve"]) >= 3

@@ -1,13 +1,24 @@
 """Shared set-up of the image-classification claims (minimal, moh): task choice, arguments, test
-split and the seed summary."""
+split, the seed summary, training with a reloadable model, the linear-classifier reference trained
+in the same run, and the learning-curve figure with its budget sentence."""
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import tempfile
+import time
+from pathlib import Path
 
+import torch
+from torch import nn
+
+from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
 from attnlab.arena.tasks import create_task
+from attnlab.arena.train import TrainConfig, TrainResult, find_checkpoint, lr_at, train
 
 IMAGE_TASKS = {"fashion_mnist": 7, "digits": 2}     # task -> default patch side (16 tokens either way)
+CURVE_IMAGES = 2000                                  # test images behind each point of the learning curves
 
 
 def add_image_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,8 +29,15 @@ def add_image_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and half the range (the spread over seeds)."""
-    return statistics.fmean(values), (max(values) - min(values)) / 2
+    """Mean and spread over seeds: the sample standard deviation (0 for a single seed)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def difference_spread(a: list[float], b: list[float]) -> float:
+    """Spread of mean(a) - mean(b) as the page reads it: sqrt(std_a^2 + std_b^2) over seeds.
+
+    A difference of means smaller than this is inside the seeds' spread: a tie."""
+    return math.hypot(mean_spread(a)[1], mean_spread(b)[1])
 
 
 def whole_test_split(task) -> tuple[int, int]:
@@ -27,6 +45,13 @@ def whole_test_split(task) -> tuple[int, int]:
     n = task.num_examples("val")
     batch_size = max(d for d in range(1, min(n, 1000) + 1) if n % d == 0)
     return n // batch_size, batch_size
+
+
+def curve_split(task) -> tuple[int, int]:
+    """(batches, batch_size) of the first test images used for the learning curves (the whole
+    test split when it is smaller than CURVE_IMAGES)."""
+    batches, batch_size = whole_test_split(task)
+    return max(1, min(batches, CURVE_IMAGES // batch_size)), batch_size
 
 
 def image_task(args: argparse.Namespace, notes: list[str]) -> tuple[str, int]:
@@ -42,3 +67,104 @@ def image_task(args: argparse.Namespace, notes: list[str]) -> tuple[str, int]:
     if args.quick:
         notes.append("--quick: a smoke run on digits with a tiny model; its numbers mean nothing.")
     return task_name, args.patch or IMAGE_TASKS[task_name]
+
+
+def train_and_load(config: TrainConfig):
+    """Train `config` with the arena trainer; return (TrainResult, trained model, task, seconds, cpu seconds).
+
+    The model comes back from the trainer's final checkpoint (in a temporary folder), checked
+    against the trainer's last eval, so it can be measured on the whole test split afterwards.
+    """
+    from safetensors.torch import load_model
+    start, cpu = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory(prefix="attnlab-claim-") as folder:
+        result: TrainResult = train(config, folder, progress=False)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        checkpoint, _ = find_checkpoint(folder)
+        task = create_task(config.task, **{"seed": config.seed, **config.task_options})
+        model = task.build_model(config.dim, config.num_heads, config.layers, mlp_ratio=config.mlp_ratio,
+                                 **config.block_options)
+        load_model(model, str(Path(checkpoint) / "model.safetensors"))
+    model.eval()
+    if sum(p.numel() for p in model.parameters()) != result.params:
+        raise RuntimeError("the rebuilt model's parameter count differs from the trained one's")
+    # The reloaded weights must be the trained ones: the trainer's last eval is reproduced exactly.
+    check = task.evaluate(model, batches=config.eval_batches, batch_size=config.eval_batch_size)
+    if abs(check["accuracy"] - result.final["val_accuracy"]) > 1e-6:
+        raise RuntimeError(f"reloaded model gives val accuracy {check['accuracy']}, the trainer reported "
+                           f"{result.final['val_accuracy']}: the checkpoint is not the trained model")
+    return result, model, task, seconds, cpu
+
+
+def accuracy_curve(history: list[dict]) -> list[tuple[int, float]]:
+    """(step, val accuracy) of a training history."""
+    return [(h["step"], h["val_accuracy"]) for h in history if "val_accuracy" in h]
+
+
+def train_linear_reference(config: TrainConfig) -> dict:
+    """A linear softmax classifier (logistic regression) on the standardised pixels of `config`'s task:
+    the same training batches, AdamW (weight decay on the matrix), warm-up/cosine schedule, grad clip
+    and steps as `config`, evaluated on the same curve images at the same steps, then on the whole
+    test split. Returns accuracy, loss, params, curve and seconds."""
+    start = time.perf_counter()
+    task = create_task(config.task, **{"seed": config.seed, **config.task_options})
+    torch.manual_seed(config.seed)
+    model = nn.Sequential(nn.Flatten(1), nn.Linear(task.seq_len * task.patch * task.patch, task.num_classes))
+    optimizer = torch.optim.AdamW([{"params": [model[1].weight], "weight_decay": config.weight_decay},
+                                   {"params": [model[1].bias], "weight_decay": 0.0}], lr=config.lr)
+    curve = []
+
+    def point(step: int) -> None:
+        m = task.evaluate(model, batches=config.eval_batches, batch_size=config.eval_batch_size)
+        curve.append((step, m["accuracy"]))
+
+    point(0)
+    for step in range(config.steps):
+        loss, _ = task.loss(model, task.batch("train", step, config.batch_size))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, step)
+        optimizer.step()
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            point(step + 1)
+    batches, batch_size = whole_test_split(task)
+    test = task.evaluate(model, batches=batches, batch_size=batch_size)
+    return {"seed": config.seed, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+            "params": sum(p.numel() for p in model.parameters()), "curve": curve,
+            "train_seconds": time.perf_counter() - start}
+
+
+def curves_and_budget(out: Path, name: str, baseline: str, curves: dict[str, list], linear: list[dict], *,
+                      steps: int, batch_size: int, train_size: int, task_name: str, curve_images: int,
+                      baseline_test: tuple[float, float], linear_test: tuple[float, float]) -> tuple[Path, str]:
+    """Write NAME_curves.png (each model's val-accuracy curves per seed, the linear reference's final
+    mean as a line) and return (path, the Report.budget sentence on the baseline's curve).
+
+    curves: {label: [curve per seed]} (fractions); a label with one curve is drawn as that curve."""
+    lin_mean = statistics.fmean(r["test_accuracy"] for r in linear)
+    shown = {label: [[(s, 100 * a) for s, a in c] for c in cs] for label, cs in curves.items()}
+    shown["linear classifier (curve)"] = [[(s, 100 * a) for s, a in r["curve"]] for r in linear]
+    path = curve_figure(Path(out) / f"{name}_curves.png", shown,
+                        references={f"linear classifier, whole test set ({100 * lin_mean:.2f}%)": 100 * lin_mean},
+                        ylabel=f"accuracy on the first {curve_images:,} test images (%)",
+                        title=f"{name}: {task_name}, {steps} steps of {batch_size}")
+    tail = flattening(baseline, [[(s, 100 * a) for s, a in c] for c in curves[baseline]], higher_is_better=True,
+                      threshold=0.5)
+    final = mean_curve([[(s, 100 * a) for s, a in c] for c in curves[baseline]])
+    epochs = steps * batch_size / train_size
+    (b_acc, b_std), (l_acc, l_std) = baseline_test, linear_test
+    margin = b_acc - l_acc
+    clear = margin > 2 * math.hypot(b_std, l_std) and margin > 0.01
+    sentence = (f"{steps} steps of batch {batch_size} ({epochs:.1f} epochs of the {train_size:,} training images) "
+                f"for every model. {tail} (accuracy in % on the first {curve_images:,} test images; 'flattened' = under 0.5 pp "
+                f"over the last quarter.) On the whole test set the {baseline} baseline reaches "
+                f"{100 * b_acc:.2f} ± {100 * b_std:.2f}% against {100 * l_acc:.2f} ± {100 * l_std:.2f}% for the "
+                f"linear classifier on the pixels ({100 * margin:+.2f} pp): "
+                + ("the baseline has clearly learned more than a linear model, so the comparison is between "
+                   "models that learn." if clear else
+                   "the baseline does not clearly beat a linear model yet, so the verdict is provisional."))
+    if not final:
+        sentence += " (No curve points.)"
+    return path, sentence

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +34,11 @@ from torch import nn
 
 from attnlab import create
 from attnlab.arena.claims import Claim, Report, Table
-from attnlab.arena.claims._images import add_image_arguments, image_task, mean_spread, whole_test_split
+from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, curve_split, curves_and_budget,
+                                          difference_spread, image_task, mean_spread, train_and_load,
+                                          train_linear_reference, whole_test_split)
 from attnlab.arena.tasks import create_task
-from attnlab.arena.train import TrainConfig, TrainResult, lr_at, train
+from attnlab.arena.train import TrainConfig
 from attnlab.mechanisms.sequence.minimal import MinimalAttention
 
 
@@ -71,43 +72,8 @@ def full_test_accuracy(task, model: nn.Module) -> tuple[float, float]:
     return metrics["accuracy"], metrics["loss"]
 
 
-def train_variant(config: TrainConfig):
-    """Train `config` with the arena trainer, whose last eval covers the whole test split.
-
-    Returns (TrainResult, attention parameters, total parameters, seconds); the counts come from
-    the same model built afresh (the trainer's own count must agree).
-    """
-    start = time.perf_counter()
-    result: TrainResult = train(config, None, progress=False)
-    seconds = time.perf_counter() - start
-    task = create_task(config.task, **{"seed": config.seed, **config.task_options})
-    model = task.build_model(config.dim, config.num_heads, config.layers, mlp_ratio=config.mlp_ratio,
-                             **config.block_options)
-    total = sum(p.numel() for p in model.parameters())
-    if total != result.params:
-        raise RuntimeError(f"rebuilt model has {total} parameters, the trainer trained {result.params}")
-    return result, attention_parameters(model), total, seconds
-
-
 def attention_parameters(model: nn.Module) -> int:
     return sum(p.numel() for block in model.body.blocks for p in block.attn.parameters())
-
-
-def train_linear_reference(task, config: TrainConfig) -> tuple[float, float, int]:
-    """A linear classifier on the standardised pixels, same batches, AdamW and lr schedule as `config`."""
-    torch.manual_seed(config.seed)
-    model = nn.Sequential(nn.Flatten(1), nn.Linear(task.seq_len * task.patch * task.patch, task.num_classes))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    for step in range(config.steps):
-        loss, _ = task.loss(model, task.batch("train", step, config.batch_size))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, step)
-        optimizer.step()
-    accuracy, test_loss = full_test_accuracy(task, model)
-    return accuracy, test_loss, sum(p.numel() for p in model.parameters())
 
 
 def per_layer_parameter_table(dim: int, heads: list[int]) -> Table:
@@ -136,11 +102,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=1, help="attention heads (the paper's collapsing saves at 1)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--mlp-ratio", type=float, default=4.0, help="MLP width of the standard model")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr: warm-up, then cosine to 10%%")
     p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--seeds", type=int, default=2, help="seeds per variant: --seed, --seed + 1, ...")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: --seed, --seed + 1, ...")
+    p.add_argument("--curve-points", type=int, default=10, help="evaluations along training (learning curves)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="'similar accuracy': mean test accuracy at most this far below standard's")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -155,105 +122,137 @@ def run(args: argparse.Namespace) -> Report:
     torch.set_num_threads(args.threads)
     notes = []
     task_name, patch = image_task(args, notes)
-    eval_batches, eval_batch_size = whole_test_split(create_task(task_name, patch=patch))
+    probe = create_task(task_name, patch=patch)
+    curve_batches, curve_batch_size = curve_split(probe)
     chosen = ["standard"] + [name for name in args.variants if name != "standard"]
     seeds = [args.seed + i for i in range(args.seeds)]
+    eval_every = max(1, args.steps // args.curve_points)
 
     def config(variant: Variant, seed: int) -> TrainConfig:
         return TrainConfig(task=task_name, task_options={"patch": patch}, layers=[variant.layer] * args.layers,
                            dim=args.dim, num_heads=args.heads, mlp_ratio=args.mlp_ratio if variant.mlp else 0.0,
                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                           eval_every=args.steps, eval_batches=eval_batches, eval_batch_size=eval_batch_size,
+                           eval_every=eval_every, eval_batches=curve_batches, eval_batch_size=curve_batch_size,
                            checkpoint_every=0, seed=seed, threads=args.threads)
 
     runs: dict[str, list[dict]] = {}
     for name in chosen:
         variant = BY_NAME[name]
         for seed in seeds:
-            result, attn, _, seconds = train_variant(config(variant, seed))
-            accuracy, test_loss = result.final["val_accuracy"], result.final["val_loss"]
+            result, model, task, seconds, cpu = train_and_load(config(variant, seed))
+            accuracy, test_loss = full_test_accuracy(task, model)
             if not (math.isfinite(accuracy) and math.isfinite(test_loss)):
                 raise FloatingPointError(f"{name} seed {seed}: test accuracy {accuracy}, loss {test_loss}")
             runs.setdefault(name, []).append({
                 "seed": seed, "test_accuracy": accuracy, "test_loss": test_loss, "params": result.params,
-                "attention_params": attn, "train_seconds": seconds, "tokens_per_s": result.tokens_per_s,
+                "attention_params": attention_parameters(model), "train_seconds": seconds, "cpu_seconds": cpu,
+                "tokens_per_s": result.tokens_per_s, "curve": accuracy_curve(result.history),
                 "mean_train_loss": result.history[-1].get("train_loss"),
                 "mean_train_accuracy": result.history[-1].get("train_accuracy")})
-    task = create_task(task_name, seed=args.seed, patch=patch)
-    linear = [train_linear_reference(create_task(task_name, seed=s, patch=patch), config(BY_NAME["standard"], s))
-              for s in seeds]
+    linear = [train_linear_reference(config(BY_NAME["standard"], s)) for s in seeds]
 
     summary_rows, checks, stats = [], [], {}
-    base_acc, _ = mean_spread([r["test_accuracy"] for r in runs["standard"]])
+    base = [r["test_accuracy"] for r in runs["standard"]]
+    base_acc, base_std = mean_spread(base)
     base_params = runs["standard"][0]["params"]
+    lin = [r["test_accuracy"] for r in linear]
+    lin_acc, lin_std = mean_spread(lin)
     for name in chosen:
         variant, rs = BY_NAME[name], runs[name]
-        acc, spread = mean_spread([r["test_accuracy"] for r in rs])
+        accs = [r["test_accuracy"] for r in rs]
+        acc, spread = mean_spread(accs)
         params, attn = rs[0]["params"], rs[0]["attention_params"]
-        stats[name] = {"accuracy": acc, "spread": spread, "params": params, "attention_params": attn}
+        noise = difference_spread(accs, base)
+        stats[name] = {"accuracy": acc, "spread": spread, "params": params, "attention_params": attn,
+                       "delta_vs_linear": acc - lin_acc}
         summary_rows.append([name, variant.attention, "yes" if variant.mlp else "no", attn, params,
                              f"{100 * params / base_params:.0f}%", f"{100 * acc:.2f} ± {100 * spread:.2f}",
-                             f"{100 * (acc - base_acc):+.2f}",
-                             " / ".join(f"{100 * r['test_accuracy']:.2f}" for r in rs),
+                             f"{100 * (acc - base_acc):+.2f}", f"{100 * (acc - lin_acc):+.2f}",
+                             " / ".join(f"{100 * a:.2f}" for a in accs),
                              f"{statistics.fmean(r['tokens_per_s'] for r in rs):,.0f}"])
         if name != "standard":
             ok = acc >= base_acc - args.tolerance and params < base_params
-            checks.append((name, acc - base_acc, params / base_params, ok))
-    lin_acc, lin_spread = mean_spread([a for a, _, _ in linear])
-    summary_rows.append(["reference: linear on pixels", "none", "no", 0, linear[0][2],
-                         f"{100 * linear[0][2] / base_params:.0f}%", f"{100 * lin_acc:.2f} ± {100 * lin_spread:.2f}",
-                         f"{100 * (lin_acc - base_acc):+.2f}", " / ".join(f"{100 * a:.2f}" for a, _, _ in linear), "-"])
+            checks.append((name, acc - base_acc, noise, params / base_params, ok))
+    summary_rows.append(["reference: linear on pixels", "none", "no", 0, linear[0]["params"],
+                         f"{100 * linear[0]['params'] / base_params:.0f}%", f"{100 * lin_acc:.2f} ± {100 * lin_std:.2f}",
+                         f"{100 * (lin_acc - base_acc):+.2f}", "+0.00", " / ".join(f"{100 * a:.2f}" for a in lin), "-"])
 
     main_table = Table(
-        f"{task_name} test accuracy (whole test set, %, mean ± half-range over seeds {seeds}) and parameters "
+        f"{task_name} test accuracy (whole test set, %, mean ± std over seeds {seeds}) and parameters "
         f"(dim {args.dim}, {args.heads} head(s), {args.layers} layers, {args.steps} steps of {args.batch_size})",
         ["variant", "attention", "MLP", "attention params", "total params", "total vs standard", "test acc %",
-         "Δ vs standard (pp)", "per seed", "train tokens/s"], summary_rows)
+         "Δ vs standard (pp)", "Δ vs linear (pp)", "per seed", "train tokens/s"], summary_rows)
     check_table = Table(
         f"Checks (fixed before the run): mean accuracy at most {100 * args.tolerance:.1f} pp below standard, "
-        "with fewer parameters",
-        ["variant", "Δ accuracy (pp)", "params / standard", "pass"],
-        [[n, f"{100 * d:+.2f}", f"{r:.2f}", "yes" if ok else "no"] for n, d, r, ok in checks])
+        "with fewer parameters; 'spread' = sqrt(std² + std_standard²), a |Δ| under it is a tie with standard",
+        ["variant", "Δ accuracy (pp)", "spread (pp)", "vs standard", "params / standard", "pass"],
+        [[n, f"{100 * d:+.2f}", f"{100 * e:.2f}", "tie" if abs(d) <= e else "above" if d > 0 else "below",
+          f"{r:.2f}", "yes" if ok else "no"] for n, d, e, r, ok in checks])
     tables = [main_table, check_table, per_layer_parameter_table(args.dim, sorted({1, 2, 4, args.heads}))]
+
+    curves = {"standard": [r["curve"] for r in runs["standard"]]}
+    for name in chosen[1:]:
+        curves[f"{name} (mean)"] = [[(s, a) for s, a in
+                                     zip([p[0] for p in runs[name][0]["curve"]],
+                                         [statistics.fmean(r["curve"][i][1] for r in runs[name])
+                                          for i in range(len(runs[name][0]["curve"]))])]]
+    figure, budget = curves_and_budget(
+        args.out, "minimal", "standard", curves, linear, steps=args.steps, batch_size=args.batch_size,
+        train_size=probe.num_examples("train"), task_name=task_name,
+        curve_images=curve_batches * curve_batch_size, baseline_test=(base_acc, base_std),
+        linear_test=(lin_acc, lin_std))
+    cpu_total = sum(r["cpu_seconds"] for rs in runs.values() for r in rs)
+    budget += (f" Training took {cpu_total / 60:.1f} CPU minutes ({len(seeds)} seeds x {len(chosen)} variants, "
+               f"{args.threads} thread(s)); the budget was chosen so that the whole run fits in about 25 minutes "
+               "of one core.")
 
     passed = [n for n, *_, ok in checks if ok]
     failed = [n for n, *_, ok in checks if not ok]
+    ties = [n for n, d, e, _, _ in checks if abs(d) <= e]
     verdict = "holds" if not failed else "partly" if passed else "does not hold"
     smallest = min(chosen, key=lambda n: stats[n]["params"])
-    summary = (f"Standard (mhsa + MLP, {base_params:,} parameters) reaches {100 * base_acc:.2f}% test accuracy. "
-               + "; ".join(f"{n}: {100 * stats[n]['accuracy']:.2f}% with {stats[n]['params']:,} parameters "
-                           f"({100 * stats[n]['params'] / base_params:.0f}%)" for n in chosen if n != "standard")
+    summary = (f"Standard (mhsa + MLP, {base_params:,} parameters) reaches {100 * base_acc:.2f} ± "
+               f"{100 * base_std:.2f}% test accuracy, {100 * (base_acc - lin_acc):+.2f} pp from a linear classifier "
+               f"on the pixels trained in the same run ({100 * lin_acc:.2f} ± {100 * lin_std:.2f}%). "
+               + "; ".join(f"{n}: {100 * stats[n]['accuracy']:.2f} ± {100 * stats[n]['spread']:.2f}% with "
+                           f"{stats[n]['params']:,} parameters ({100 * stats[n]['params'] / base_params:.0f}%)"
+                           for n in chosen if n != "standard")
                + f". {len(passed)}/{len(checks)} reduced variants stay within {100 * args.tolerance:.1f} pp of "
                f"standard" + (f" (not: {', '.join(failed)})" if failed else "")
+               + (f"; inside the seeds' spread of standard (a tie): {', '.join(ties)}" if ties else
+                  "; none is inside the seeds' spread of standard")
                + f"; the smallest ({smallest}) has {100 * stats[smallest]['params'] / base_params:.0f}% of the "
-               f"parameters. A linear classifier on the pixels, same budget, reaches {100 * lin_acc:.2f}%"
-               + (", above every transformer here: at this budget the comparison is between under-trained models, "
-                  "none of which yet beats a linear classifier on the pixels."
-                  if lin_acc >= max(s["accuracy"] for s in stats.values()) else "."))
+               "parameters."
+               + (" Every transformer here is below the linear classifier: the comparison is between under-trained "
+                  "models." if lin_acc >= max(s["accuracy"] for s in stats.values()) else ""))
     notes += [
-        f"Data: {task_name} with {patch}x{patch} patches ({task.seq_len} tokens of {patch * patch} pixels), standardised "
-        "with the train-set pixel mean/std; accuracy on the whole test split (val split of the task). No augmentation.",
-        f"Training (identical for every variant): {args.steps} AdamW steps of batch {args.batch_size}, peak lr {args.lr} "
-        f"with {args.warmup} warm-up steps and cosine decay to 10%, weight decay 0.01 on matrices, grad clip 1, "
-        f"seeds {seeds} (the seed sets both the initial weights and the order of the training batches). The paper "
-        "trains for many epochs with augmentation; this is about one epoch or less, so the absolute accuracies are "
-        "low and the comparison is about what each variant learns on a short, equal budget.",
+        f"Data: {task_name} with {patch}x{patch} patches ({probe.seq_len} tokens of {patch * patch} pixels), "
+        "standardised with the train-set pixel mean/std; accuracy on the whole test split (val split of the task). "
+        "No augmentation.",
+        f"Training (identical for every variant): {args.steps} AdamW steps of batch {args.batch_size}, peak lr "
+        f"{args.lr} with {args.warmup} warm-up steps and cosine decay to 10%, weight decay 0.01 on matrices, grad "
+        f"clip 1, seeds {seeds} (the seed sets both the initial weights and the order of the training batches). The "
+        "paper trains for many epochs with augmentation; this is a few epochs on one CPU core.",
         "Model: learned linear patch embedding plus learned positions, pre-norm blocks with residuals and LayerNorm, "
         "mean pooling, a linear head. 'attention params' counts the attention modules of all layers; 'total' "
         "everything (embedding, positions, norms, MLPs, head). minimal has no biases; mhsa has an output bias.",
-        f"The spread is half the range over {len(seeds)} seed(s); differences smaller than the spreads are noise. "
-        "With more heads the collapsed variants grow (h C^2 per collapsed product), see the last table: the "
-        "parameter savings of collapsing are a single-head result, as in the paper.",
-        "The linear reference (a logistic regression on the standardised pixels, trained on the same batches "
-        "with the same optimiser and schedule) shows how much of the accuracy needs attention at all: "
-        "Fashion-MNIST is largely linearly separable, and small ViTs overtake a linear model only after several "
-        "epochs, which this CPU budget does not reach.",
+        f"The spread is the standard deviation over {len(seeds)} seed(s); a difference from standard smaller than "
+        "sqrt(std² + std_standard²) is a tie. With more heads the collapsed variants grow (h C^2 per collapsed "
+        "product), see the last table: the parameter savings of collapsing are a single-head result, as in the paper.",
+        f"The linear reference is a linear softmax classifier (logistic regression, {linear[0]['params']:,} weights "
+        "and biases) on the standardised pixels, trained in the same run on the same batches with the same AdamW, schedule, grad "
+        "clip and steps as the transformers (one per seed); 'Δ vs linear' is each model's distance to its mean. "
+        "Fashion-MNIST is largely linearly separable, so a transformer is only worth reading above this line.",
+        f"Learning curves (figure): accuracy on the first {curve_batches * curve_batch_size:,} test images every "
+        f"{eval_every} steps; standard per seed (thin) and mean (thick), the other variants as means over seeds, the "
+        "linear classifier's curve and its final whole-test accuracy as a dashed line.",
     ]
     data = {"task": task_name, "patch": patch, "seeds": seeds, "runs": runs, "stats": stats,
-            "linear_reference": [{"seed": s, "test_accuracy": a, "test_loss": l, "params": p}
-                                 for s, (a, l, p) in zip(seeds, linear)],
-            "checks": {n: {"delta_accuracy": d, "params_ratio": r, "pass": ok} for n, d, r, ok in checks}}
-    return Report(verdict=verdict, summary=summary, tables=tables, notes=notes, data=data)
+            "linear_reference": linear,
+            "checks": {n: {"delta_accuracy": d, "spread": e, "params_ratio": r, "pass": ok}
+                       for n, d, e, r, ok in checks}}
+    return Report(verdict=verdict, summary=summary, tables=tables, notes=notes, data=data, figures=[figure],
+                  budget=budget)
 
 
 CLAIM = Claim(
