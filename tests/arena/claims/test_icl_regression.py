@@ -18,6 +18,7 @@ def quick_run(tmp_path_factory):
     claims.add_arguments(parser)
     args = parser.parse_args(["icl_regression", "--quick", "--out", str(out)])
     assert claims.main(args, []) == 0
+    assert (out / "icl_regression_curves.png").stat().st_size > 1000
     return (out / "icl_regression.md").read_text(), json.loads((out / "icl_regression.json").read_text())
 
 
@@ -31,6 +32,12 @@ def test_quick_run_writes_the_tables_with_finite_numbers(quick_run):
     for row in errors.values():
         assert set(row) >= {"H=1", "H=2", "H=4", "gd", "ridge", "ols", "zero"}
         assert all(math.isfinite(v) and v > 0 for v in row.values())
+    assert "![icl_regression_curves](icl_regression_curves.png)" in page and "**Budget.**" in page
+    curves = record["data"]["curves"]
+    assert set(curves) == {"H=1", "H=2", "H=4"}
+    for curve in curves.values():
+        assert curve[0][0] == 0 and curve[-1][0] == 150 and all(math.isfinite(v) for _, v in curve)
+    assert curves["H=4"][-1][1] < curves["H=4"][0][1]              # the curve goes down
     pat = record["data"]["patterns"]
     assert len(pat["omega"]) == 4 and all(math.isfinite(v) for v in pat["mu"])
 
