@@ -25,6 +25,12 @@ def test_quick_run_writes_tables_figure_and_finite_numbers(quick_run):
     out, page, record = quick_run
     assert "Per eta_Y/eta_Z" in page and "Checks" in page and "![scan_snap](scan_snap.png)" in page
     assert (out / "scan_snap.png").stat().st_size > 1000
+    assert (out / "scan_snap_curves.png").stat().st_size > 1000
+    assert "![scan_snap_curves](scan_snap_curves.png)" in page and "**Budget.**" in page
+    refs = record["data"]["references"]
+    assert 0 <= refs["bayes_loss"] < refs["query_only_loss"] < refs["uniform_loss"]
+    loss = record["data"]["1.0"]["loss_curve"]
+    assert loss[-1] < loss[0] and loss[-1] < refs["query_only_loss"]     # it learned past the context-blind loss
     assert record["verdict"] in claims.VERDICTS
     for ratio in ("1.0", "10.0"):
         (seed,) = record["data"][ratio]["per_seed"]
