@@ -21,13 +21,13 @@ from attnlab.arena.train import TrainConfig, train
 from attnlab.registry import list_specs
 
 TASK_OPTIONS = {"num_pairs": 4, "num_queries": 4, "num_keys": 8, "num_values": 8}
-TINY = ["--task-option", "num_pairs=4", "--task-option", "num_queries=4", "--task-option", "num_keys=8",
+TINY = ["--tasks", "assoc_recall", "--task-option", "num_pairs=4", "--task-option", "num_queries=4", "--task-option", "num_keys=8",
         "--task-option", "num_values=8", "--layers", "1", "--dim", "16", "--heads", "2", "--steps", "8",
         "--batch-size", "8", "--warmup", "2", "--eval-batches", "1"]
 DOC_KEYS = {"format", "command", "options", "environment", "tasks", "rows", "skipped", "wall_s"}
 ROW_KEYS = {"rank", "task", "mechanism", "options", "status", "error", "quality_metric", "higher_is_better",
             "quality", "quality_std", "quality_per_seed", "seeds", "failed_seeds", "params", "tokens_per_s",
-            "train_s", "final", "timing"}
+            "train_s", "final", "timing", "tie", "curves", "difficulty"}
 TIMING_KEYS = {"seq_len", "status", "reason", "fwd_ms", "fwd_bwd_ms", "fwd_ms_iqr", "fwd_bwd_ms_iqr", "repeats",
                "peak_mem_mb", "mem_method", "flops_fwd", "flops_bwd"}
 ENV_KEYS = {"torch", "attnlab", "python", "platform", "cpu", "cpu_count", "train_threads", "timing_threads",
@@ -96,7 +96,7 @@ def test_seeds_aggregate_to_mean_and_std_of_real_runs(tiny_run):
     # seed 1 of mhsa is exactly what train() gives for the same configuration
     mhsa = next(r for r in doc["rows"] if r["mechanism"] == "mhsa")
     direct = train(TrainConfig(task="assoc_recall", task_options=TASK_OPTIONS, layers=["mhsa"], dim=16, num_heads=2,
-                               mlp_ratio=0.0, steps=8, batch_size=8, lr=1e-2, warmup=2, eval_every=8,
+                               mlp_ratio=0.0, steps=8, batch_size=8, lr=3e-3, warmup=2, eval_every=8,
                                eval_batches=1, eval_batch_size=128, log_every=8, checkpoint_every=0, seed=1,
                                threads=1), None, progress=False)
     assert mhsa["quality_per_seed"][1] == direct.final["val_accuracy"]
@@ -115,7 +115,7 @@ def test_json_stdout_png_and_repeatable_command(tiny_run):
 
 def test_a_mechanism_that_fails_is_a_failed_row(tmp_path, capsys):
     # num_kv_heads=3 does not divide 2 heads: mhsa raises while its model is built.
-    argv = ["arena", "--mechanisms", "mhsa,minimal", *TINY, "--no-timing", "--no-plot",
+    argv = ["arena", "--mechanisms", "mhsa,minimal", *TINY, "--no-timing", "--no-plot", "--jobs", "1",
             "--options", '{"mhsa": {"num_kv_heads": 3}}', "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     doc = json.loads((tmp_path / "arena.json").read_text())
@@ -140,22 +140,78 @@ def test_rank_rows_follows_the_direction_and_puts_failures_last():
     assert [(r["mechanism"], r["rank"]) for r in ranked] == [("a", 1), ("b", 2), ("d", None)]
 
 
-def test_default_selection_is_every_sequence_mechanism():
+def test_default_selection_is_every_sequence_and_2d_mechanism_on_three_tasks():
     tasks, names, skipped = leaderboard._select(ArenaConfig())
-    seq = list_specs(layout="seq")
-    assert [t.name for t in tasks] == ["assoc_recall"] and tasks[0].options()["num_pairs"] == 8
-    assert names == [s.name for s in seq]
-    assert [s["mechanism"] for s in skipped] == [s.name for s in seq if not s.causal]
+    seq, flat = list_specs(layout="seq"), list_specs(layout="2d")
+    assert [t.name for t in tasks][:2] == ["mqar_sweep", "tinyshakespeare"]
+    assert [t.name for t in tasks][2] in ("fashion_mnist", "digits")        # digits where Fashion-MNIST is missing
+    assert tasks[0].options()["pairs"] == [2, 4, 8, 16] and tasks[1].options()["context"] == 32
+    assert names == [s.name for s in seq] + [s.name for s in flat]
+    for task in tasks[:2]:        # causal token tasks: the non-causal and the 2-D mechanisms sit out
+        out = {s["mechanism"] for s in skipped if s["task"] == task.name}
+        assert out == {s.name for s in seq if not s.causal} | {s.name for s in flat}
+    assert not [s for s in skipped if s["task"] == tasks[2].name]            # the image task runs them all
+
+
+def test_rank_rows_ties_means_within_the_spread():
+    def row(name, quality, std):
+        return {"mechanism": name, "quality": quality, "quality_std": std, "higher_is_better": True,
+                "status": "ok", "rank": 0}
+    ranked = rank_rows([row("a", 0.90, 0.02), row("b", 0.89, 0.01), row("c", 0.50, 0.01), row("d", 0.495, None)])
+    assert [(r["mechanism"], r["rank"], r["tie"]) for r in ranked] == [
+        ("a", 1, False), ("b", 1, True), ("c", 3, False), ("d", 3, True)]
+    one_seed = rank_rows([row("a", 0.9, None), row("b", 0.9, None)])
+    assert [(r["rank"], r["tie"]) for r in one_seed] == [(1, False), (2, False)]
+
+
+def test_difficulty_reads_the_breakdown_metrics_in_order():
+    final = {"val_accuracy": 0.5, "val_accuracy_p16": 0.1, "val_accuracy_p2": 1.0, "val_accuracy_d8_16": 0.4,
+             "val_accuracy_d0_8": 0.9, "val_loss": 1.0}
+    assert leaderboard.difficulty(final, "accuracy") == {"pairs": {"2": 1.0, "16": 0.1},
+                                                         "distance": {"0-8": 0.9, "8-16": 0.4}}
+    assert leaderboard.difficulty({"val_loss": 1.0}, "loss") == {}
+
+
+def test_image_task_gives_rows_to_2d_and_non_causal_mechanisms(tmp_path):
+    argv = ["arena", "--tasks", "digits", "--mechanisms", f"neighborhood2d,halo2d,{NON_CAUSAL}", "--layers", "1",
+            "--dim", "16", "--heads", "2", "--steps", "3", "--batch-size", "8", "--warmup", "1", "--eval-batches", "1",
+            "--no-timing", "--no-plot", "--jobs", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    doc = json.loads((tmp_path / "arena.json").read_text())
+    assert sorted(r["mechanism"] for r in doc["rows"]) == sorted(["neighborhood2d", "halo2d", NON_CAUSAL])
+    assert all(r["status"] == "ok" for r in doc["rows"]), [r["error"] for r in doc["rows"]]
+    assert doc["skipped"] == []
+
+
+def test_quick_run_sweeps_mqar_difficulty_in_seconds(tmp_path):
+    argv = ["arena", "--quick", "--mechanisms", "mhsa,neighborhood1d", "--jobs", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    doc = json.loads((tmp_path / "arena.json").read_text())
+    assert [t["name"] for t in doc["tasks"]] == ["mqar_sweep"] and doc["options"]["steps"] == leaderboard.QUICK_STEPS
+    for r in doc["rows"]:
+        assert list(r["difficulty"]["pairs"]) == ["2", "4", "8", "16"] and r["difficulty"]["distance"]
+        assert len(r["curves"]["0"]) >= 2
+    assert (tmp_path / "difficulty.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_mhsa_solves_the_default_mqar_sweep_at_the_default_budget():
+    # The README's main job must show the baseline solving its task (issue "Models that learn"):
+    # mhsa with the arena's own defaults (2 layers, width 64, no MLP, 600 steps, lr 3e-3).
+    config = ArenaConfig(tasks=["mqar_sweep"], mechanisms=["mhsa"], timing=False, jobs=1)
+    row = leaderboard.run(config, log=lambda text: None)["rows"][0]
+    assert row["status"] == "ok", row["error"]
+    assert row["quality"] >= 0.99, row["difficulty"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--mechanisms", "mhsa,nope"], "unknown mechanism 'nope'"),
     (["--tasks", "nope"], "unknown task 'nope'"),
-    (["--mechanisms", "halo2d"], "has layout '2d'"),
+    (["--mechanisms", "neighborhood3d"], "has layout '3d'"),
     (["--dim", "30", "--heads", "4"], "dim (30) must be divisible by heads (4)"),
     (["--mechanisms", "mhsa", "--options", '{"moh": {"top_k": 2}}'], "'moh', which is not benchmarked"),
     (["--mechanisms", "mhsa", "--options", '{"mhsa": {"top_k": 2}}'], "'mhsa' has no option(s) ['top_k']"),
-    (["--task-option", "pairs=3"], "task 'assoc_recall'"),
+    (["--task-option", "nope=3"], "no selected task takes the option 'nope'"),
+    (["--tasks", "mqar_sweep", "--task-option", "pairs=[3,40]"], "need at least that many keys"),
     (["--task-option", "seed=3"], "give --seeds"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, tmp_path, capsys):

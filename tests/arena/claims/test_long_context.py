@@ -18,11 +18,11 @@ def quick_run(tmp_path_factory):
     claims.add_arguments(parser)
     args = parser.parse_args(["long_context", "--quick", "--out", str(out)])
     assert claims.main(args, []) == 0
-    return (out / "long_context.md").read_text(), json.loads((out / "long_context.json").read_text())
+    return (out / "long_context.md").read_text(), json.loads((out / "long_context.json").read_text()), out
 
 
 def test_quick_run_rows_contexts_speeds_and_exclusion(quick_run):
-    page, record = quick_run
+    page, record, _ = quick_run
     data = record["data"]
     assert record["verdict"] in claims.VERDICTS
     assert sorted(data["results"]) == ["mhsa", "neighborhood1d", "routing"]
@@ -34,8 +34,22 @@ def test_quick_run_rows_contexts_speeds_and_exclusion(quick_run):
             assert t["batch_size"] * t["context"] == data["tokens_per_step"]          # same tokens per step
             assert t["tokens_per_s"] > 0 and math.isfinite(t["val_loss"]) and t["params"] > 0
             assert t["causality_gap"] <= 1e-5, (name, context)
+            seeds = 2 if int(context) == data["context"] else 1                      # --quick: 2 seeds, 1 short
+            assert len(t["seeds"]) == len(t["val_losses"]) == len(t["runs"]) == seeds, (name, context)
+            assert t["val_loss"] == pytest.approx(sum(t["val_losses"]) / seeds)
         assert all(s > 0 for s in r["timing_s"].values())
     assert "| linear_infsa |" in page and "excluded: not causal" in page
+    assert "| bigram counts (no model) |" in page and 2.0 < data["references"]["bigram"] < 2.6
+
+
+def test_quick_run_writes_the_learning_curves_and_states_its_budget(quick_run):
+    page, record, out = quick_run
+    figure = out / "long_context.png"
+    assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![long_context](long_context.png)" in page
+    assert "**Budget.**" in page and "mhsa" in record["budget"] and "bigram" in record["budget"]
+    runs = record["data"]["results"]["mhsa"]["trained"][str(record["data"]["context"])]["runs"]
+    assert all(len(r["curve"]) >= 3 and r["curve"][0][0] == 0 for r in runs)
 
 
 class _SeesTheFuture(nn.Module):

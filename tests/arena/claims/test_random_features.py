@@ -17,6 +17,7 @@ def quick_run(tmp_path_factory):
     claims.add_arguments(parser)
     args = parser.parse_args(["random_features", "--quick", "--out", str(out)])
     assert claims.main(args, []) == 0
+    assert (out / "random_features_curves.png").stat().st_size > 1000
     return (out / "random_features.md").read_text(), json.loads((out / "random_features.json").read_text())
 
 
@@ -25,6 +26,7 @@ def test_quick_run_writes_every_table_with_finite_numbers(quick_run):
     for t in TARGETS:
         assert f"target {t}: normalised test error" in page
     assert "samples to reach" in page and "(c) query-key mean" in page
+    assert "![random_features_curves](random_features_curves.png)" in page and "**Budget.**" in page
     assert record["verdict"] in claims.VERDICTS
     data = record["data"]
     assert set(data["errors"]) == {"mu=0", "mu=1", "mlp"}
@@ -32,6 +34,9 @@ def test_quick_run_writes_every_table_with_finite_numbers(quick_run):
         assert set(per_target) == set(TARGETS)
         for errs in per_target.values():
             assert len(errs) == len(data["sizes"]) and all(math.isfinite(e) and e >= 0 for e in errs)
+    assert data["seeds"] == 2 and len(data["errors_per_seed"]) == 2
+    (curve, _) = data["curves"]["RF attention, mu=0"]
+    assert [x for x, _ in curve] == [math.log2(n) for n in data["sizes"]]
 
 
 def test_attention_beats_the_mlp_and_the_mean_helps_inner_product_targets(quick_run):

@@ -16,6 +16,8 @@ def quick_run(tmp_path_factory):
     claims.add_arguments(parser)
     args = parser.parse_args(["universal_approx", "--quick", "--out", str(out)])
     assert claims.main(args, []) == 0
+    for name in ("universal_approx_width.png", "universal_approx_curves.png"):
+        assert (out / name).stat().st_size > 1000
     return (out / "universal_approx.md").read_text(), json.loads((out / "universal_approx.json").read_text())
 
 
@@ -25,6 +27,11 @@ def test_quick_run_writes_the_tables_with_finite_numbers(quick_run):
     assert record["verdict"] in claims.VERDICTS
     data = record["data"]
     assert data["widths"] == [8, 32]
+    assert "![universal_approx_curves](universal_approx_curves.png)" in page and "**Budget.**" in page
+    assert data["seeds"] == 2 and all(len(v) == 2 for v in data["per_seed"].values())
+    for per_width in data["curves"].values():
+        for curve in per_width:
+            assert curve[0][0] == 0 and curve[-1][0] == 200 and curve[-1][1] < curve[0][1]
     for res in list(data["results"].values()) + [data["ffn_only"], data["tokenwise_floor"]]:
         assert all(math.isfinite(res[k]) and res[k] >= 0 for k in ("mse", "rel_mse", "p99_abs", "max_abs"))
 
