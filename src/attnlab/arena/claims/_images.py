@@ -144,8 +144,9 @@ def curves_and_budget(out: Path, name: str, baseline: str, curves: dict[str, lis
 
     curves: {label: [curve per seed]} (fractions); a label with one curve is drawn as that curve."""
     lin_mean = statistics.fmean(r["test_accuracy"] for r in linear)
-    shown = {label: [[(s, 100 * a) for s, a in c] for c in cs] for label, cs in curves.items()}
-    shown["linear classifier (curve)"] = [[(s, 100 * a) for s, a in r["curve"]] for r in linear]
+    # Step 0 (chance, ~10%) is left out of the figure so that its scale resolves the last points.
+    shown = {label: [[(s, 100 * a) for s, a in c if s > 0] for c in cs] for label, cs in curves.items()}
+    shown["linear classifier (curve)"] = [[(s, 100 * a) for s, a in r["curve"] if s > 0] for r in linear]
     path = curve_figure(Path(out) / f"{name}_curves.png", shown,
                         references={f"linear classifier, whole test set ({100 * lin_mean:.2f}%)": 100 * lin_mean},
                         ylabel=f"accuracy on the first {curve_images:,} test images (%)",

@@ -12,6 +12,9 @@ toy scale), trained by `attnlab.arena.train` with mhsa in every block, then with
 fraction of active heads; same width, heads, depth, MLPs, steps, batches, lr schedule and seeds, so
 the models differ only by MoH's routers (a few parameters, counted). Test accuracy on the whole test
 set; the fraction of heads with a non-zero gate is measured on every test token of the trained models.
+A linear softmax classifier on the pixels, trained in the same run on the same batches and schedule,
+is the reference the baseline must clearly beat; the page shows the learning curves (NAME_curves.png)
+and says in its budget line whether the baseline's curve had flattened.
 """
 from __future__ import annotations
 
