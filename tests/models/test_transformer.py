@@ -183,3 +183,11 @@ def test_classifier_mixes_2d_and_sequence_layers_on_image_tokens():
                              max_len=16, grid=(4, 4))
     out = clf(torch.randn(3, 16, 4))
     assert out.shape == (3, 10) and torch.isfinite(out).all()
+
+
+def test_pos_std_sets_the_position_scale_and_rejects_bad_values():
+    lm = attnlab.CausalLM(11, 32, 4, 1, max_len=4096, pos_std=1.0)
+    assert 0.95 < lm.embed.pos_embed.std().item() < 1.05
+    assert attnlab.Classifier(3, 32, 4, 1, in_dim=5, max_len=4096).embed.pos_embed.std().item() < 0.03
+    with pytest.raises(ValueError, match="pos_std"):
+        attnlab.CausalLM(11, 32, 4, 1, pos_std=-1.0)
