@@ -27,17 +27,21 @@ def test_quick_run_rows_contexts_speeds_and_exclusion(quick_run):
     assert record["verdict"] in claims.VERDICTS
     assert sorted(data["results"]) == ["mhsa", "neighborhood1d", "routing"]
     assert "linear_infsa" in data["excluded"] and "causal" in data["excluded"]["linear_infsa"]
+    assert data["contexts"] == [data["quality_context"], data["context"]] == [64, 128]
     for name, r in data["results"].items():
-        assert sorted(map(int, r["trained"])) == sorted(data["contexts"]) and len(data["contexts"]) == 2
+        assert sorted(map(int, r["trained"])) == sorted(data["contexts"])
         for context, t in r["trained"].items():
             assert t["context"] == int(context)
-            assert t["batch_size"] * t["context"] == data["tokens_per_step"]          # same tokens per step
+            steps = 8 if int(context) == data["quality_context"] else 6                  # --quick: 8 and 6 steps
+            assert t["steps"] == steps and t["tokens"] == steps * t["batch_size"] * t["context"]
             assert t["tokens_per_s"] > 0 and math.isfinite(t["val_loss"]) and t["params"] > 0
             assert t["causality_gap"] <= 1e-5, (name, context)
-            seeds = 2 if int(context) == data["context"] else 1                      # --quick: 2 seeds, 1 short
+            seeds = 2 if int(context) == data["quality_context"] else 1               # --quick: 2 seeds, long 1
             assert len(t["seeds"]) == len(t["val_losses"]) == len(t["runs"]) == seeds, (name, context)
             assert t["val_loss"] == pytest.approx(sum(t["val_losses"]) / seeds)
         assert all(s > 0 for s in r["timing_s"].values())
+    quality_checks = [c["check"] for c in data["checks"] if "val loss" in c["check"]]
+    assert quality_checks and all("context 64 (2 seeds)" in c for c in quality_checks)
     assert "| linear_infsa |" in page and "excluded: not causal" in page
     assert "| bigram counts (no model) |" in page and 2.0 < data["references"]["bigram"] < 2.6
 
@@ -48,7 +52,7 @@ def test_quick_run_writes_the_learning_curves_and_states_its_budget(quick_run):
     assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![long_context](long_context.png)" in page
     assert "**Budget.**" in page and "mhsa" in record["budget"] and "bigram" in record["budget"]
-    runs = record["data"]["results"]["mhsa"]["trained"][str(record["data"]["context"])]["runs"]
+    runs = record["data"]["results"]["mhsa"]["trained"][str(record["data"]["quality_context"])]["runs"]
     assert all(len(r["curve"]) >= 3 and r["curve"][0][0] == 0 for r in runs)
 
 
