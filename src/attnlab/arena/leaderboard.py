@@ -29,6 +29,7 @@ The default run (measured in the README) has three tasks:
   count model scores 2.48 nats/char on the same split).
 - `fashion_mnist` (or `digits` where its data are missing): 7 x 7 patches, a 4 x 4 grid, mean
   pooled; every sequence mechanism, causal or not, and halo2d / neighborhood2d on the grid.
+  (hierarchical gets no tree here, and without one it is exactly mhsa: its row matches mhsa's.)
 Models are attention only (`--mlp-ratio 0`, so the mechanism is what differs), 2 layers of width
 64 with 4 heads, 600 AdamW steps of 64 at lr 3e-3 with 60 warm-up steps, one thread each. (Before
 the models' initialisation was fixed, this default sat at lr 1e-2 and no model solved MQAR; at
