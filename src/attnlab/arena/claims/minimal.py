@@ -36,6 +36,7 @@ from torch import nn
 
 from attnlab import create
 from attnlab.arena.claims import Claim, Report, Table
+from attnlab.arena.claims._curves import mean_curve
 from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, curve_split, curves_and_budget,
                                           difference_spread, image_task, mean_spread, train_and_load,
                                           train_linear_reference, whole_test_split)
@@ -194,10 +195,7 @@ def run(args: argparse.Namespace) -> Report:
 
     curves = {"standard": [r["curve"] for r in runs["standard"]]}
     for name in chosen[1:]:
-        curves[f"{name} (mean)"] = [[(s, a) for s, a in
-                                     zip([p[0] for p in runs[name][0]["curve"]],
-                                         [statistics.fmean(r["curve"][i][1] for r in runs[name])
-                                          for i in range(len(runs[name][0]["curve"]))])]]
+        curves[f"{name} (mean)"] = mean_curve([r["curve"] for r in runs[name]])
     figure, budget = curves_and_budget(
         args.out, "minimal", "standard", curves, linear, steps=args.steps, batch_size=args.batch_size,
         train_size=probe.num_examples("train"), task_name=task_name,

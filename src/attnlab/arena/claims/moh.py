@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from attnlab.arena.claims import Claim, Report, Table
+from attnlab.arena.claims._curves import mean_curve
 from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, curve_split, curves_and_budget,
                                           difference_spread, image_task, mean_spread, train_and_load,
                                           train_linear_reference, whole_test_split)
@@ -217,9 +218,7 @@ def run(args: argparse.Namespace) -> Report:
 
     curves = {"mhsa": [r["curve"] for r in runs["mhsa"]]}
     for label in list(models)[1:]:
-        rs = runs[label]
-        curves[f"{label} (mean)"] = [[(p[0], statistics.fmean(r["curve"][i][1] for r in rs))
-                                      for i, p in enumerate(rs[0]["curve"])]]
+        curves[f"{label} (mean)"] = mean_curve([r["curve"] for r in runs[label]])
     figure, budget = curves_and_budget(
         args.out, "moh", "mhsa", curves, linear, steps=args.steps, batch_size=args.batch_size,
         train_size=probe.num_examples("train"), task_name=task_name,
