@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> Report:
 
     curves = {"standard": [r["curve"] for r in runs["standard"]]}
     for name in chosen[1:]:
-        curves[f"{name} (mean)"] = mean_curve([r["curve"] for r in runs[name]])
+        curves[f"{name} (mean)"] = [mean_curve([r["curve"] for r in runs[name]])]          # one curve: the mean
     figure, budget = curves_and_budget(
         args.out, "minimal", "standard", curves, linear, steps=args.steps, batch_size=args.batch_size,
         train_size=probe.num_examples("train"), task_name=task_name,

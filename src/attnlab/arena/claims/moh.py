@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> Report:
 
     curves = {"mhsa": [r["curve"] for r in runs["mhsa"]]}
     for label in list(models)[1:]:
-        curves[f"{label} (mean)"] = mean_curve([r["curve"] for r in runs[label]])
+        curves[f"{label} (mean)"] = [mean_curve([r["curve"] for r in runs[label]])]         # one curve: the mean
     figure, budget = curves_and_budget(
         args.out, "moh", "mhsa", curves, linear, steps=args.steps, batch_size=args.batch_size,
         train_size=probe.num_examples("train"), task_name=task_name,
