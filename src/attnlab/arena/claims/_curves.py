@@ -80,11 +80,14 @@ def curve_figure(path: Path, curves: dict[str, object], *, references: dict[str,
 
 
 def flattening(label: str, curves, *, higher_is_better: bool, tail: float = 0.25,
-               threshold: float | None = None) -> str:
+               threshold: float | None = None, unit: str = "step",
+               still_improving: str = "was still improving (the verdict is provisional)") -> str:
     """One sentence on whether `curves` (mean over seeds) had flattened by the end of the budget.
 
     Compares the last point with the point `tail` of the way back from the end: the change over
     the last quarter of the steps by default. `threshold` (in the metric's units) decides the word.
+    `unit` names the x axis ("step", "log2 n"); `still_improving` is the phrase for a curve that
+    had not flattened (a claim about a fixed budget, not convergence, says why that is fine).
     """
     mean = mean_curve(curves)
     if len(mean) < 3:
@@ -96,6 +99,6 @@ def flattening(label: str, curves, *, higher_is_better: bool, tail: float = 0.25
     gain = change if higher_is_better else -change
     if threshold is None:
         threshold = 0.01 * max(abs(last), 1e-12)
-    state = "had flattened" if gain <= threshold else "was still improving (the verdict is provisional)"
-    return (f"{label} {state} by step {last_step:g}: {ref:.4g} at step {ref_step:g} -> {last:.4g} "
-            f"({change:+.3g} over the last {tail:.0%} of the steps).")
+    state = "had flattened" if gain <= threshold else still_improving
+    return (f"{label} {state} by {unit} {last_step:g}: {ref:.4g} at {unit} {ref_step:g} -> {last:.4g} "
+            f"({change:+.3g} over the last {tail:.0%} of the range).")
