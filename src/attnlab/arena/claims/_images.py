@@ -136,13 +136,20 @@ def train_linear_reference(config: TrainConfig) -> dict:
             "train_seconds": time.perf_counter() - start}
 
 
-def curves_and_budget(out: Path, name: str, baseline: str, curves: dict[str, list], linear: list[dict], *,
+def curves_and_budget(out: Path, name: str, baseline: str, runs: dict[str, list[dict]], linear: list[dict], *,
                       steps: int, batch_size: int, train_size: int, task_name: str, curve_images: int,
-                      baseline_test: tuple[float, float], linear_test: tuple[float, float]) -> tuple[Path, str]:
-    """Write NAME_curves.png (each model's val-accuracy curves per seed, the linear reference's final
-    mean as a line) and return (path, the Report.budget sentence on the baseline's curve).
+                      baseline_test: tuple[float, float], linear_test: tuple[float, float], threads: int,
+                      noun: str) -> tuple[Path, str]:
+    """Write NAME_curves.png (the baseline's val-accuracy curve per seed, every other model's mean
+    over seeds, the linear reference's final mean as a line) and return (path, the Report.budget
+    sentence on the baseline's curve and the run's CPU time).
 
-    curves: {label: [curve per seed]} (fractions); a label with one curve is drawn as that curve."""
+    runs: {label: [run per seed]}, each run with "curve" [(step, fraction)] and "cpu_seconds";
+    noun names the models in the CPU sentence ("variants", "models")."""
+    curves = {baseline: [r["curve"] for r in runs[baseline]]}
+    for label, rs in runs.items():
+        if label != baseline:
+            curves[f"{label} (mean)"] = [mean_curve([r["curve"] for r in rs])]     # one curve: the mean
     lin_mean = statistics.fmean(r["test_accuracy"] for r in linear)
     # Step 0 (chance, ~10%) is left out of the figure so that its scale resolves the last points.
     shown = {label: [[(s, 100 * a) for s, a in c if s > 0] for c in cs] for label, cs in curves.items()}
@@ -168,4 +175,9 @@ def curves_and_budget(out: Path, name: str, baseline: str, curves: dict[str, lis
                    "the baseline does not clearly beat a linear model yet, so the verdict is provisional."))
     if not final:
         sentence += " (No curve points.)"
+    cpu_total = sum(r["cpu_seconds"] for rs in runs.values() for r in rs)
+    seeds = len(runs[baseline])
+    sentence += (f" Training took {cpu_total / 60:.1f} CPU minutes ({seeds} seeds x {len(runs)} {noun}, "
+                 f"{threads} thread(s)); the budget was chosen so that the whole run fits in about 25 minutes "
+                 "of one core.")
     return path, sentence

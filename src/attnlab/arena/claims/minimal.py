@@ -36,7 +36,6 @@ from torch import nn
 
 from attnlab import create
 from attnlab.arena.claims import Claim, Report, Table
-from attnlab.arena.claims._curves import mean_curve
 from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, curve_split, curves_and_budget,
                                           difference_spread, image_task, mean_spread, train_and_load,
                                           train_linear_reference, whole_test_split)
@@ -193,18 +192,11 @@ def run(args: argparse.Namespace) -> Report:
           f"{r:.2f}", "yes" if ok else "no"] for n, d, e, r, ok in checks])
     tables = [main_table, check_table, per_layer_parameter_table(args.dim, sorted({1, 2, 4, args.heads}))]
 
-    curves = {"standard": [r["curve"] for r in runs["standard"]]}
-    for name in chosen[1:]:
-        curves[f"{name} (mean)"] = [mean_curve([r["curve"] for r in runs[name]])]          # one curve: the mean
     figure, budget = curves_and_budget(
-        args.out, "minimal", "standard", curves, linear, steps=args.steps, batch_size=args.batch_size,
-        train_size=probe.num_examples("train"), task_name=task_name,
+        args.out, "minimal", "standard", {label: runs[label] for label in chosen}, linear, steps=args.steps,
+        batch_size=args.batch_size, train_size=probe.num_examples("train"), task_name=task_name,
         curve_images=curve_batches * curve_batch_size, baseline_test=(base_acc, base_std),
-        linear_test=(lin_acc, lin_std))
-    cpu_total = sum(r["cpu_seconds"] for rs in runs.values() for r in rs)
-    budget += (f" Training took {cpu_total / 60:.1f} CPU minutes ({len(seeds)} seeds x {len(chosen)} variants, "
-               f"{args.threads} thread(s)); the budget was chosen so that the whole run fits in about 25 minutes "
-               "of one core.")
+        linear_test=(lin_acc, lin_std), threads=args.threads, noun="variants")
 
     passed = [n for n, *_, ok in checks if ok]
     failed = [n for n, *_, ok in checks if not ok]

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from attnlab.arena.claims import Claim, Report, Table
-from attnlab.arena.claims._curves import mean_curve
 from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, curve_split, curves_and_budget,
                                           difference_spread, image_task, mean_spread, train_and_load,
                                           train_linear_reference, whole_test_split)
@@ -216,18 +215,11 @@ def run(args: argparse.Namespace) -> Report:
         [[n, f"{100 * d:+.2f}", f"{100 * s:.2f}", "tie" if abs(d) <= s else "above" if d > 0 else "below",
           "yes" if ok else "no"] for n, d, s, ok in checks])
 
-    curves = {"mhsa": [r["curve"] for r in runs["mhsa"]]}
-    for label in list(models)[1:]:
-        curves[f"{label} (mean)"] = [mean_curve([r["curve"] for r in runs[label]])]         # one curve: the mean
     figure, budget = curves_and_budget(
-        args.out, "moh", "mhsa", curves, linear, steps=args.steps, batch_size=args.batch_size,
-        train_size=probe.num_examples("train"), task_name=task_name,
+        args.out, "moh", "mhsa", {label: runs[label] for label in models}, linear, steps=args.steps,
+        batch_size=args.batch_size, train_size=probe.num_examples("train"), task_name=task_name,
         curve_images=curve_batches * curve_batch_size, baseline_test=(base_acc, base_std),
-        linear_test=(lin_acc, lin_std))
-    cpu_total = sum(r["cpu_seconds"] for rs in runs.values() for r in rs)
-    budget += (f" Training took {cpu_total / 60:.1f} CPU minutes ({len(seeds)} seeds x {len(models)} models, "
-               f"{args.threads} thread(s)); the budget was chosen so that the whole run fits in about 25 minutes "
-               "of one core.")
+        linear_test=(lin_acc, lin_std), threads=args.threads, noun="models")
 
     passed = [n for n, *_, ok in checks if ok]
     failed = [n for n, *_, ok in checks if not ok]

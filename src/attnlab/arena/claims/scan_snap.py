@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> Report:
         title=f"scan_snap: loss curves (Bayes-optimal loss {bayes:.1e}, below the axis)")
     flat_loss = flattening(f"The eta_Y/eta_Z={base:g} baseline's loss", loss_curves[f"eta_Y/eta_Z={base:g}"],
                            higher_is_better=False, threshold=0.01)
-    flat_mass = flattening(f"its distinct-token attention mass", mass_curves, higher_is_better=True, threshold=0.01)
+    flat_mass = flattening("its distinct-token attention mass", mass_curves, higher_is_better=True, threshold=0.01)
     end_loss = _mean([_mean(x["curves"]["loss"][-max(1, args.steps // 10):]) for x in runs[base]])
     last_snap = max((s for s in snaps if not math.isnan(s)), default=float("nan"))
     done = "had flattened" in flat_loss and "had flattened" in flat_mass and late <= 0.05
