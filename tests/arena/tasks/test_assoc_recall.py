@@ -107,7 +107,9 @@ def test_sweep_breaks_accuracy_down_by_pairs_and_distance():
             right = (b["targets"] != -100) & (b["pairs"] == 2)[:, None]
             logits[right, b["targets"][right]] = 2.0
             return logits
-    _, metrics = task.loss(Oracle(), b)
+    oracle = Oracle()
+    assert set(task.loss(oracle, b)[1]) == {"loss", "accuracy"}      # training: no breakdown
+    _, metrics = task.loss(oracle.eval(), b)
     assert metrics["accuracy_p2"] == 1.0 and metrics["accuracy_p8"] == 0.0
     assert metrics["accuracy"] == pytest.approx(4 * 2 / (4 * 2 + 4 * 8))          # 4 rows of each P
     buckets = [k for k in metrics if k.startswith("accuracy_d")]

@@ -80,7 +80,7 @@ class AssocRecallSweep(TokenTask):
         targets  -100 everywhere except at each qi, where it is ai
 
     One model trains on the mixture (easy rows help the hard ones form the lookup, as in
-    Zoology's training mixtures); the loss's metrics break accuracy down by P
+    Zoology's training mixtures); in eval mode the loss's metrics break accuracy down by P
     (`accuracy_p{P}`) and by the distance from a query back to its stored key
     (`accuracy_d{lo}_{hi}`, buckets of DISTANCE_BUCKETS), so a sliding window shows where
     pairs leave its reach and a fixed-size state shows where P outgrows it.
@@ -158,6 +158,8 @@ class AssocRecallSweep(TokenTask):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         logits = model(batch["inputs"])                                                    # (B, N, V)
         loss, metrics = token_loss(logits, batch["targets"])
+        if model.training:        # the breakdown is for evaluation: no per-step syncs while training
+            return loss, metrics
         with torch.no_grad():
             marked = batch["targets"] != -100
             hit = (logits.argmax(-1) == batch["targets"]) & marked                          # (B, N)
