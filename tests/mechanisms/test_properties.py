@@ -290,7 +290,7 @@ def test_unsupported_feature_raises(spec, make_mechanism, feature):
 
 def test_unsupported_feature_check_on_a_throwaway_mechanism(registry_snapshot):
     """Exercises the generic check above on a mechanism that supports nothing."""
-    from attnlab.mechanisms.common import check_features, check_tokens
+    from attnlab._checks import check_features, check_tokens
 
     spec = attnlab.MechanismSpec(name="_test_plain", paper="test", year=2024, family="test", layout="seq",
                                  time="O(N)", memory="O(N)", exact=False)

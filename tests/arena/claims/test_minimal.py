@@ -5,7 +5,7 @@ import math
 import pytest
 
 from attnlab.arena.claims import get_claim, render
-from attnlab.mechanisms.sequence.minimal import MinimalAttention
+from attnlab.mechanisms.minimal import MinimalAttention
 
 VARIANTS = ["standard", "mlp_free", "collapsed_qk", "collapsed_qk_vo", "symmetric", "minimum"]
 

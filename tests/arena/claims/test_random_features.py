@@ -49,7 +49,7 @@ def test_attention_features_are_the_papers_sum_over_keys():
     d, N, M = 3, 4, 5
     x = sphere((2, N + 1), d, torch.Generator().manual_seed(0))                  # (2, N + 1, d)
     feats = attention_features(x, M, qk_mean=0.7, seed=11)                       # (2, M (d + 1))
-    from attnlab.mechanisms.sequence.random_features import RandomFeatureAttention
+    from attnlab.mechanisms.random_features import RandomFeatureAttention
     W = RandomFeatureAttention(d + 1, M, qk_mean=0.7, seed=11).qk_weight.double()   # (M, d+1, d+1)
     tok = torch.cat([x.double(), torch.ones(2, N + 1, 1, dtype=torch.float64)], -1)
     q, keys = tok[:, -1], tok[:, :-1]

@@ -12,7 +12,7 @@ isolation work when interleaved with standard attention.
 Here, at toy scale: character-level LMs on tiny-shakespeare (`attnlab.arena.train`, task
 `tinyshakespeare`), 4 pre-norm blocks with MLPs, every model trained with the same width, depth,
 steps, batches, learning-rate schedule and seeds; only the attention layers differ
-(`attnlab.mechanisms.sequence.deconstructed`, all its variants, and `hybrid_variants()` for the
+(`attnlab.mechanisms.deconstructed`, all its variants, and `hybrid_variants()` for the
 hybrids). Quality = validation cross-entropy (nats/char) on the same validation windows for every
 model. Every uniform model is trained from several initial-weight seeds (the same batches); the
 pooled seed-to-seed spread measures the run-to-run noise, the checks compare seed means, and
@@ -36,7 +36,7 @@ from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
 from attnlab.arena.tasks import create_task
 from attnlab.arena.train import TrainConfig, train
-from attnlab.mechanisms.sequence.deconstructed import HYBRID_CONFIGS, VARIANTS, hybrid_variants
+from attnlab.mechanisms.deconstructed import HYBRID_CONFIGS, VARIANTS, hybrid_variants
 
 PRINCIPLE = {
     "standard": "none (baseline)",

@@ -41,7 +41,7 @@ from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, c
                                           train_linear_reference, whole_test_split)
 from attnlab.arena.tasks import create_task
 from attnlab.arena.train import TrainConfig
-from attnlab.mechanisms.sequence.minimal import MinimalAttention
+from attnlab.mechanisms.minimal import MinimalAttention
 
 
 @dataclass(frozen=True)

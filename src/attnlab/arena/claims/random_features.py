@@ -37,7 +37,7 @@ from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
 from attnlab.arena.tasks import create_task
 from attnlab.arena.tasks.perm_invariant import TARGETS
-from attnlab.mechanisms.sequence.random_features import RandomFeatureAttention
+from attnlab.mechanisms.random_features import RandomFeatureAttention
 
 PENALTIES = tuple(10.0 ** k for k in range(-6, 4))     # ridge penalty per training example, on standardised features
 REACH = 0.5                                             # "samples to reach": normalised test error <= REACH

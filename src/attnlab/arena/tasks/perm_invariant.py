@@ -21,7 +21,7 @@ examples), so "mse" = 1 is the error of predicting the mean.
     targets  f(x_0; x_1..x_N)                                     (B,)
 
 The query comes last so the random-feature attention layer's single-query reading
-(attnlab.mechanisms.sequence.random_features: keys hidden from nothing, the query hidden from the
+(attnlab.mechanisms.random_features: keys hidden from nothing, the query hidden from the
 keys, read at position N) applies as is. The paper's exact list of target examples could not be
 read from this machine (only its abstract); the targets above follow its stated classes
 (functions of x_0, of the keys, of <x_0, x_i> and of <x_0, S x_i>, averaged over the keys).

@@ -118,7 +118,7 @@ def test_outputs_and_grads_match_naive(name, case):
 
 
 def test_proximity_bias_golden():
-    from attnlab.mechanisms.sequence.proxima import proximity_bias
+    from attnlab.mechanisms.proxima import proximity_bias
     bias = proximity_bias(torch.log(torch.tensor([1.0, 2.0], dtype=torch.float64)), N=2, M=3, dtype=torch.float64)
     # queries are positions 1, 2 of 3 keys (bottom-right alignment, as with a KV cache)
     expected = torch.tensor([[[-0.5, 0.0, -0.5], [-2.0, -0.5, 0.0]],

@@ -21,7 +21,7 @@ from torch.testing import assert_close
 
 import attnlab
 from attnlab import KVCache
-from attnlab.mechanisms.sequence.moh import MoHAttention
+from attnlab.mechanisms.moh import MoHAttention
 
 DIM, H = 32, 4
 TIGHT = dict(rtol=1e-10, atol=1e-12)

@@ -63,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.mechanisms.common import check_dims, check_features
+from attnlab._checks import check_dims, check_features
 from attnlab.ops.attention import PRIORITY, attention
 from attnlab.registry import MechanismSpec, register
 

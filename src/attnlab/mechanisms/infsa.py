@@ -45,7 +45,7 @@ Status: both mechanisms as above, fp32 internals (fp64 for fp64 input). The defa
 the official layers compute (`infsa`: one hop; `linear_infsa`: one pooled vector; both without
 attn_drop in training, see Deviations); outputs and gradients are checked against naive float64
 references of the official formulas, of the series and its closed form, and the eigenvector
-(tests/mechanisms/sequence/test_infsa.py). With random weights the cosine between a and the
+(tests/mechanisms/test_infsa.py). With random weights the cosine between a and the
 principal eigenvector is 0.62-0.69 for isotropic tokens and 0.87-0.90 for tokens sharing a
 direction (the paper reports 0.985 for trained models); it is exactly 1 for a rank-one operator.
 `scripts/infsa_scale.py` runs Linear-InfSA on 576 x 576 tokens (dim 384, 6 heads) on a CPU.
@@ -106,7 +106,7 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import causal_grid, check_attn_mask
-from attnlab.mechanisms.common import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_features, check_tokens
 from attnlab.registry import MechanismSpec, register
 
 URL = "https://arxiv.org/abs/2603.00175"

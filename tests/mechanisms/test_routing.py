@@ -19,7 +19,7 @@ import torch
 from torch.testing import assert_close
 
 import attnlab
-from attnlab.mechanisms.sequence.routing import RoutingAttention
+from attnlab.mechanisms.routing import RoutingAttention
 
 DIM, H = 32, 4
 D = DIM // H

@@ -18,7 +18,7 @@ from torch.testing import assert_close
 
 import attnlab
 from attnlab import KVCache
-from attnlab.mechanisms.sequence.hierarchical import compile_tree, hierarchical_attention, parse_tree
+from attnlab.mechanisms.hierarchical import compile_tree, hierarchical_attention, parse_tree
 
 DIM, HEADS = 8, 2
 D = DIM // HEADS

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import check_attn_mask
-from attnlab.mechanisms.common import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 

@@ -3,7 +3,7 @@ the Neumann series, the eigenvector they approximate, gradcheck and bad input.
 
 "Self-Attention And Beyond the Infinite: Towards Linear Transformers with Infinite
 Self-Attention" (2026). The references below are written from the formulas (module docstring of
-attnlab.mechanisms.sequence.infsa), per sample and per head, in float64, with the module's own
+attnlab.mechanisms.infsa), per sample and per head, in float64, with the module's own
 parameters and no attnlab code:
 
     A = [q k^T scale + float mask]_+, disallowed entries 0

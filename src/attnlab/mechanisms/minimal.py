@@ -30,7 +30,7 @@ multi-head case; `parameter_count_formula` computes every configuration.
 Status: softmax attention over these similarities through `attnlab.ops.attention` (no
 approximation; spec.exact is False because most configurations compute a different function
 than mhsa), with causal, masks and a KV cache. With collapse_qk=True and W_h = W_q,h W_k,h^T the scores equal
-mhsa's q k^T * scale (tests/mechanisms/sequence/test_minimal.py checks it).
+mhsa's q k^T * scale (tests/mechanisms/test_minimal.py checks it).
 Sources: checked against the text of arXiv 2410.13732v2 (its display equations were not rendered
 in the copy read, so sections rather than equation numbers are cited): Sec. 2 (no MLP), Sec. 3
 (single head: W^Q W^K^T collapsed to W^QK, W^V W^O to W^VO; "delete the value transformations",
@@ -67,7 +67,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab.mechanisms.common import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 

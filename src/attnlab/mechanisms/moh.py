@@ -39,7 +39,7 @@ with `load_state_dict(sd, strict=False)` (only the routers are new).
 
 Status: routing, two-stage weighting and load-balance loss as in the authors' released code
 (`variant="official"`, the default) or as in the paper's equations (`variant="paper"`), both
-checked against naive float64 references (tests/mechanisms/sequence/test_moh.py). Every token
+checked against naive float64 references (tests/mechanisms/test_moh.py). Every token
 activates exactly h_s + K heads; `module.last_active_fraction` reports (h_s + K) / h after each
 forward. Causal, attn_mask and KV cache are supported: the routing of a token depends on that
 token alone, so it composes with any mask and with a cache (the cache holds keys/values of all
@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab.mechanisms.common import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 

@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 import attnlab
 from attnlab import KVCache
-from attnlab.mechanisms.sequence.deconstructed import HYBRID_CONFIGS, VARIANTS, hybrid_variants
+from attnlab.mechanisms.deconstructed import HYBRID_CONFIGS, VARIANTS, hybrid_variants
 
 DIM, HEADS, N_MAX = 32, 4, 16
 TIGHT = dict(rtol=1e-10, atol=1e-12)

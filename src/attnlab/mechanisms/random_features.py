@@ -60,7 +60,7 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import allowed_and_bias
-from attnlab.mechanisms.common import check_features, check_tokens
+from attnlab._checks import check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from attnlab.mechanisms.common import check_tokens
+from attnlab._checks import check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 

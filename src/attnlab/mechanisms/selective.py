@@ -48,7 +48,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab.mechanisms.common import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
