@@ -120,7 +120,7 @@ def _tinyshakespeare_fallback() -> None:
     full corpus (../shared/data) is not beside this checkout, e.g. in a clone elsewhere."""
     import os
 
-    from attnlab.arena.tasks import tinyshakespeare as ts
+    from attnlab.tasks import tinyshakespeare as ts
     if os.environ.get(ts.ENV_VAR):
         return
     try:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from attnlab import cli
-from attnlab.arena.tasks import create_task
+from attnlab.tasks import create_task
 from attnlab.arena import train as train_mod
 from attnlab.arena.train import (CheckpointError, TrainConfig, TrainInterrupted, config_from_args, find_checkpoint,
                                  lr_at, parse_layers, parse_value, train)
@@ -257,7 +257,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
 
 def test_sigterm_saves_exits_143_and_resumes_exactly(reference, tmp_path, monkeypatch, capsys):
     """SIGTERM (what schedulers send) during step 14: that step finishes, is saved, the command returns 143."""
-    from attnlab.arena.tasks import assoc_recall
+    from attnlab.tasks import assoc_recall
     ref, _ = reference
     out = tmp_path / "run"
     original = assoc_recall.AssocRecall.batch
@@ -278,7 +278,7 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(reference, tmp_path, monkey
 
 
 def test_interrupt_without_output_folder_saves_nothing(monkeypatch):
-    from attnlab.arena.tasks import assoc_recall
+    from attnlab.tasks import assoc_recall
     original = assoc_recall.AssocRecall.batch
 
     def batch(self, split, index, batch_size):
@@ -328,7 +328,7 @@ def test_cuda_run_checkpoints_and_resumes(tmp_path, monkeypatch):
 
     Close rather than bit-exact: CUDA's embedding backward accumulates with atomics, in any order.
     """
-    from attnlab.arena.tasks import assoc_recall
+    from attnlab.tasks import assoc_recall
     cfg = TrainConfig(**{**TINY, "device": "cuda"})
     ref = tmp_path / "ref"
     train(cfg, ref, progress=False)

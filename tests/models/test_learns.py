@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnlab
-from attnlab.arena.tasks import create_task
+from attnlab.tasks import create_task
 
 MQAR = dict(num_pairs=8, num_queries=8, num_keys=16, num_values=16)   # the arena's default setting
 

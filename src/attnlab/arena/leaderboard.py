@@ -187,7 +187,7 @@ def _select(config: ArenaConfig, *, log=None) -> tuple[list, list[str], list[dic
     A task option (--task-option KEY=VALUE) goes to every selected task whose constructor takes KEY.
     A default task whose data are missing (FALLBACK_TASKS) is replaced, with a log line.
     """
-    from attnlab.arena.tasks import create_task, get_task
+    from attnlab.tasks import create_task, get_task
     from attnlab.registry import get_spec, list_specs
 
     classes = {name: get_task(name) for name in config.tasks}          # unknown task: the registry's error
@@ -254,7 +254,7 @@ def _train_one(config: ArenaConfig, task_name: str, task_options: dict[str, Any]
         device=config.device, threads=config.threads)
     t0 = time.perf_counter()
     result = train(train_config, None, progress=config.jobs == 1 and Console(stderr=True).is_terminal)
-    from attnlab.arena.tasks import get_task
+    from attnlab.tasks import get_task
     quality = get_task(task_name).quality
     return {"seed": seed, "quality": result.final[f"val_{quality}"], "final": result.final,
             "curve": [[h["step"], h[f"val_{quality}"]] for h in result.history],

@@ -629,7 +629,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, *, resume: str
     resume: a run folder with a checkpoint; `config` must equal its config except RESUME_MAY_CHANGE
     fields (out_dir defaults to that folder). Raises TrainInterrupted after saving on SIGINT/SIGTERM.
     """
-    from attnlab.arena.tasks import create_task, slice_batch
+    from attnlab.tasks import create_task, slice_batch
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -890,7 +890,7 @@ def parse_layers(text: str) -> list:
 
 
 _FLAGS: dict[str, tuple[Any, str]] = {   # TrainConfig field -> (argparse type, help)
-    "task": (str, "task name (see attnlab.arena.tasks.list_tasks(); default assoc_recall)"),
+    "task": (str, "task name (see attnlab.tasks.list_tasks(); default assoc_recall)"),
     "layers": (parse_layers, "one mechanism per block: 'mhsa,moh,mhsa' or a JSON list with per-layer options "
                              "'[{\"name\": \"moh\", \"top_k\": 2}, \"mhsa\"]' (default mhsa,mhsa)"),
     "dim": (int, "model width (default 64)"),

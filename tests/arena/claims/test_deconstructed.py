@@ -7,7 +7,7 @@ import torch
 
 from attnlab.arena import claims
 from attnlab.arena.claims.deconstructed import count_model_losses, layer_spec, parse_hybrid, pooled_std, text_states
-from attnlab.arena.tasks import create_task
+from attnlab.tasks import create_task
 
 UNIFORM = ["standard", "mlp", "approximate", "non_approximate", "rnd_emb_qk", "fixed_seq_qk", "static_emb_qk"]
 HYBRIDS = ["mlp @ quarter", "mlp @ even", "rnd_emb_qk @ quarter", "rnd_emb_qk @ even"]

@@ -7,8 +7,8 @@ import torch
 
 from attnlab.arena import claims
 from attnlab.arena.claims.icl_regression import SoftmaxICLAttention, head_patterns
-from attnlab.arena.tasks import create_task
-from attnlab.arena.tasks.icl_regression import gd_statistic
+from attnlab.tasks import create_task
+from attnlab.tasks.icl_regression import gd_statistic
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from attnlab.arena import claims
 from attnlab.arena.claims.random_features import attention_features, mlp_features, ridge_errors
-from attnlab.arena.tasks.perm_invariant import TARGETS, sphere
+from attnlab.tasks.perm_invariant import TARGETS, sphere
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from attnlab.arena import claims
 from attnlab.arena.claims.scan_snap import YZTransformer
-from attnlab.arena.tasks import create_task
+from attnlab.tasks import create_task
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
-from attnlab.arena.tasks import create_task
+from attnlab.tasks import create_task
 from attnlab.arena.train import TrainConfig, TrainResult, find_checkpoint, lr_at, train
 
 IMAGE_TASKS = {"fashion_mnist": 7, "digits": 2}     # task -> default patch side (16 tokens either way)

@@ -34,7 +34,7 @@ import torch
 
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
-from attnlab.arena.tasks import create_task
+from attnlab.tasks import create_task
 from attnlab.arena.train import TrainConfig, train
 from attnlab.mechanisms.deconstructed import HYBRID_CONFIGS, VARIANTS, hybrid_variants
 

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
-from attnlab.arena.tasks import create_task
-from attnlab.arena.tasks.icl_regression import gd_statistic, ols_predict, query_mse, ridge_predict
+from attnlab.tasks import create_task
+from attnlab.tasks.icl_regression import gd_statistic, ols_predict, query_mse, ridge_predict
 from attnlab.ops import attention
 
 

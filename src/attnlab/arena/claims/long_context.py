@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
 from attnlab.arena.claims.deconstructed import count_model_losses
-from attnlab.arena.tasks import create_task
+from attnlab.tasks import create_task
 from attnlab.arena.train import TrainConfig, train
 from attnlab.registry import get_spec
 

@@ -29,7 +29,7 @@ from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, curve_split, curves_and_budget,
                                           difference_spread, image_task, mean_spread, train_and_load,
                                           train_linear_reference, whole_test_split)
-from attnlab.arena.tasks import create_task
+from attnlab.tasks import create_task
 from attnlab.arena.train import TrainConfig
 
 

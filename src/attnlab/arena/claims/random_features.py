@@ -35,8 +35,8 @@ from torch import Tensor
 
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
-from attnlab.arena.tasks import create_task
-from attnlab.arena.tasks.perm_invariant import TARGETS
+from attnlab.tasks import create_task
+from attnlab.tasks.perm_invariant import TARGETS
 from attnlab.mechanisms.random_features import RandomFeatureAttention
 
 PENALTIES = tuple(10.0 ** k for k in range(-6, 4))     # ridge penalty per training example, on standardised features

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
-from attnlab.arena.tasks import create_task
+from attnlab.tasks import create_task
 from attnlab.ops import attention
 
 

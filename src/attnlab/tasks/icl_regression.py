@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.arena.tasks import Batch, Task, register_task
+from attnlab.tasks import Batch, Task, register_task
 from attnlab.models import Classifier
 
 

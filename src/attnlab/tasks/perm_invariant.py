@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from attnlab.arena.tasks import Batch, Task, register_task
-from attnlab.arena.tasks.icl_regression import query_mse
+from attnlab.tasks import Batch, Task, register_task
+from attnlab.tasks.icl_regression import query_mse
 from attnlab.models import Classifier
 
 TARGETS = ("inner_relu", "inner_quad", "inner_cubic", "keys_quad", "bilinear_quad", "softmax_read")

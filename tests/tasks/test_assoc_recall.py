@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attnlab.arena.tasks import create_task, get_task, list_tasks, slice_batch
+from attnlab.tasks import create_task, get_task, list_tasks, slice_batch
 
 
 def test_registered_and_listed():

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from attnlab.arena.tasks import create_task, get_task, list_tasks
-from attnlab.arena.tasks.icl_regression import gd_statistic, ols_predict, query_mse, ridge_predict
+from attnlab.tasks import create_task, get_task, list_tasks
+from attnlab.tasks.icl_regression import gd_statistic, ols_predict, query_mse, ridge_predict
 
 
 def test_registered_as_regression():

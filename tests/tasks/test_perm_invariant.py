@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from attnlab.arena.tasks import create_task, get_task, list_tasks
-from attnlab.arena.tasks.perm_invariant import TARGETS
+from attnlab.tasks import create_task, get_task, list_tasks
+from attnlab.tasks.perm_invariant import TARGETS
 
 
 def test_registered_as_a_regression_task():

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from attnlab.arena.tasks import Batch, register_task
-from attnlab.arena.tasks._token import TokenTask, token_loss
+from attnlab.tasks import Batch, register_task
+from attnlab.tasks._token import TokenTask, token_loss
 
 ENV_VAR = "ATTNLAB_TINYSHAKESPEARE"
 DEFAULT_RELATIVE = Path("..") / "shared" / "data" / "tinyshakespeare" / "input.txt"
-REPO_ROOT = Path(__file__).resolve().parents[4]          # src/attnlab/arena/tasks/<file> -> repo
+REPO_ROOT = Path(__file__).resolve().parents[4]          # src/attnlab/tasks/<file> -> repo
 TRAIN_FRACTION = 0.9
 
 # Per-process cache: resolved path -> (sorted characters, ids of the whole file (N,) int64).

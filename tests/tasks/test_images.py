@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.arena.tasks._images import _pixel_statistics, patchify
+from attnlab.tasks._images import _pixel_statistics, patchify
 
 
 def test_patchify_matches_explicit_slicing():

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.arena.tasks import Batch, register_task
-from attnlab.arena.tasks._token import TokenTask
+from attnlab.tasks import Batch, register_task
+from attnlab.tasks._token import TokenTask
 
 
 @register_task

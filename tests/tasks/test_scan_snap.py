@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attnlab.arena.tasks import create_task, get_task
+from attnlab.tasks import create_task, get_task
 
 
 def small(**kw):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.arena.tasks import create_task, get_task, list_tasks
-from attnlab.arena.tasks import fashion_mnist as fm
+from attnlab.tasks import create_task, get_task, list_tasks
+from attnlab.tasks import fashion_mnist as fm
 
 REAL = fm.SYSTEM_ROOT.joinpath("train-images-idx3-ubyte.gz").is_file()
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from attnlab.arena.tasks import register_task
-from attnlab.arena.tasks._images import ImageClassTask
+from attnlab.tasks import register_task
+from attnlab.tasks._images import ImageClassTask
 
 ENV_VAR = "ATTNLAB_FASHION_MNIST"
 SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")

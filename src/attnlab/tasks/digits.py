@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from attnlab.arena.tasks import register_task
-from attnlab.arena.tasks._images import ImageClassTask
+from attnlab.tasks import register_task
+from attnlab.tasks._images import ImageClassTask
 
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8

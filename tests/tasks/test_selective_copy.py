@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attnlab.arena.tasks import create_task, get_task, list_tasks
+from attnlab.tasks import create_task, get_task, list_tasks
 
 SMALL = dict(region_len=16, num_tokens=4, vocab=8)
 

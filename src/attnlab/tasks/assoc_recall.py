@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.arena.tasks import Batch, register_task
-from attnlab.arena.tasks._token import TokenTask, token_loss
+from attnlab.tasks import Batch, register_task
+from attnlab.tasks._token import TokenTask, token_loss
 
 
 @register_task

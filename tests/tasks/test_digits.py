@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.arena.tasks import create_task, get_task, list_tasks
+from attnlab.tasks import create_task, get_task, list_tasks
 from attnlab.models import Classifier
 
 

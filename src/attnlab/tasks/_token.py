@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.arena.tasks import Batch, Task
+from attnlab.tasks import Batch, Task
 from attnlab.models import CausalLM
 
 

@@ -3,7 +3,7 @@
 A task joins the arena by subclassing `Task` in a module of this package and decorating it
 with `@register_task`. Every batch is a pure function of (task options, seed, split, index):
 
-    task = attnlab.arena.tasks.create_task("assoc_recall", seed=0)
+    task = attnlab.tasks.create_task("assoc_recall", seed=0)
     batch = task.batch("train", index=17, batch_size=64)   # same tensors on every call/rank
     model = task.build_model(dim=64, num_heads=4, layers=["mhsa", "moh"])
     loss, metrics = task.loss(model, batch)

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnlab.arena.tasks import create_task, get_task, list_tasks
-from attnlab.arena.tasks import tinyshakespeare as ts
+from attnlab.tasks import create_task, get_task, list_tasks
+from attnlab.tasks import tinyshakespeare as ts
 
 CORPUS = ts.REPO_ROOT / ts.DEFAULT_RELATIVE
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from attnlab.arena.tasks import Batch, register_task
-from attnlab.arena.tasks._token import TokenTask
+from attnlab.tasks import Batch, register_task
+from attnlab.tasks._token import TokenTask
 
 
 @register_task
