@@ -37,7 +37,6 @@ import gc
 import json
 import math
 import os
-import platform
 import select
 import signal
 import statistics
@@ -48,18 +47,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from attnlab._env import gpu_name, software_and_machine
+from attnlab._io import describe_error
 from attnlab.arena.bench import DTYPES, build_module
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _set_threads(threads: int | None) -> None:
@@ -69,12 +59,8 @@ def _set_threads(threads: int | None) -> None:
 
 def environment(threads: int | None, device: str) -> dict[str, Any]:
     """What the numbers depend on (sets the thread count first); no hostname."""
-    import attnlab
     _set_threads(threads)
-    return {"torch": torch.__version__, "attnlab": attnlab.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "num_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+    return {**software_and_machine(), "num_threads": torch.get_num_threads(), "gpu": gpu_name(device)}
 
 
 class _Shape:
@@ -124,11 +110,6 @@ class _Shape:
         return (time.perf_counter() - t0) * 1e3
 
 
-def _reason(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip()
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 # --- timing --------------------------------------------------------------------------------------
 
 RATIO_TOLERANCE = 0.01  # wanted standard error of a median ratio to the baseline, relative
@@ -165,7 +146,7 @@ def time_job(job: dict[str, Any]) -> dict[str, Any]:
             last[name] = s.timed(s.fwd, m) + s.timed(s.fwd_bwd, m)
             modules[name] = m
         except Exception as e:
-            results[name] = {"status": "skipped", "reason": _reason(e)}
+            results[name] = {"status": "skipped", "reason": describe_error(e)}
             gc.collect()
 
     samples = {name: {"fwd_ms": [], "fwd_bwd_ms": []} for name in modules}
@@ -184,7 +165,7 @@ def time_job(job: dict[str, Any]) -> dict[str, Any]:
                 try:
                     times[name][key] = s.timed(call, modules[name])
                 except Exception as e:
-                    results[name] = {"status": "skipped", "reason": _reason(e)}
+                    results[name] = {"status": "skipped", "reason": describe_error(e)}
                     alive.remove(name)
         for name in alive:
             last[name] = sum(times[name].values())
@@ -361,14 +342,14 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
             peak, method = _ru_maxrss_bytes() - before, "ru_maxrss_increase"
         result = {"status": "ok", "peak_mem_mb": max(peak, 0) / 2**20, "mem_method": method}
     except Exception as e:
-        return {"status": "skipped", "reason": "memory: " + _reason(e)}
+        return {"status": "skipped", "reason": "memory: " + describe_error(e)}
     finally:
         gc.enable()
     try:
         fwd, bwd, source = count_flops(s, m)
         result.update(flops_fwd=fwd, flops_bwd=bwd, flops_source=source)
     except Exception as e:
-        result["reason"] = "flops: " + _reason(e)
+        result["reason"] = "flops: " + describe_error(e)
     return result
 
 
@@ -376,7 +357,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     try:
         return time_job(job) if job["kind"] == "time" else memory_job(job)
     except Exception as e:  # a broken job is an answer, never a traceback in place of JSON
-        return {"error": _reason(e)}
+        return {"error": describe_error(e)}
 
 
 # --- processes -----------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ counts what it executes.
 from __future__ import annotations
 
 import argparse
-import math
 import inspect
 import json
 import os
@@ -42,6 +41,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from attnlab._args import float_above, int_at_least, int_list
+from attnlab._io import default_out, fmt
 from torch import Tensor
 
 BASELINE = "sdpa"
@@ -217,48 +219,16 @@ def parse_options(text: str | None, names: list[str]) -> dict[str, dict[str, Any
 
 # --- arguments -----------------------------------------------------------------------------------
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
 
-
-def _float_above(low: float, *, inclusive: bool = False, what: str = "number"):
-    """argparse type: a finite float > low (>= low with inclusive), else an error naming both."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
-            if inclusive:
-                expected = f"a {what} >= {low:g}"
-            else:
-                expected = f"a positive {what}" if low == 0 else f"a {what} > {low:g}"
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
-_seconds = _float_above(0, what="number of seconds")
-
-
-def _int_list(text: str) -> list[int]:
-    return sorted({_int_at_least(1)(part.strip()) for part in text.split(",")})
+_seconds = float_above(0, what="number of seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    positive = _int_at_least(1)
+    positive = int_at_least(1)
     parser.add_argument("--mechanisms", metavar="A,B,...",
                         help="comma-separated registry names (default: every layout='seq' mechanism); "
                              f"'{BASELINE}' is the hand-written baseline")
-    parser.add_argument("--seq-lens", type=_int_list, default=list(DEFAULT_SEQ_LENS), metavar="N,N,...",
+    parser.add_argument("--seq-lens", type=int_list, default=list(DEFAULT_SEQ_LENS), metavar="N,N,...",
                         help=f"sequence lengths (default: {','.join(map(str, DEFAULT_SEQ_LENS))})")
     parser.add_argument("--heads", type=positive, default=8, help="attention heads h (default: 8)")
     parser.add_argument("--head-dim", type=positive, default=64, help="head dim d; width C = h*d (default: 64)")
@@ -267,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal", action="store_true", help="is_causal=True (skips mechanisms without causal)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="(default: cuda when available, else cpu)")
-    parser.add_argument("--warmup", type=_int_at_least(0), default=None,
+    parser.add_argument("--warmup", type=int_at_least(0), default=None,
                         help="untimed rounds after a first trial call of each module (default: 1, or 0 where "
                              "the trial calls took longer than --budget)")
     parser.add_argument("--repeats", type=positive, default=None,
@@ -311,7 +281,7 @@ def run_numerics(args: argparse.Namespace) -> int:
     rows = bench_numerics(sizes, repeats=args.repeats or 5, dtype=DTYPES[args.dtype])
     base = {(r["op"], r["rows"], r["M"]): r["median_ms"] for r in rows
             if r["impl"] in ("torch.softmax", "gelu")}
-    out_dir = args.out if args.out is not None else _default_out()
+    out_dir = args.out if args.out is not None else default_out()
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {"torch": torch.__version__, "num_threads": torch.get_num_threads()}
     table = Table(title=f"attnlab bench --numerics: {args.dtype}, {torch.get_num_threads()} threads; "
@@ -485,11 +455,11 @@ def measure(entries: list[dict[str, Any]], seq_lens: list[int], job_common: dict
 
 # --- rows, table, plot ---------------------------------------------------------------------------
 
-def _median(samples: list[float] | None) -> float | None:
+def median(samples: list[float] | None) -> float | None:
     return statistics.median(samples) if samples else None
 
 
-def _iqr(samples: list[float] | None) -> float | None:
+def iqr(samples: list[float] | None) -> float | None:
     if not samples or len(samples) < 2:
         return None
     q = statistics.quantiles(samples, n=4, method="inclusive")
@@ -519,8 +489,8 @@ def _row(name: str, shape: dict[str, Any], timing: dict[str, Any], memory: dict[
     row = {"mechanism": name, "is_baseline": name == common["baseline"], **shape, **common,
            "status": "ok" if ok else "skipped", "reason": None if ok else timing.get("reason", "not measured"),
            "repeats": len(fwd) if fwd else 0,
-           "fwd_ms": _median(fwd), "fwd_bwd_ms": _median(fwd_bwd),
-           "fwd_ms_iqr": _iqr(fwd), "fwd_bwd_ms_iqr": _iqr(fwd_bwd),
+           "fwd_ms": median(fwd), "fwd_bwd_ms": median(fwd_bwd),
+           "fwd_ms_iqr": iqr(fwd), "fwd_bwd_ms_iqr": iqr(fwd_bwd),
            "fwd_ratio": _paired_ratio(fwd, base.get("fwd_ms")),
            "fwd_bwd_ratio": _paired_ratio(fwd_bwd, base.get("fwd_bwd_ms")),
            "flops_fwd": flops_fwd, "flops_bwd": flops_bwd, "flops_source": memory.get("flops_source")}
@@ -531,10 +501,6 @@ def _row(name: str, shape: dict[str, Any], timing: dict[str, Any], memory: dict[
     row["mem_method"] = memory.get("mem_method")
     row["notes"] = [memory["reason"]] if ok and memory.get("reason") else []
     return row
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _print_table(rows: list[dict[str, Any]], title: str, console) -> None:
@@ -551,9 +517,9 @@ def _print_table(rows: list[dict[str, Any]], title: str, console) -> None:
             note = f"skipped: {r['reason']}"
         else:
             note = "; ".join((["baseline"] if r["is_baseline"] else []) + r["notes"])
-        table.add_row(r["mechanism"], str(r["seq_len"]), _fmt(r["fwd_ms"], ".2f"), _fmt(r["fwd_ratio"], ".3f"),
-                      _fmt(r["fwd_bwd_ms"], ".2f"), _fmt(r["fwd_bwd_ratio"], ".3f"),
-                      _fmt(r["fwd_bwd_gflops"], ".1f"), _fmt(r["peak_mem_mb"], ".1f"), note,
+        table.add_row(r["mechanism"], str(r["seq_len"]), fmt(r["fwd_ms"], ".2f"), fmt(r["fwd_ratio"], ".3f"),
+                      fmt(r["fwd_bwd_ms"], ".2f"), fmt(r["fwd_bwd_ratio"], ".3f"),
+                      fmt(r["fwd_bwd_gflops"], ".1f"), fmt(r["peak_mem_mb"], ".1f"), note,
                       style="dim" if r["status"] != "ok" else None)
     console.print(table)
     console.print("times: medians; x base: median over rounds of time / baseline's time in the same round; "
@@ -602,14 +568,6 @@ def _plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
 
 # --- main ----------------------------------------------------------------------------------------
 
-def _default_out(root: str = "bench-results") -> Path:
-    """root/<timestamp>, with a -1, -2, ... suffix when that folder exists."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out, i = Path(root) / stamp, 1
-    while out.exists():
-        out, i = Path(root) / f"{stamp}-{i}", i + 1
-    return out
-
 
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -639,7 +597,7 @@ def main(args: argparse.Namespace) -> int:
         print("attnlab bench: --device cuda, but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     baseline, dim = args.baseline, args.heads * args.head_dim
-    out_dir = args.out if args.out is not None else _default_out()
+    out_dir = args.out if args.out is not None else default_out()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # What a spec says a mechanism cannot do is skipped up front; whatever else a mechanism raises

@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attnlab.arena._bench_worker import cpu_model
+from attnlab._env import cpu_model
 from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention, neighborhood_pairs
 
 CASES = {

@@ -79,6 +79,10 @@ from typing import Any
 
 import torch
 
+from attnlab._args import float_above, int_at_least, int_list, key_value
+from attnlab._env import gpu_name, loadavg, software_and_machine
+from attnlab._io import default_out, describe_error, fmt
+
 FORMAT = 2
 # The default run: MQAR over a difficulty sweep (the causal sequence mechanisms), character-level
 # tiny-shakespeare (the same, on real text), and Fashion-MNIST patches (every sequence mechanism,
@@ -208,7 +212,7 @@ def _select(config: ArenaConfig, *, log=None) -> tuple[list, list[str], list[dic
             if fallback is None or fallback in config.tasks:
                 raise ValueError(f"task {name!r} cannot load its data: {e}") from e
             if log is not None:
-                log(f"task {name!r} cannot load its data ({_reason(e)}); using {fallback!r} instead")
+                log(f"task {name!r} cannot load its data ({describe_error(e)}); using {fallback!r} instead")
             tasks.append(build(fallback))
     if config.mechanisms is None:
         names = [s.name for s in list_specs(layout="seq")] + [s.name for s in list_specs(layout="2d")]
@@ -261,13 +265,8 @@ def _train_one(config: ArenaConfig, task_name: str, task_options: dict[str, Any]
             "params": result.params, "tokens_per_s": result.tokens_per_s, "train_s": time.perf_counter() - t0}
 
 
-def _reason(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip()
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _timing_entries(measured: dict[str, Any], name: str, seq_lens: list[int]) -> list[dict[str, Any]]:
-    from attnlab.arena.bench import _iqr, _median
+    from attnlab.arena.bench import iqr, median
     out = []
     for n in seq_lens:
         t = measured["timings"].get(n, {}).get(name, {"status": "skipped", "reason": "not measured"})
@@ -276,8 +275,8 @@ def _timing_entries(measured: dict[str, Any], name: str, seq_lens: list[int]) ->
         out.append({"seq_len": n, "status": "ok" if ok else "skipped",
                     # why it was not timed, or else why memory or FLOPs were not measured
                     "reason": m.get("reason") if ok else t.get("reason"),
-                    "fwd_ms": _median(t.get("fwd_ms")), "fwd_bwd_ms": _median(t.get("fwd_bwd_ms")),
-                    "fwd_ms_iqr": _iqr(t.get("fwd_ms")), "fwd_bwd_ms_iqr": _iqr(t.get("fwd_bwd_ms")),
+                    "fwd_ms": median(t.get("fwd_ms")), "fwd_bwd_ms": median(t.get("fwd_bwd_ms")),
+                    "fwd_ms_iqr": iqr(t.get("fwd_ms")), "fwd_bwd_ms_iqr": iqr(t.get("fwd_bwd_ms")),
                     "repeats": len(t.get("fwd_ms") or []),
                     "peak_mem_mb": m.get("peak_mem_mb"), "mem_method": m.get("mem_method"),
                     "flops_fwd": m.get("flops_fwd"), "flops_bwd": m.get("flops_bwd")})
@@ -352,28 +351,15 @@ def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _environment(config: ArenaConfig, timing_env: dict[str, Any] | None) -> dict[str, Any]:
-    import platform
-
-    import attnlab
-    from attnlab.arena._bench_worker import cpu_model
     threads = config.threads or torch.get_num_threads()
-    return {"torch": torch.__version__, "attnlab": attnlab.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "train_threads": threads, "timing_threads": (timing_env or {}).get("num_threads"),
-            "gpu": torch.cuda.get_device_name() if _device(config) == "cuda" else None}
+    return {**software_and_machine(), "train_threads": threads,
+            "timing_threads": (timing_env or {}).get("num_threads"), "gpu": gpu_name(_device(config))}
 
 
 def _device(config: ArenaConfig) -> str:
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return config.device
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -391,7 +377,7 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
     if log is None:
         def log(text: str) -> None:
             print(text, file=sys.stderr, flush=True)
-    started, load_start = time.perf_counter(), _loadavg()
+    started, load_start = time.perf_counter(), loadavg()
     device = _device(config)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda, but torch.cuda.is_available() is False")
@@ -408,8 +394,8 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
         runs, failures = results[(task.name, name)]
         head = f"[{time.perf_counter() - started:6.1f} s] {done}/{len(work)} {task.name} {name} seed {seed}"
         if isinstance(outcome, BaseException):     # a mechanism that cannot train is a failed row, not the end
-            failures.append({"seed": seed, "error": _reason(outcome)})
-            log(f"{head}: FAILED after {seconds:.1f} s: {_reason(outcome)}")
+            failures.append({"seed": seed, "error": describe_error(outcome)})
+            log(f"{head}: FAILED after {seconds:.1f} s: {describe_error(outcome)}")
             return
         runs.append(outcome)
         log(f"{head}: {task.quality} {outcome['quality']:.4f}, {outcome['params']:,} params, "
@@ -484,7 +470,7 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
     for task in tasks:
         ranked += rank_rows([r for r in rows if r["task"] == task.name])
     environment = _environment(config, timing_env)
-    environment["loadavg_start"], environment["loadavg_end"] = load_start, _loadavg()
+    environment["loadavg_start"], environment["loadavg_end"] = load_start, loadavg()
     return {"format": FORMAT, "options": {**asdict(config), "mechanisms": names},
             "environment": environment,
             "tasks": [{"name": t.name, "options": {k: v for k, v in t.options().items() if k != "seed"},
@@ -494,9 +480,6 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
 
 
 # --- table and plot -------------------------------------------------------------------------------
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _quality_text(row: dict[str, Any]) -> str:
@@ -539,18 +522,18 @@ def print_tables(doc: dict[str, Any], console) -> None:
             notes = []
             for n in seq_lens:
                 t = timing.get(n, {})
-                cells += [_fmt(t.get("fwd_ms"), ".2f"), _fmt(t.get("fwd_bwd_ms"), ".2f")]
+                cells += [fmt(t.get("fwd_ms"), ".2f"), fmt(t.get("fwd_bwd_ms"), ".2f")]
                 if t.get("reason"):
                     notes.append(f"N={n}: {t['reason']}")
             if seq_lens:
-                cells.append(_fmt(timing.get(seq_lens[-1], {}).get("peak_mem_mb"), ".1f"))
+                cells.append(fmt(timing.get(seq_lens[-1], {}).get("peak_mem_mb"), ".1f"))
             if r["status"] != "ok":
                 notes.insert(0, f"failed: {r['error']}")
             elif r["failed_seeds"]:
                 notes.insert(0, "failed seeds " + ", ".join(f"{f['seed']} ({f['error']})" for f in r["failed_seeds"]))
-            rank = _fmt(r["rank"], "d") + ("=" if r.get("tie") else "")
-            table.add_row(rank, escape(r["mechanism"]), _quality_text(r), _fmt(r["params"], ","),
-                          _fmt(r["tokens_per_s"], ",.0f"), *cells, escape("; ".join(notes)),
+            rank = fmt(r["rank"], "d") + ("=" if r.get("tie") else "")
+            table.add_row(rank, escape(r["mechanism"]), _quality_text(r), fmt(r["params"], ","),
+                          fmt(r["tokens_per_s"], ",.0f"), *cells, escape("; ".join(notes)),
                           style="dim" if r["status"] != "ok" else None)
         console.print(table)
         _print_difficulty(task, rows, console)
@@ -583,7 +566,7 @@ def _print_difficulty(task: dict[str, Any], rows: list[dict[str, Any]], console)
         for k in keys:
             table.add_column(f"{'P' if axis == 'pairs' else 'dist'}\n{k}", justify="right")
     for r in ok:
-        cells = [_fmt(r["difficulty"].get(axis, {}).get(k), ".3f") for axis, keys in axes for k in keys]
+        cells = [fmt(r["difficulty"].get(axis, {}).get(k), ".3f") for axis, keys in axes for k in keys]
         table.add_row(escape(r["mechanism"]), *cells)
     console.print(table)
 
@@ -717,18 +700,16 @@ def _seeds(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from attnlab.arena.bench import _float_above, _int_at_least, _int_list
-    positive_float, non_negative_float = _float_above(0), _float_above(0, inclusive=True)
-    from attnlab.arena.train import _key_value
+    positive_float, non_negative_float = float_above(0), float_above(0, inclusive=True)
     d = ArenaConfig()
-    positive = _int_at_least(1)
+    positive = int_at_least(1)
     parser.add_argument("--tasks", type=_names, default=list(DEFAULT_TASKS), metavar="A,B,...",
                         help=f"tasks to train (default: {','.join(DEFAULT_TASKS)})")
     parser.add_argument("--mechanisms", type=_names, default=None, metavar="A,B,...",
                         help="mechanisms, 'name' or 'name:variant' (default: every layout='seq' mechanism)")
     parser.add_argument("--options", metavar="JSON",
                         help='mechanism options for every layer, e.g. \'{"moh": {"top_k": 2}}\'')
-    parser.add_argument("--task-option", dest="task_option", type=_key_value, action="append", default=[],
+    parser.add_argument("--task-option", dest="task_option", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="an option of every task, e.g. num_pairs=4 (repeatable; "
                         f"defaults: {json.dumps(DEFAULT_TASK_OPTIONS)})")
     parser.add_argument("--layers", type=positive, default=d.layers, help=f"blocks per model (default: {d.layers})")
@@ -740,7 +721,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive, default=d.batch_size,
                         help=f"training batch size (default: {d.batch_size})")
     parser.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
-    parser.add_argument("--warmup", type=_int_at_least(0), default=d.warmup,
+    parser.add_argument("--warmup", type=int_at_least(0), default=d.warmup,
                         help=f"linear warm-up steps (default: {d.warmup})")
     parser.add_argument("--eval-batches", type=positive, default=d.eval_batches,
                         help=f"validation batches of {d.eval_batch_size} for the quality (default: {d.eval_batches})")
@@ -748,7 +729,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"rows per validation batch (default: {d.eval_batch_size})")
     parser.add_argument("--seeds", type=_seeds, default=list(d.seeds), metavar="S,S,...",
                         help="seeds of weights and data; several give mean ± std (default: 0)")
-    parser.add_argument("--seq-lens", type=_int_list, default=list(DEFAULT_SEQ_LENS), metavar="N,N,...",
+    parser.add_argument("--seq-lens", type=int_list, default=list(DEFAULT_SEQ_LENS), metavar="N,N,...",
                         help=f"sequence lengths of the timing (default: {','.join(map(str, DEFAULT_SEQ_LENS))})")
     parser.add_argument("--timing-budget", type=positive_float, default=d.timing_budget_s, metavar="SECONDS",
                         help=f"timed seconds per sequence length (default: {d.timing_budget_s:g})")
@@ -817,7 +798,6 @@ def command(config: ArenaConfig) -> str:
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from attnlab.arena.bench import _default_out
     from attnlab.arena.train import TrainInterrupted
     try:
         config = config_from_args(args)
@@ -835,7 +815,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"attnlab arena: {e}", file=sys.stderr)
         return 2
     doc["command"] = command(config)
-    out_dir = args.out if args.out is not None else _default_out("arena-results")
+    out_dir = args.out if args.out is not None else default_out("arena-results")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "arena.json"]
     written[0].write_text(json.dumps(doc, indent=1) + "\n")

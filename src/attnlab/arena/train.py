@@ -45,13 +45,11 @@ as in the token tasks here). Evaluation runs the same validation batches on ever
 from __future__ import annotations
 
 import argparse
-import ast
 import base64
 import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -63,6 +61,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from attnlab._args import key_value, parse_value
+from attnlab._env import gpu_name, software_and_machine
+from attnlab._io import atomic_write, fsync_dir, write_text
 
 CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 2          # the newest checkpoints kept in ckpt/ (older ones are deleted)
@@ -278,44 +280,8 @@ def _device_kind(config: TrainConfig) -> str:
 
 def environment(device: torch.device, dist_info: _Dist) -> dict[str, Any]:
     """What the numbers depend on; no hostname."""
-    import attnlab
-    from attnlab.arena._bench_worker import cpu_model
-    cpu = cpu_model()
-    return {"torch": torch.__version__, "attnlab": attnlab.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "num_threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "world_size": dist_info.world}
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp_path)` writes the content; then it is flushed to disk and renamed onto `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    return {**software_and_machine(), "num_threads": torch.get_num_threads(), "device": str(device),
+            "gpu": gpu_name(device), "world_size": dist_info.world}
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -390,18 +356,18 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        _atomic_write(staging / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
+        atomic_write(staging / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
         opt = _optimizer_tensors(model, optimizer)
-        _atomic_write(staging / "optimizer.safetensors", lambda tmp: save_file(opt, str(tmp)))
-        _write_text(staging / "state.json", json.dumps({**state, "format": CHECKPOINT_FORMAT, "step": step}))
-        _fsync_dir(staging)
+        atomic_write(staging / "optimizer.safetensors", lambda tmp: save_file(opt, str(tmp)))
+        write_text(staging / "state.json", json.dumps({**state, "format": CHECKPOINT_FORMAT, "step": step}))
+        fsync_dir(staging)
         os.replace(staging, root / name)                      # the whole checkpoint appears at once
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    _fsync_dir(root)
-    _write_text(root / "latest", name + "\n")                  # ... and becomes the one to resume
-    _fsync_dir(root)
+    fsync_dir(root)
+    write_text(root / "latest", name + "\n")                  # ... and becomes the one to resume
+    fsync_dir(root)
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in [p for p in done if p.name != name][:-(KEEP_CHECKPOINTS - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
@@ -514,7 +480,7 @@ def _plot(records: list[dict[str, Any]], quality: str, title: str, path: Path) -
     ax_q.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 # --- signals ---------------------------------------------------------------------------------------
@@ -725,7 +691,7 @@ def _run(config, task, out_dir, device, dist_info, checkpoint_folder, ckpt_state
     quality = task.quality
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
+        write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
         now = time.strftime("%Y-%m-%dT%H:%M:%S")
         if ckpt_state is not None:
             # Keep what the interrupted run logged up to its checkpoint; later lines are redone.
@@ -737,7 +703,7 @@ def _run(config, task, out_dir, device, dist_info, checkpoint_folder, ckpt_state
             records = [{"type": "header", "config": config.to_dict(), "task": {"name": task.name, **task.options()},
                         "quality": quality, "higher_is_better": task.higher_is_better, "seq_len": task.seq_len,
                         "tokens_per_step": tokens_per_step, "params": n_params, "env": env, "time": now}]
-        _write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
     def emit(record: dict[str, Any]) -> None:
         records.append(record)
@@ -857,22 +823,6 @@ def _run(config, task, out_dir, device, dist_info, checkpoint_folder, ckpt_state
 
 # --- command line ----------------------------------------------------------------------------------
 
-def parse_value(text: str) -> Any:
-    """A JSON-ish literal: 8 -> 8, 0.5 -> 0.5, true/True -> True, null/None -> None, [1,2] -> [1, 2]; else text."""
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            pass
-    return text
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), parse_value(value.strip())
-
 
 def parse_layers(text: str) -> list:
     """'mhsa,moh,deconstructed:fixed' or a JSON list ('[{"name": "moh", "top_k": 2}, "mhsa"]')."""
@@ -919,9 +869,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, help_text) in _FLAGS.items():
         flags = [f"--{name.replace('_', '-')}"] + (["--heads"] if name == "num_heads" else [])
         parser.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=help_text)
-    parser.add_argument("--task-option", dest="task_option", type=_key_value, action="append", default=[],
+    parser.add_argument("--task-option", dest="task_option", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="a task constructor option, e.g. num_pairs=8 (repeatable)")
-    parser.add_argument("--block-option", dest="block_option", type=_key_value, action="append", default=[],
+    parser.add_argument("--block-option", dest="block_option", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="a Block option for every layer, e.g. drop=0.1 (repeatable)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default runs/TASK-TIMESTAMP; with --resume, the resumed folder)")

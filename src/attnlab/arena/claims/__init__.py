@@ -14,7 +14,6 @@ of a few seconds with the same code path: the tests use it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import difflib
 import importlib
@@ -26,6 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from attnlab._io import write_text
 
 VERDICTS = ("holds", "partly", "does not hold")
 
@@ -80,7 +81,7 @@ class Claim:
 
 def machine() -> str:
     import torch
-    from attnlab.arena._bench_worker import cpu_model
+    from attnlab._env import cpu_model
     cpu = cpu_model()
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
@@ -169,8 +170,8 @@ def main(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     command = "attnlab reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["reproduce"] \
         else f"attnlab reproduce {claim.name}"
     page = render(claim, report, command, seconds)
-    _atomic_write(out / f"{claim.name}.md", page)
-    _atomic_write(out / f"{claim.name}.json", json.dumps(
+    write_text(out / f"{claim.name}.md", page)
+    write_text(out / f"{claim.name}.json", json.dumps(
         {"claim": claim.name, "verdict": report.verdict, "command": command, "machine": machine(),
          "seconds": seconds, "budget": report.budget, "options": {k: str(v) for k, v in vars(opts).items()},
          "data": report.data},
@@ -178,12 +179,6 @@ def main(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     print(page)
     print(f"wrote {out / (claim.name + '.md')}")
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 __all__ = ["Claim", "Report", "Table", "VERDICTS", "list_claims", "get_claim", "render", "machine"]
