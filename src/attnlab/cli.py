@@ -67,7 +67,7 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from attnlab.arena import bench
+    from attnlab.bench import harness as bench
 
     parser = argparse.ArgumentParser(prog="attnlab", description="Attention mechanisms behind one interface.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce a paper's claim at small scale; writes docs/claims/NAME.md")
     claims.add_arguments(p)
     p.set_defaults(func=claims.main, takes_extra=True)
-    from attnlab.arena import train
+    from attnlab.train import loop as train
     p = sub.add_parser("train", help="train a task's model built from mechanisms; resumable, torchrun-ready")
     train.add_arguments(p)
     p.set_defaults(func=train.main)

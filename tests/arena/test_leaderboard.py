@@ -17,7 +17,7 @@ import pytest
 from attnlab import cli
 from attnlab.arena import leaderboard
 from attnlab.arena.leaderboard import ArenaConfig, rank_rows
-from attnlab.arena.train import TrainConfig, train
+from attnlab.train import TrainConfig, train
 from attnlab.registry import list_specs
 
 TASK_OPTIONS = {"num_pairs": 4, "num_queries": 4, "num_keys": 8, "num_values": 8}

@@ -6,7 +6,7 @@
     attnlab arena --tasks assoc_recall,selective_copy --steps 1200 --seq-lens 512,2048
 
 For each task, mechanism and seed, a model of `--layers` blocks of that one mechanism is trained
-with `attnlab.arena.train.train` for `--steps` AdamW steps (nothing written to disk), `--jobs`
+with `attnlab.train.train` for `--steps` AdamW steps (nothing written to disk), `--jobs`
 models at a time in worker processes of one thread each; its quality is the task's headline metric
 (`task.quality`) on the task's validation batches after the last step, and its learning curve (six
 evaluations) is kept. Then one layer of each sequence mechanism is timed in fresh processes by the
@@ -247,7 +247,7 @@ def _train_one(config: ArenaConfig, task_name: str, task_options: dict[str, Any]
     """Train one model (in a worker process when config.jobs > 1): the row's per-seed numbers."""
     from rich.console import Console
 
-    from attnlab.arena.train import TrainConfig, train
+    from attnlab.train import TrainConfig, train
     layer = {"name": mechanism, **_mechanism_options(config, mechanism)}
     train_config = TrainConfig(
         task=task_name, task_options=task_options,
@@ -266,7 +266,7 @@ def _train_one(config: ArenaConfig, task_name: str, task_options: dict[str, Any]
 
 
 def _timing_entries(measured: dict[str, Any], name: str, seq_lens: list[int]) -> list[dict[str, Any]]:
-    from attnlab.arena.bench import iqr, median
+    from attnlab.bench.harness import iqr, median
     out = []
     for n in seq_lens:
         t = measured["timings"].get(n, {}).get(name, {"status": "skipped", "reason": "not measured"})
@@ -370,8 +370,8 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
     `log(text)` gets a line per trained model and per measuring step (default: stderr).
     TrainInterrupted (Ctrl-C during training) propagates.
     """
-    from attnlab.arena import bench
-    from attnlab.arena.train import TrainInterrupted
+    from attnlab.bench import harness as bench
+    from attnlab.train import TrainInterrupted
     from attnlab.registry import get_spec
 
     if log is None:
@@ -750,7 +750,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ArenaConfig:
-    from attnlab.arena.bench import parse_options
+    from attnlab.bench.harness import parse_options
     options = {}
     if args.options:
         from attnlab.registry import list_specs
@@ -798,7 +798,7 @@ def command(config: ArenaConfig) -> str:
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from attnlab.arena.train import TrainInterrupted
+    from attnlab.train import TrainInterrupted
     try:
         config = config_from_args(args)
         _select(config)                                   # every name and option checked before any work

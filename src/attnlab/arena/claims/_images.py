@@ -15,7 +15,7 @@ from torch import nn
 
 from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
 from attnlab.tasks import create_task
-from attnlab.arena.train import TrainConfig, TrainResult, find_checkpoint, lr_at, train
+from attnlab.train import TrainConfig, TrainResult, find_checkpoint, lr_at, train
 
 IMAGE_TASKS = {"fashion_mnist": 7, "digits": 2}     # task -> default patch side (16 tokens either way)
 CURVE_IMAGES = 2000                                  # test images behind each point of the learning curves

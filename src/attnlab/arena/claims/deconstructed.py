@@ -9,7 +9,7 @@ models collapse to near-random behaviour), while the exact mathematical form and
 can be substantially relaxed, especially when preserved in a subset of layers; variants that fail in
 isolation work when interleaved with standard attention.
 
-Here, at toy scale: character-level LMs on tiny-shakespeare (`attnlab.arena.train`, task
+Here, at toy scale: character-level LMs on tiny-shakespeare (`attnlab.train`, task
 `tinyshakespeare`), 4 pre-norm blocks with MLPs, every model trained with the same width, depth,
 steps, batches, learning-rate schedule and seeds; only the attention layers differ
 (`attnlab.mechanisms.deconstructed`, all its variants, and `hybrid_variants()` for the
@@ -35,7 +35,7 @@ import torch
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
 from attnlab.tasks import create_task
-from attnlab.arena.train import TrainConfig, train
+from attnlab.train import TrainConfig, train
 from attnlab.mechanisms.deconstructed import HYBRID_CONFIGS, VARIANTS, hybrid_variants
 
 PRINCIPLE = {

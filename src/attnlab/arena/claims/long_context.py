@@ -8,7 +8,7 @@ Linear Transformers with Infinite Self-Attention" (2026) for `linear_infsa`. The
 share one promise: at long sequences their attention costs less than full attention's O(N^2) while
 a model built on it stays about as good.
 
-Here: causal character LMs on tiny-shakespeare (`attnlab.arena.train`), the same width, depth,
+Here: causal character LMs on tiny-shakespeare (`attnlab.train`), the same width, depth,
 steps, learning-rate schedule and seeds for every mechanism. Two training contexts: the quality
 checks compare validation losses (mean over 3 initial-weight seeds, same batches and validation
 windows) at `--quality-context` (256), where the baseline learns within the budget; the speed
@@ -35,7 +35,7 @@ from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
 from attnlab.arena.claims.deconstructed import count_model_losses
 from attnlab.tasks import create_task
-from attnlab.arena.train import TrainConfig, train
+from attnlab.train import TrainConfig, train
 from attnlab.registry import get_spec
 
 MECHANISMS = ("mhsa", "neighborhood1d", "routing", "linear_infsa")

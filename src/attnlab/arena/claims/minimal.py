@@ -8,7 +8,7 @@ standard one. Collapsing saves parameters only with one head (h C^2 per collapse
 2 C^2 for the two factors), which is the paper's single-head case and this claim's default.
 
 Here: a mean-pooled ViT-like `Classifier` on Fashion-MNIST patch tokens (digits when the data is
-not installed), every variant trained by `attnlab.arena.train` with the same steps, batch, learning
+not installed), every variant trained by `attnlab.train` with the same steps, batch, learning
 rate schedule, width, depth, heads and seeds; the test accuracy is measured on the whole test set.
 Variants (all blocks pre-norm with residuals):
 
@@ -40,7 +40,7 @@ from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, c
                                           difference_spread, image_task, mean_spread, train_and_load,
                                           train_linear_reference, whole_test_split)
 from attnlab.tasks import create_task
-from attnlab.arena.train import TrainConfig
+from attnlab.train import TrainConfig
 from attnlab.mechanisms.minimal import MinimalAttention
 
 

@@ -8,7 +8,7 @@ MoH-ViT, MoH-DiT and MoH-LLMs with 50-90% of the heads active match or beat thei
 counterparts of the same size (e.g. MoH-ViT-B at 75% of the heads above ViT-B on ImageNet).
 
 Here: a ViT-like mean-pooled `Classifier` on Fashion-MNIST patch tokens (the paper's image setting at
-toy scale), trained by `attnlab.arena.train` with mhsa in every block, then with MoH at each target
+toy scale), trained by `attnlab.train` with mhsa in every block, then with MoH at each target
 fraction of active heads; same width, heads, depth, MLPs, steps, batches, lr schedule and seeds, so
 the models differ only by MoH's routers (a few parameters, counted). Test accuracy on the whole test
 set; the fraction of heads with a non-zero gate is measured on every test token of the trained models.
@@ -30,7 +30,7 @@ from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, c
                                           difference_spread, image_task, mean_spread, train_and_load,
                                           train_linear_reference, whole_test_split)
 from attnlab.tasks import create_task
-from attnlab.arena.train import TrainConfig
+from attnlab.train import TrainConfig
 
 
 def moh_split(num_heads: int, shared_heads: int, fraction: float) -> tuple[int, float]:

@@ -5,7 +5,7 @@
     attnlab train --resume runs/mqar --steps 2000      # or train further
     torchrun --nproc_per_node=2 -m attnlab train --task assoc_recall --layers mhsa,mhsa --out runs/ddp
 
-    from attnlab.arena.train import TrainConfig, train
+    from attnlab.train import TrainConfig, train
     result = train(TrainConfig(task="assoc_recall", layers=["mhsa", "moh"], steps=200), "runs/x")
 
 One step: batch `step` of the task's train split (a pure function of the task options and the

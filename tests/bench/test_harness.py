@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from attnlab import cli
-from attnlab.arena import _bench_worker, bench
+from attnlab.bench import harness as bench, worker as _bench_worker
 from attnlab.registry import MechanismSpec, _REGISTRY, list_specs, register
 
 TINY = ["--seq-lens", "16,32", "--heads", "2", "--head-dim", "8", "--warmup", "0", "--repeats", "2"]
@@ -193,7 +193,7 @@ def test_numerics_mode_writes_rows_with_same_run_ratios(tmp_path):
 def test_spatial_mechanisms_run_on_square_token_counts():
     import torch
 
-    from attnlab.arena.bench import SpatialAsSequence, build_module
+    from attnlab.bench.harness import SpatialAsSequence, build_module
     torch.manual_seed(0)
     m = build_module("halo2d", 32, 4, {"block_size": 4, "halo_size": 1})
     assert isinstance(m, SpatialAsSequence)
@@ -209,7 +209,7 @@ def test_spatial_mechanisms_run_on_square_token_counts():
 def test_pooling_mechanisms_are_timed_through_a_broadcast():
     import torch
 
-    from attnlab.arena.bench import PoolAsSequence, build_module
+    from attnlab.bench.harness import PoolAsSequence, build_module
     m = build_module("lowrank", 32, 4, {})
     assert isinstance(m, PoolAsSequence)
     x = torch.randn(2, 5, 32, requires_grad=True)
@@ -224,7 +224,7 @@ def test_neighborhood_mode_times_both_sides_in_one_run(monkeypatch, capsys):
     from attnlab.cli import main
     """`attnlab bench --neighborhood`: one JSON row per case, dense SDPA timed in the same run;
     a small case stands in for the issue's (16k-token dense attention takes ~20 s here)."""
-    from attnlab.arena import bench_neighborhood
+    from attnlab.bench import neighborhood as bench_neighborhood
     monkeypatch.setattr(bench_neighborhood, "CASES", {"1d": ((256,), (15,)), "2d": ((12, 12), (5, 5))})
     assert main(["bench", "--neighborhood", "1d,2d", "--repeats", "2", "--warmup", "0", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -240,7 +240,7 @@ def test_neighborhood_mode_times_both_sides_in_one_run(monkeypatch, capsys):
 def test_neighborhood_mode_repeats_short_passes_to_fill_each_round(monkeypatch, capsys):
     """Each side's round is the mean of as many passes as fill --min-seconds, the count taken from
     the warm-up: a pass of milliseconds is repeated, and both sides keep their own count."""
-    from attnlab.arena import bench_neighborhood
+    from attnlab.bench import neighborhood as bench_neighborhood
     monkeypatch.setattr(bench_neighborhood, "CASES", {"1d": ((256,), (15,))})
     calls = {"n": 0}
     real = bench_neighborhood.fwd_bwd

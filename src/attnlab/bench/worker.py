@@ -1,4 +1,4 @@
-"""The measuring processes of `attnlab bench`: `python -m attnlab.arena._bench_worker [--serve]`.
+"""The measuring processes of `attnlab bench`: `python -m attnlab.bench.worker [--serve]`.
 
 Every job runs in a fresh process, so that nothing one configuration allocated, initialised or
 warmed up is left for the next. A job is JSON in, JSON out:
@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from attnlab._env import gpu_name, software_and_machine
 from attnlab._io import describe_error
-from attnlab.arena.bench import DTYPES, build_module
+from attnlab.bench.harness import DTYPES, build_module
 
 
 def _set_threads(threads: int | None) -> None:

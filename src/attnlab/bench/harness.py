@@ -5,7 +5,7 @@ process, round-robin across repeats with an order that rotates each round, so th
 noisy machine hits them all alike. A row reports median times and, against the baseline, the
 median over rounds of the two modules' paired time ratio. Peak memory is measured in a fresh
 process per (mechanism, shape), so that one configuration's allocations cannot pollute another's.
-`attnlab.arena._bench_worker` does the measuring (and says how); this module checks the
+`attnlab.bench.worker` does the measuring (and says how); this module checks the
 arguments, sends the jobs and writes the table, the JSONL rows and the plot.
 
 Fresh processes come from fork servers on Linux: interpreters that have imported torch and the
@@ -55,7 +55,7 @@ DEFAULT_SEQ_LENS = (128, 256, 512)
 # Without --repeats: as many timed rounds per shape as fit in --budget seconds, within these bounds.
 DEFAULT_BUDGET_S = 3.0
 MIN_REPEATS, MAX_REPEATS = 3, 30
-WORKER_MODULE = "attnlab.arena._bench_worker"
+WORKER_MODULE = "attnlab.bench.worker"
 
 
 class SDPABaseline(nn.Module):
@@ -306,7 +306,7 @@ def run_numerics(args: argparse.Namespace) -> int:
 # --- measuring processes -------------------------------------------------------------------------
 
 class _ForkServer:
-    """`python -m attnlab.arena._bench_worker --serve`: one job at a time, each in a forked child."""
+    """`python -m attnlab.bench.worker --serve`: one job at a time, each in a forked child."""
 
     def __init__(self):
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, so a chatty server never blocks
@@ -576,7 +576,7 @@ def main(args: argparse.Namespace) -> int:
     if args.numerics:
         return run_numerics(args)
     if args.neighborhood is not None:
-        from attnlab.arena import bench_neighborhood
+        from attnlab.bench import neighborhood as bench_neighborhood
         argv = ["--cases", args.neighborhood, "--repeats", str(args.repeats or 3)]
         argv += ["--warmup", str(args.warmup)] if args.warmup is not None else []
         argv += ["--threads", str(args.threads)] if args.threads else []
@@ -626,7 +626,7 @@ def main(args: argparse.Namespace) -> int:
                                        measured["memories"])
 
     if env is None:
-        from attnlab.arena._bench_worker import environment
+        from attnlab.bench.worker import environment
         env = environment(args.threads, device)
     common = {"baseline": baseline, "dtype": args.dtype, "causal": args.causal, "device": device, "env": env}
     rows = []
@@ -662,7 +662,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m attnlab.arena.bench [options]: the same as `attnlab bench`
+if __name__ == "__main__":  # python -m attnlab.bench.harness [options]: the same as `attnlab bench`
     _parser = argparse.ArgumentParser(prog="attnlab bench")
     add_arguments(_parser)
     sys.exit(main(_parser.parse_args()))

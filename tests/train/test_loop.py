@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 from attnlab import cli
 from attnlab.tasks import create_task
-from attnlab.arena import train as train_mod
-from attnlab.arena.train import (CheckpointError, TrainConfig, TrainInterrupted, config_from_args, find_checkpoint,
+from attnlab.train import loop as train_mod
+from attnlab.train import (CheckpointError, TrainConfig, TrainInterrupted, config_from_args, find_checkpoint,
                                  lr_at, parse_layers, parse_value, train)
 
 TINY = dict(task="assoc_recall", task_options={"num_pairs": 8, "num_queries": 8, "num_keys": 16, "num_values": 16},

@@ -2,7 +2,7 @@
 
     attnlab bench --neighborhood                      # the three cases, 3 rounds
     attnlab bench --neighborhood 1d --repeats 5 --json
-    python -m attnlab.arena.bench_neighborhood --method chunks --tile 8,8   # tuning knobs too
+    python -m attnlab.bench.neighborhood --method chunks --tile 8,8   # tuning knobs too
 
 Cases (fp32, B = 1, h = 8, d = 64; N = 16384 tokens in each):
   1d: N = 16384, kernel 127;  2d: 128 x 128, kernel 13;  3d: 16 x 32 x 32, kernel (3, 7, 7).

@@ -1,0 +1,1 @@
+"""`attnlab bench`: timing, memory and FLOPs of every mechanism against SDPA, measured in the same run."""
