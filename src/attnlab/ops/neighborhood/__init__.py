@@ -27,7 +27,7 @@ Backends (`backend=None` picks the first that can run the call, in this order):
 - `blocked`: attnlab's own kernels, with backward (`fused` on CPU, the others on any device).
   Methods (`BlockedConfig.method`):
   `fused` (default on CPU where it runs: float32/half inputs, head dims multiples of 8, a C++
-  compiler) is a C++ kernel built on first use, see `attnlab.ops.na_fused`: queries in groups
+  compiler) is a C++ kernel built on first use, see `attnlab.ops.neighborhood.fused`: queries in groups
   of 4 along the last axis, only the union of their windows computed per key row, exact
   per-query masks, forward and backward one pass each. `chunks` (the fallback, and float64):
   queries tiled per axis, the keys a tile can see form one box per tile (a contiguous range per
@@ -310,7 +310,7 @@ class BlockedConfig:
     save_probs (fused method): keep the probabilities from the forward pass for the backward
     pass, which then skips recomputing them (True), or recompute them and keep memory at O(N d)
     (False); default: keep them when they take at most 4x the memory of q
-    (`attnlab.ops.na_fused`; the ATTNLAB_NA_SAVE_PROBS environment variable sets the default).
+    (`attnlab.ops.neighborhood.fused`; the ATTNLAB_NA_SAVE_PROBS environment variable sets the default).
     """
 
     tile: tuple[int, ...] | None = None
@@ -790,7 +790,7 @@ def _blocked(q, k, v, spatial, ks, dil, st, causal, scale, config: BlockedConfig
     chunk_scores = config.chunk_scores or (1 << 18 if len(spatial) == 1 else 1 << 20)
     method = config.method
     if method is None or method == "fused":
-        from attnlab.ops.na_fused import fused_neighborhood, fused_reasons
+        from attnlab.ops.neighborhood.fused import fused_neighborhood, fused_reasons
         reasons = fused_reasons(q, k, v)
         if not reasons:
             out = fused_neighborhood(qf, kf, vf, spatial, ks, dil, st, causal, scale, config.threads,

@@ -1,4 +1,4 @@
-"""`attnlab.ops.na_fused`: the fused C++ CPU kernel of neighborhood attention.
+"""`attnlab.ops.neighborhood.fused`: the fused C++ CPU kernel of neighborhood attention.
 
 The oracle: the (N, N) mask of `reference_neighborhood_mask` (itself checked against NATTEN's
 formulation in test_neighborhood_attention.py) and masked softmax attention in float64. The
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from attnlab.ops import na_fused
+from attnlab.ops.neighborhood import fused as na_fused
 from attnlab.ops.attention import BackendUnavailable
 from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention, reference_neighborhood_mask
 

@@ -1,6 +1,6 @@
 // attnlab: fused CPU kernel for neighborhood attention, forward and backward (fp32).
 //
-// Built on first use by attnlab/ops/na_fused.py (g++ -O3 -march=native) and called through
+// Built on first use by attnlab/ops/neighborhood/fused.py (g++ -O3 -march=native) and called through
 // ctypes, which releases the GIL, so Python threads run calls side by side.
 //
 // Geometry. Tokens are (n0, n1, n2) row-major (1-D and 2-D inputs get leading axes of length 1).

@@ -1,4 +1,4 @@
-"""The fused CPU kernel of neighborhood attention: `_na_cpu.cpp`, built on first use.
+"""The fused CPU kernel of neighborhood attention: `csrc/na_cpu.cpp`, built on first use.
 
 `neighborhood_attention`'s blocked backend uses it on CPU (method "fused", the default where it
 can run): float32 compute, head dims multiples of 8, forward and backward in one C++ pass each,
@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["fused_reasons", "fused_neighborhood", "library_status", "clear_pool"]
 
-_SOURCE = Path(__file__).with_name("_na_cpu.cpp")
+_SOURCE = Path(__file__).with_name("csrc") / "na_cpu.cpp"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
 _ABI = 6
 _lock = threading.Lock()
