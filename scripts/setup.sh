@@ -36,8 +36,8 @@ fi
 
 # Reinstall the project when its metadata changed since the last setup.
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-  echo "attnlab setup: installing attnlab[dev] (editable)"
-  pip install -e ".[dev]"
+  echo "attnlab setup: installing attnlab[lab,dev] (editable)"
+  pip install -e ".[lab,dev]"
   touch "$STAMP"
 fi
 

@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from attnlab._extras import MissingExtra, require
+    try:
+        require("lab", "rich", "matplotlib", "safetensors", what="the attnlab command line")
+    except MissingExtra as e:
+        print(f"attnlab: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "takes_extra", False):
