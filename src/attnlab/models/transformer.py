@@ -219,19 +219,12 @@ class _Embedded(nn.Module):
         if pos not in ("learned", "none"):
             raise ValueError(f"pos must be 'learned' or 'none', got {pos!r}")
         self.vocab_size, self.in_dim, self.max_len = vocab_size, in_dim, max_len
-        # Initialisation: PyTorch's defaults for the token table (N(0, 1)) and for the feature
-        # Linear (Kaiming-uniform), learned positions N(0, 0.02) as in GPT-2 / timm. The token
-        # identity must not be small next to what each block writes into the residual stream:
-        # with PyTorch's default Linear init a block adds about 0.14 (attention, width 64) and 0.2
-        # (MLP) per layer. GPT-2's N(0, 0.02) table (0.028 after positions) was drowned by that,
-        # and on MQAR a 2-layer model plateaued at 0.25-0.42 accuracy where the same model with a
-        # N(0, 1) table reaches 1.0 in 250 steps (tests/models/test_learns.py trains both sides).
-        # GPT-2 instead shrinks every Linear to N(0, 0.02) too; that keeps the ratio but learned
-        # MQAR no faster than the N(0, 0.02) table here (0.25 at 400 steps), so the defaults stay.
-        # `pos_std` sets the positions' scale. Measured once (seed 0), N(0, 1) positions learned faster
-        # than N(0, 0.02): tiny-shakespeare 4 x 64 with MLP, 500 steps, 1.971 vs 2.033 nats/char, and
-        # the arena's MQAR sweep solved by step 300 instead of 400. The default stays 0.02 (GPT-2, timm,
-        # the plain references of tests/models/test_learns.py) until more seeds and tasks say otherwise.
+        # Initialisation: PyTorch's defaults for the token table (N(0, 1)) and the feature Linear
+        # (Kaiming-uniform); learned positions N(0, pos_std), 0.02 as in GPT-2 / timm. The token
+        # identity must not be small next to what each block writes into the residual stream
+        # (about 0.14 per attention block and 0.2 per MLP at width 64 with default Linear init):
+        # a GPT-2 N(0, 0.02) table is drowned by layer 2. docs/models.md has the measurements;
+        # tests/models/test_learns.py trains this model beside a plain-torch reference.
         if not isinstance(pos_std, (int, float)) or isinstance(pos_std, bool) or not pos_std >= 0:
             raise ValueError(f"pos_std must be a number >= 0, got {pos_std!r}")
         self.embed = nn.Embedding(vocab_size, dim) if vocab_size is not None else nn.Linear(in_dim, dim)
