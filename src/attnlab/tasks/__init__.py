@@ -1,6 +1,6 @@
-"""Arena tasks: seeded, resumable sources of batches plus the model and loss that go with them.
+"""Tasks: seeded, resumable sources of batches plus the model and loss that go with them.
 
-A task joins the arena by subclassing `Task` in a module of this package and decorating it
+A task joins attnlab by subclassing `Task` in a module of this package and decorating it
 with `@register_task`. Every batch is a pure function of (task options, seed, split, index):
 
     task = attnlab.tasks.create_task("assoc_recall", seed=0)
