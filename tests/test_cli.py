@@ -51,7 +51,7 @@ def test_list_has_a_provenance_column(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "provenance" in out
     for spec in list_specs():
-        row = next(line for line in out.splitlines() if f" {spec.name} " in line)
+        row = next(line for line in out.splitlines() if line.startswith(spec.name + " "))
         assert (spec.provenance or "-") in row, row
 
 
@@ -61,3 +61,16 @@ def test_info_shows_provenance_and_source_lines(capsys):
     spec = list_specs(name="selective")[0]
     assert f"provenance: {spec.provenance}" in out
     assert f"source: {spec.source}" in out                 # in full, not cut by a table cell
+
+
+@pytest.mark.parametrize("columns", [80, 120, 250])
+def test_list_is_one_line_per_mechanism_at_any_width(capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= columns for line in lines), max(lines, key=len)
+    for spec in list_specs():
+        row = [line for line in lines if line.startswith(spec.name + " ")]
+        assert len(row) == 1, (spec.name, lines)
+        cells = row[0].split()
+        assert cells[1] == spec.layout and cells[2] == str(spec.year) and (spec.provenance or "-") in cells

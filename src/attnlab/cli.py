@@ -13,16 +13,24 @@ def _cmd_list(args) -> int:
     filters = {}
     if args.layout:
         filters["layout"] = args.layout
-    table = Table(title="attnlab mechanisms")
-    table.add_column("name", no_wrap=True)   # names are what users copy: never wrapped
-    for col in ("paper", "year", "layout", "time", "memory", "exact", "causal", "mask", "cache"):
-        table.add_column(col)
-    table.add_column("provenance", no_wrap=True)  # official-code / paper / reconstruction
-    for s in list_specs(**filters):
-        yes = lambda b: "yes" if b else "-"  # noqa: E731
-        table.add_row(s.name, s.paper, str(s.year), s.layout, s.time, s.memory, yes(s.exact),
-                      yes(s.causal), yes(s.attn_mask), yes(s.kv_cache), s.provenance or "-")
-    Console().print(table)
+    # One line per mechanism at any width: every column but the paper's title keeps its cells
+    # whole; the title takes what is left, cut with an ellipsis, or is left out below 8
+    # characters (`attnlab info NAME` shows it all).
+    yes = lambda b: "yes" if b else "-"  # noqa: E731
+    heads = ("name", "layout", "year", "exact", "causal", "mask", "cache", "provenance")
+    rows = [(s.name, s.layout, str(s.year), yes(s.exact), yes(s.causal), yes(s.attn_mask),
+             yes(s.kv_cache), s.provenance or "-", s.paper) for s in list_specs(**filters)]
+    console = Console()
+    used = sum(max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(heads)) if rows else 0
+    room = console.width - used - 1
+    table = Table(title="attnlab mechanisms", box=None, pad_edge=False, padding=(0, 1))
+    for col in heads:
+        table.add_column(col, no_wrap=True)
+    if room >= 8:
+        table.add_column("paper", no_wrap=True, overflow="ellipsis", max_width=room)
+    for row in rows:
+        table.add_row(*(row if room >= 8 else row[:-1]))
+    console.print(table)
     return 0
 
 
