@@ -21,11 +21,31 @@ IMAGE_TASKS = {"fashion_mnist": 7, "digits": 2}     # task -> default patch side
 CURVE_IMAGES = 2000                                  # test images behind each point of the learning curves
 
 
-def add_image_arguments(p: argparse.ArgumentParser) -> None:
-    """--task and --patch, as both image claims take them."""
+def add_image_arguments(p: argparse.ArgumentParser, *, steps: int) -> None:
+    """The options both image claims take: the task, the model's size and the training budget."""
     p.add_argument("--task", choices=sorted(IMAGE_TASKS), default="fashion_mnist",
                    help="image task (fashion_mnist falls back to digits, with a note, if its data is missing)")
     p.add_argument("--patch", type=int, default=None, help="patch side (default: 7 for fashion_mnist, 2 for digits)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--mlp-ratio", type=float, default=4.0, help="MLP width of the standard blocks, times dim")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr: warm-up, then cosine to 10%%")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per model: --seed, --seed + 1, ...")
+    p.add_argument("--curve-points", type=int, default=10, help="evaluations along training (learning curves)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def prepare_run(args: argparse.Namespace) -> None:
+    """--quick's few-second settings (the same code path), the checks, the thread count."""
+    if args.quick:
+        args.task, args.dim, args.layers, args.steps, args.batch_size, args.warmup = "digits", 16, 1, 6, 32, 2
+        args.seeds = min(args.seeds, 2)
+    if args.seeds < 1 or args.steps < 1 or args.layers < 1:
+        raise ValueError(f"--seeds, --steps and --layers must be >= 1, got {args.seeds}, {args.steps}, {args.layers}")
+    torch.set_num_threads(args.threads)
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:

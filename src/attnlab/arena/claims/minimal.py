@@ -31,14 +31,13 @@ import math
 import statistics
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from attnlab import create
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, curve_split, curves_and_budget,
                                           difference_spread, image_task, mean_spread, train_and_load,
-                                          train_linear_reference, whole_test_split)
+                                          prepare_run, train_linear_reference, whole_test_split)
 from attnlab.tasks import create_task
 from attnlab.train import TrainConfig
 from attnlab.mechanisms.minimal import MinimalAttention
@@ -97,31 +96,16 @@ def per_layer_parameter_table(dim: int, heads: list[int]) -> Table:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_image_arguments(p)
+    add_image_arguments(p, steps=2000)
     p.add_argument("--variants", nargs="+", choices=list(BY_NAME), default=list(BY_NAME),
                    help="variants to train (standard is always included: it is the baseline)")
-    p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=1, help="attention heads (the paper's collapsing saves at 1)")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--mlp-ratio", type=float, default=4.0, help="MLP width of the standard model")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr: warm-up, then cosine to 10%%")
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: --seed, --seed + 1, ...")
-    p.add_argument("--curve-points", type=int, default=10, help="evaluations along training (learning curves)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="'similar accuracy': mean test accuracy at most this far below standard's")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> Report:
-    if args.quick:
-        args.task, args.dim, args.layers, args.steps, args.batch_size, args.warmup = "digits", 16, 1, 6, 32, 2
-        args.seeds = min(args.seeds, 2)
-    if args.seeds < 1 or args.steps < 1 or args.layers < 1:
-        raise ValueError(f"--seeds, --steps and --layers must be >= 1, got {args.seeds}, {args.steps}, {args.layers}")
-    torch.set_num_threads(args.threads)
+    prepare_run(args)
     notes = []
     task_name, patch = image_task(args, notes)
     probe = create_task(task_name, patch=patch)

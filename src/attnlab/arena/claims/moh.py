@@ -28,7 +28,7 @@ from torch import nn
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._images import (accuracy_curve, add_image_arguments, curve_split, curves_and_budget,
                                           difference_spread, image_task, mean_spread, train_and_load,
-                                          train_linear_reference, whole_test_split)
+                                          prepare_run, train_linear_reference, whole_test_split)
 from attnlab.tasks import create_task
 from attnlab.train import TrainConfig
 
@@ -87,35 +87,22 @@ def test_with_gate_statistics(task, model: nn.Module) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_image_arguments(p)
-    p.add_argument("--dim", type=int, default=64)
+    add_image_arguments(p, steps=1500)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--shared-heads", type=int, default=2, help="MoH's always-active heads h_s")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.75, 0.9],
                    help="target fractions of active heads; each becomes the nearest (h_s + top_k) / heads")
     p.add_argument("--variant", choices=["official", "paper"], default="official",
                    help="MoH gate scaling: the released code's (official) or the paper's equations verbatim")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--mlp-ratio", type=float, default=4.0)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr: warm-up, then cosine to 10%%")
-    p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--aux-weight", type=float, default=0.01, help="load-balance loss weight (paper: 0.01)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per model: --seed, --seed + 1, ...")
-    p.add_argument("--curve-points", type=int, default=10, help="evaluations along training (learning curves)")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="'matches': MoH's mean test accuracy at most this far below mhsa's")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> Report:
     if args.quick:
-        args.task, args.dim, args.layers, args.steps, args.batch_size, args.warmup = "digits", 16, 1, 6, 32, 2
-        args.heads, args.shared_heads, args.seeds = 8, 2, min(args.seeds, 2)
-    if args.seeds < 1 or args.steps < 1 or args.layers < 1:
-        raise ValueError(f"--seeds, --steps and --layers must be >= 1, got {args.seeds}, {args.steps}, {args.layers}")
-    torch.set_num_threads(args.threads)
+        args.heads, args.shared_heads = 8, 2
+    prepare_run(args)
     notes = []
     task_name, patch = image_task(args, notes)
     probe = create_task(task_name, patch=patch)
