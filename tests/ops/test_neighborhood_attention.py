@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from attnlab.ops.attention import BackendUnavailable
+from attnlab.ops.sdpa import BackendUnavailable
 from attnlab.ops.neighborhood import (BlockedConfig, neighborhood_attention, neighborhood_mask_mod,
                                       neighborhood_pairs, reference_neighborhood_mask)
 

@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from attnlab.ops.neighborhood import fused as na_fused
-from attnlab.ops.attention import BackendUnavailable
+from attnlab.ops.sdpa import BackendUnavailable
 from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention, reference_neighborhood_mask
 
 pytestmark = pytest.mark.skipif(na_fused.library_status()[0] is None,

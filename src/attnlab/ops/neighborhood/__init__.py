@@ -35,7 +35,7 @@ Backends (`backend=None` picks the first that can run the call, in this order):
   matmuls and a small in-tile mask (`_BlockedNeighborhood`). `sdpa`: every tile's box through
   SDPA's fused kernel at once.
 - `reference`: the full (N, N) mask from `reference_neighborhood_mask` (plain Python loops
-  over the rules above) and dense masked attention through `attnlab.ops.attention`'s naive
+  over the rules above) and dense masked attention through `attnlab.ops.sdpa`'s naive
   oracle. O(N^2) memory; the correctness oracle.
 An explicit backend never falls back; when it cannot run, the error says why.
 
@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from attnlab.ops.attention import BackendUnavailable, flex_function, flex_module
+from attnlab.ops.sdpa import BackendUnavailable, flex_function, flex_module
 
 __all__ = ["neighborhood_attention", "reference_neighborhood_mask", "neighborhood_mask_mod",
            "neighborhood_args", "neighborhood_options", "neighborhood_pairs", "BlockedConfig", "NA_BACKENDS"]
@@ -879,7 +879,7 @@ def _flex(q, k, v, spatial, ks, dil, st, causal, scale):
 
 
 def _reference(q, k, v, spatial, ks, dil, st, causal, scale):
-    from attnlab.ops.attention import attention
+    from attnlab.ops.sdpa import attention
     B, h = q.shape[:2]
     N = math.prod(spatial)
     mask = reference_neighborhood_mask(spatial, ks, dil, st, causal).to(q.device)[None, None]  # (1, 1, N, N)
