@@ -89,7 +89,7 @@ def backend_spy(monkeypatch):
     which makes that backend report that it cannot run. ATTNLAB_BACKEND is cleared so the
     default is the automatic pick.
     """
-    table = importlib.import_module("attnlab.ops.sdpa").BACKENDS
+    table = importlib.import_module("attnlab.ops.sdpa").IMPLEMENTATIONS
     monkeypatch.delenv("ATTNLAB_BACKEND", raising=False)
     ran: list[str] = []
     for name, (reasons, run) in list(table.items()):

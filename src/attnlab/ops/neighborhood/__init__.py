@@ -68,12 +68,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from attnlab.ops.sdpa import BackendUnavailable, flex_function, flex_module
+from attnlab.ops._dispatch import BackendUnavailable, check_backend, choose, flex_function, flex_module, serving
 
 __all__ = ["neighborhood_attention", "reference_neighborhood_mask", "neighborhood_mask_mod",
            "neighborhood_args", "neighborhood_options", "neighborhood_pairs", "BlockedConfig", "NA_BACKENDS"]
 
-NA_BACKENDS = ("flex", "blocked", "reference")
+OP = "neighborhood_attention"
+NA_BACKENDS = serving(OP)       # ("flex", "blocked", "reference")
 
 
 # --- arguments -----------------------------------------------------------------------------------
@@ -897,6 +898,8 @@ def _reference_reasons(q, k, v) -> list[str]:
 
 
 _BACKENDS = {"flex": _flex_reasons, "blocked": _blocked_reasons, "reference": _reference_reasons}
+if set(_BACKENDS) != set(NA_BACKENDS):   # pragma: no cover - a table edited on one side only
+    raise ImportError(f"{OP} implements {sorted(_BACKENDS)} but the backend table says {NA_BACKENDS}")
 
 
 def _shape(t: Tensor) -> str:
@@ -941,34 +944,26 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, dilatio
     q (B, h, *spatial, d), k (B, h_kv, *spatial, d), v (B, h_kv, *spatial, dv), h a multiple of
     h_kv -> out (B, h, *spatial, dv) in q's dtype. `kernel_size`, `dilation`, `stride` are ints
     or per-axis tuples, `is_causal` a bool or a per-axis tuple; semantics in the module
-    docstring. `backend`: None (auto), "flex", "blocked" or "reference"; `config` tunes
-    the blocked backend.
+    docstring. `backend`: "flex", "blocked" or "reference", or None: the default of
+    `attnlab.use_backend` / ATTNLAB_BACKEND where it is one of these, else the automatic pick
+    (see `attnlab.ops._dispatch`); `config` tunes the blocked backend.
     """
     ndim = _check_tensors(q, k, v)
     spatial = tuple(q.shape[2:-1])
     ks, dil, st, causal = neighborhood_args(spatial, kernel_size, dilation, stride, is_causal)
-    if backend is not None and backend not in _BACKENDS:
-        raise ValueError(f"neighborhood_attention: unknown backend {backend!r}; expected one of {NA_BACKENDS}")
+    check_backend(OP, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     B, h = q.shape[:2]
     if B == 0 or h == 0 or math.prod(spatial) == 0:
         return q.new_zeros(*q.shape[:-1], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
-    if backend is None:
-        order = ("flex", "blocked", "reference") if q.device.type == "cuda" else ("blocked", "reference")
-    else:
-        order = (backend,)
-    reasons = {}
-    for name in order:
-        reasons[name] = _BACKENDS[name](q, k, v)
-        if reasons[name]:
-            continue
-        if name == "reference":
-            return _reference(q, k, v, spatial, ks, dil, st, causal, scale)
-        if name == "flex":
-            return _flex(q, k, v, spatial, ks, dil, st, causal, scale)
-        if k.shape[1] != h:  # grouped-query attention: each kv head serves h // h_kv query heads
-            k = k.repeat_interleave(h // k.shape[1], dim=1)
-            v = v.repeat_interleave(h // v.shape[1], dim=1)
-        return _blocked(q, k, v, spatial, ks, dil, st, causal, scale, config)
-    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
-    raise BackendUnavailable(f"neighborhood_attention: backend {backend or 'auto'!r} cannot run this call ({detail})")
+    # FlexAttention is the first choice on CUDA only: on CPU it runs eagerly and the blocked kernel is faster
+    priority = NA_BACKENDS if q.device.type == "cuda" else tuple(n for n in NA_BACKENDS if n != "flex")
+    name = choose(OP, backend, priority, lambda n: _BACKENDS[n](q, k, v))
+    if name == "reference":
+        return _reference(q, k, v, spatial, ks, dil, st, causal, scale)
+    if name == "flex":
+        return _flex(q, k, v, spatial, ks, dil, st, causal, scale)
+    if k.shape[1] != h:  # grouped-query attention: each kv head serves h // h_kv query heads
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+        v = v.repeat_interleave(h // v.shape[1], dim=1)
+    return _blocked(q, k, v, spatial, ks, dil, st, causal, scale, config)
