@@ -12,11 +12,9 @@ import statistics
 import sys
 
 import pytest
-import torch
 import torch.nn as nn
 
 from attnlab import cli
-from attnlab.bench import harness as bench, worker as _bench_worker
 from attnlab.registry import MechanismSpec, _REGISTRY, list_specs, register
 
 TINY = ["--seq-lens", "16,32", "--heads", "2", "--head-dim", "8", "--warmup", "0", "--repeats", "2"]
@@ -155,28 +153,6 @@ def test_bad_values_are_argparse_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
-def test_flop_counter_agrees_with_the_baselines_useful_flops(causal):
-    """mhsa runs the same ops as the baseline: counted FLOPs must equal the baseline's formula."""
-    job = {"device": "cpu", "dtype": "float32", "batch": 2, "seq_len": 24, "heads": 2, "head_dim": 8,
-           "causal": causal}
-    shape = _bench_worker._Shape(job)
-    counted = _bench_worker.count_flops(shape, shape.build({"name": "mhsa"}))
-    assert counted == (*bench.SDPABaseline.useful_flops(2, 24, 16, 2, causal), "flop_counter")
-    assert _bench_worker.count_flops(shape, shape.build({"name": "sdpa"}))[2] == "useful_flops"
-
-
-def test_baseline_matches_mhsa():
-    """The hand-written baseline computes what mhsa computes, given the same weights."""
-    torch.manual_seed(0)
-    base = bench.SDPABaseline(16, 2)
-    mhsa = bench.build_module("mhsa", 16, 2, {})
-    mhsa.load_state_dict(base.state_dict())
-    x = torch.randn(2, 9, 16)
-    for causal in (False, True):
-        torch.testing.assert_close(base(x, is_causal=causal), mhsa(x, is_causal=causal))
-
-
 def test_numerics_mode_writes_rows_with_same_run_ratios(tmp_path):
     from attnlab.cli import main
     assert main(["bench", "--numerics", "--seq-lens", "8", "--heads", "1", "--repeats", "1",
@@ -188,36 +164,6 @@ def test_numerics_mode_writes_rows_with_same_run_ratios(tmp_path):
         assert r["median_ms"] > 0 and math.isfinite(r["max_abs_err"])
         if r["impl"] in ("torch.softmax", "gelu"):
             assert r["ratio"] == 1.0
-
-
-def test_spatial_mechanisms_run_on_square_token_counts():
-    import torch
-
-    from attnlab.bench.harness import SpatialAsSequence, build_module
-    torch.manual_seed(0)
-    m = build_module("halo2d", 32, 4, {"block_size": 4, "halo_size": 1})
-    assert isinstance(m, SpatialAsSequence)
-    x = torch.randn(2, 64, 32)
-    torch.testing.assert_close(m(x), m.inner(x.reshape(2, 8, 8, 32)).reshape(2, 64, 32))
-    assert m.useful_flops(2, 64, 32, 4, False) == m.inner.useful_flops(2, 64, 32, 4, False)
-    with pytest.raises(ValueError, match="perfect square, got N=60"):
-        m(torch.randn(1, 60, 32))
-    with pytest.raises(NotImplementedError, match="no causal mode"):
-        m(x, is_causal=True)
-
-
-def test_pooling_mechanisms_are_timed_through_a_broadcast():
-    import torch
-
-    from attnlab.bench.harness import PoolAsSequence, build_module
-    m = build_module("lowrank", 32, 4, {})
-    assert isinstance(m, PoolAsSequence)
-    x = torch.randn(2, 5, 32, requires_grad=True)
-    out = m(x)
-    assert out.shape == x.shape
-    torch.testing.assert_close(out[:, 0, 0], m.inner(x).mean(-1))
-    out.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_neighborhood_mode_times_both_sides_in_one_run(monkeypatch, capsys):

@@ -25,7 +25,6 @@ counts what it executes.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import queue
@@ -39,15 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from attnlab._args import float_above, int_at_least, int_list
 from attnlab._io import default_out, fmt
-from torch import Tensor
+from attnlab.bench.adapters import BASELINE, BENCH_LAYOUTS, DTYPES, parse_options
 
-BASELINE = "sdpa"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Defaults sized so that `attnlab bench` with every registered sequence mechanism (a dozen when this
 # was tuned, several of them eager) takes about a minute on 2 CPU cores; the largest N dominates,
 # and N=1024 would add about half a minute more. Pass --seq-lens 256,512,1024,2048 for long runs.
@@ -56,118 +51,6 @@ DEFAULT_SEQ_LENS = (128, 256, 512)
 DEFAULT_BUDGET_S = 3.0
 MIN_REPEATS, MAX_REPEATS = 3, 30
 WORKER_MODULE = "attnlab.bench.worker"
-
-
-class SDPABaseline(nn.Module):
-    """The obvious dense attention a user writes by hand: x (B, N, C) -> (B, N, C).
-
-    Same parameters and defaults as `mhsa` (no qkv bias, a proj bias); no checks, no hooks.
-    """
-
-    def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, proj_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"sdpa: dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-
-    def forward(self, x: Tensor, *, is_causal: bool = False) -> Tensor:
-        B, N, C = x.shape
-        h, d = self.num_heads, self.head_dim
-        qkv = self.qkv(x).reshape(B, N, 3, h, d)                     # (B, N, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                # 3 x (B, h, N, d)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, h, N, d)
-        out = out.transpose(1, 2).reshape(B, N, C)                    # (B, N, C)
-        return self.proj(out)
-
-    @classmethod
-    def useful_flops(cls, batch: int, seq_len: int, dim: int, num_heads: int, causal: bool) -> tuple[int, int]:
-        """2 x the multiply-adds of the projections and of the (query, key) pairs that matter.
-
-        Forward: qkv 2*B*N*C*3C, proj 2*B*N*C*C, scores and weighted sum 4*C per pair, N^2 pairs
-        or N(N+1)/2 causal. Backward: twice the forward (input and weight gradients of each
-        linear; dq, dk, dv and the score gradients of attention), no recompute counted.
-        """
-        B, N, C = batch, seq_len, dim
-        pairs = N * (N + 1) // 2 if causal else N * N
-        fwd = 2 * B * N * C * 3 * C + 2 * B * N * C * C + 4 * B * C * pairs
-        return fwd, 2 * fwd
-
-
-# --- names and modules (shared with the worker) ------------------------------------------------
-
-def module_class(name: str) -> type:
-    """The class `name` builds: the built-in baseline or a registry mechanism."""
-    if name == BASELINE:
-        return SDPABaseline
-    from attnlab.registry import get_spec
-    return get_spec(name).cls
-
-
-SPATIAL_AXES = {"2d": 2, "3d": 3}
-BENCH_LAYOUTS = ("seq", "pool", *SPATIAL_AXES)
-
-
-class SpatialAsSequence(nn.Module):
-    """Times a channels-last spatial mechanism on the bench's (B, N, C) tokens.
-
-    N must be a perfect square (2d: an s x s image) or cube (3d: s x s x s volume); the tokens
-    are reshaped to (B, *spatial, C), attended, and flattened back. `is_causal` is refused:
-    spatial mechanisms take no causal flag.
-    """
-
-    def __init__(self, inner: nn.Module, axes: int):
-        super().__init__()
-        self.inner, self.axes = inner, axes
-        if hasattr(inner, "useful_flops"):  # N = prod(spatial) tokens, as the bench counts them
-            self.useful_flops = inner.useful_flops
-
-    def side(self, seq_len: int) -> int:
-        side = round(seq_len ** (1.0 / self.axes))
-        if side ** self.axes != seq_len:
-            kind = "square" if self.axes == 2 else "cube"
-            raise ValueError(f"a {self.axes}-D mechanism needs N to be a perfect {kind}, got N={seq_len}")
-        return side
-
-    def forward(self, x: Tensor, *, is_causal: bool = False) -> Tensor:
-        if is_causal:
-            raise NotImplementedError(f"{type(self.inner).spec.name} is spatial and has no causal mode")
-        B, N, C = x.shape
-        spatial = (self.side(N),) * self.axes
-        return self.inner(x.reshape(B, *spatial, C)).reshape(B, N, C)   # (B, *spatial, C) inside
-
-
-class PoolAsSequence(nn.Module):
-    """Times an attention-pooling mechanism (B, N, C) -> (B, C_out) on the bench's tokens.
-
-    The pooled vector is reduced to one number per sample and broadcast back to (B, N, C), so the
-    bench's backward (a (B, N, C) gradient) runs through the whole pooling at negligible extra cost.
-    """
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        if hasattr(inner, "useful_flops"):
-            self.useful_flops = inner.useful_flops
-
-    def forward(self, x: Tensor, *, is_causal: bool = False) -> Tensor:
-        if is_causal:
-            raise NotImplementedError(f"{type(self.inner).spec.name} pools the sequence and has no causal mode")
-        pooled = self.inner(x)                                           # (B, C_out)
-        return pooled.mean(-1)[:, None, None].expand_as(x)               # (B, N, C)
-
-
-def build_module(name: str, dim: int, num_heads: int, options: dict[str, Any]) -> nn.Module:
-    if name == BASELINE:
-        return SDPABaseline(dim, num_heads, **options)
-    from attnlab.registry import create, get_spec
-    module = create(name, dim, num_heads, **options)
-    layout = get_spec(name).layout
-    if layout == "pool":
-        return PoolAsSequence(module)
-    axes = SPATIAL_AXES.get(layout)
-    return SpatialAsSequence(module, axes) if axes else module
 
 
 def resolve_names(mechanisms: str | None, baseline: str) -> list[str]:
@@ -190,31 +73,6 @@ def resolve_names(mechanisms: str | None, baseline: str) -> list[str]:
         if spec.layout not in BENCH_LAYOUTS:
             raise ValueError(f"bench times layouts {BENCH_LAYOUTS} on N tokens; {name!r} has layout {spec.layout!r}")
     return names
-
-
-def parse_options(text: str | None, names: list[str]) -> dict[str, dict[str, Any]]:
-    """`--options` JSON: {mechanism: {option: value}}; names and keys are checked here."""
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--options is not valid JSON ({e}): {text!r}") from None
-    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise ValueError('--options must be a JSON object of objects, e.g. \'{"moh": {"top_k": 2}}\'')
-    for name, opts in options.items():
-        if name not in names:
-            raise ValueError(f"--options names {name!r}, which is not benchmarked (benchmarked: {', '.join(names)})")
-        params = inspect.signature(module_class(name).__init__).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            continue
-        accepted = [n for n, p in params.items()
-                    if n not in ("self", "dim", "num_heads") and p.kind is not p.VAR_POSITIONAL]
-        unknown = sorted(set(opts) - set(accepted))
-        if unknown:
-            raise ValueError(f"--options: {name!r} has no option(s) {unknown} "
-                             f"(accepted: {', '.join(accepted) or 'none'})")
-    return options
 
 
 # --- arguments -----------------------------------------------------------------------------------

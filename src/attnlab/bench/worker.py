@@ -49,7 +49,8 @@ import torch.nn as nn
 
 from attnlab._env import gpu_name, software_and_machine
 from attnlab._io import describe_error
-from attnlab.bench.harness import DTYPES, build_module
+from attnlab.bench.adapters import DTYPES, build_module
+from attnlab.bench.flops import count_flops
 
 
 def _set_threads(threads: int | None) -> None:
@@ -63,7 +64,7 @@ def environment(threads: int | None, device: str) -> dict[str, Any]:
     return {**software_and_machine(), "num_threads": torch.get_num_threads(), "gpu": gpu_name(device)}
 
 
-class _Shape:
+class Shape:
     """One job's inputs and the two calls that are measured."""
 
     def __init__(self, job: dict[str, Any]):
@@ -135,7 +136,7 @@ def _ratio_uncertainty(samples: dict[str, dict[str, list[float]]], baseline: str
 
 def time_job(job: dict[str, Any]) -> dict[str, Any]:
     env = environment(job["threads"], job["device"])
-    s = _Shape(job)
+    s = Shape(job)
     modules: dict[str, nn.Module] = {}
     results: dict[str, dict[str, Any]] = {}
     last: dict[str, float] = {}  # each module's latest fwd + fwd_bwd ms, to size the run
@@ -244,68 +245,11 @@ def _fix_mmap_threshold(nbytes: int = 64 * 1024) -> None:
         pass
 
 
-def _attention_pairs(n: int, m: int, causal: bool) -> int:
-    """(query, key) pairs that matter: all N*M, or those with key <= query (top-left causal)."""
-    if not causal:
-        return n * m
-    return m * (m + 1) // 2 + (n - m) * m if n > m else n * (n + 1) // 2
-
-
-def _sdpa_formula(op, backward: bool) -> Callable[..., int]:
-    """A FlopCounterMode formula for one fused SDPA op that counts the useful work only.
-
-    Forward: scores and weighted sum, 2 * (d + dv) per (query, key) pair and query head. Backward:
-    twice that (dq, dk, dv and the score gradients), without the kernel's recompute of the scores.
-    torch's own formulas count every pair even when causal, add the recompute, and miss the CPU
-    kernel; with these, dense attention counts the same whichever kernel runs it.
-    """
-    names = [a.name for a in op.default._schema.arguments]
-
-    def count(*args, out_shape=None, **kwargs) -> int:
-        bound = {**dict(zip(names, args)), **kwargs}                 # tensors arrive as their shapes
-        (b, h, n, d), m, dv = bound["query"], bound["key"][-2], bound["value"][-1]
-        fwd = 2 * b * h * _attention_pairs(n, m, bool(bound.get("is_causal", False))) * (d + dv)
-        return 2 * fwd if backward else fwd
-    return count
-
-
-def _flop_counter_mapping() -> dict:
-    aten = torch.ops.aten
-    mapping = {}
-    for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention"):
-        for backward in (False, True):
-            op = getattr(aten, f"_scaled_dot_product_{kernel}{'_backward' if backward else ''}", None)
-            if op is not None:
-                mapping[op] = _sdpa_formula(op, backward)
-    return mapping
-
-
-def count_flops(s: _Shape, m: nn.Module) -> tuple[int, int, str]:
-    """(forward, backward) FLOPs of one call at this shape, and where they come from."""
-    useful = getattr(m, "useful_flops", None)
-    if callable(useful):
-        try:
-            counts = useful(s.batch, s.seq_len, s.dim, s.heads, s.causal)
-        except NotImplementedError:
-            counts = None
-        if counts is not None:
-            fwd, bwd = counts
-            return int(fwd), int(bwd), "useful_flops"
-    from torch.utils.flop_counter import FlopCounterMode
-    s.clear_grads(m)
-    with FlopCounterMode(display=False, custom_mapping=_flop_counter_mapping()) as counter:
-        out = m(s.x, **s.kwargs)
-    fwd = counter.get_total_flops()
-    with FlopCounterMode(display=False, custom_mapping=_flop_counter_mapping()) as counter:
-        out.backward(s.grad_out)
-    return int(fwd), int(counter.get_total_flops()), "flop_counter"
-
-
 def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     if job["device"] == "cpu":
         _fix_mmap_threshold()
     _set_threads(job["threads"])
-    s = _Shape(job)
+    s = Shape(job)
     try:
         m = s.build(job["entries"][0])
         # A forward+backward on a short input first loads code and initialises libraries, which
@@ -346,7 +290,7 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     finally:
         gc.enable()
     try:
-        fwd, bwd, source = count_flops(s, m)
+        fwd, bwd, source = count_flops(m, s.x, s.grad_out, heads=s.heads, causal=s.causal)
         result.update(flops_fwd=fwd, flops_bwd=bwd, flops_source=source)
     except Exception as e:
         result["reason"] = "flops: " + describe_error(e)
@@ -409,7 +353,6 @@ def serve() -> int:
     # FlopCounterMode imports torch._dynamo on first use (seconds); import it here instead. This
     # imports modules only: the server never runs an op, so children inherit no thread pool.
     import torch._dynamo  # noqa: F401
-    import torch.utils.flop_counter  # noqa: F401
     environment(None, "cpu")  # caches platform's answers (one runs `uname -p`) for the children
     gc.collect()
     gc.freeze()  # children's collections skip everything imported so far: less time, no page copies
