@@ -41,6 +41,7 @@ import torch
 
 from attnlab._args import float_above, int_at_least, int_list
 from attnlab._io import default_out, fmt
+from attnlab.bench import numerics as bench_numerics
 from attnlab.bench.adapters import BASELINE, BENCH_LAYOUTS, DTYPES, parse_options
 
 # Defaults sized so that `attnlab bench` with every registered sequence mechanism (a dozen when this
@@ -124,41 +125,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--numerics", action="store_true",
                         help="instead of mechanisms, time the Edge-MoE softmax/GELU approximations against "
                              "the exact ops on (rows, M) = (N*h, N) score rows, with their max errors")
-
-
-def run_numerics(args: argparse.Namespace) -> int:
-    """`attnlab bench --numerics`: exact vs approximate softmax and GELU, ratios in the same run."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from attnlab.ops.numerics import bench_numerics
-    threads = args.threads
-    if threads:
-        torch.set_num_threads(threads)
-    sizes = [(n * args.heads * args.batch, n) for n in args.seq_lens]   # one score row per query
-    rows = bench_numerics(sizes, repeats=args.repeats or 5, dtype=DTYPES[args.dtype])
-    base = {(r["op"], r["rows"], r["M"]): r["median_ms"] for r in rows
-            if r["impl"] in ("torch.softmax", "gelu")}
-    out_dir = args.out if args.out is not None else default_out()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = {"torch": torch.__version__, "num_threads": torch.get_num_threads()}
-    table = Table(title=f"attnlab bench --numerics: {args.dtype}, {torch.get_num_threads()} threads; "
-                        "x base = time / torch.softmax (softmax) or exact GELU (gelu) in the same run")
-    for col in ("op", "impl", "rows x M", "median ms", "x base", "max |err|"):
-        table.add_column(col, justify="left" if col in ("op", "impl") else "right")
-    with open(out_dir / "numerics.jsonl", "w") as f:
-        for r in rows:
-            r["ratio"] = r["median_ms"] / base[(r["op"], r["rows"], r["M"])]
-            f.write(json.dumps({**r, "env": env}) + "\n")
-            table.add_row(r["op"], r["impl"], f"{r['rows']} x {r['M']}", f"{r['median_ms']:.3f}",
-                          f"{r['ratio']:.2f}", f"{r['max_abs_err']:.2e}")
-    if args.json:
-        for r in rows:
-            print(json.dumps(r))
-    else:
-        Console().print(table)
-    print(f"wrote {out_dir / 'numerics.jsonl'}", file=sys.stderr)
-    return 0
 
 
 # --- measuring processes -------------------------------------------------------------------------
@@ -432,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     if args.numerics:
-        return run_numerics(args)
+        return bench_numerics.main(args)
     if args.neighborhood is not None:
         from attnlab.bench import neighborhood as bench_neighborhood
         argv = ["--cases", args.neighborhood, "--repeats", str(args.repeats or 3)]

@@ -1,10 +1,10 @@
 """Functional attention kernels in the SDPA layout (B, h, N, d)."""
 from attnlab.ops.attention import BackendUnavailable, attention, check_qkv, default_backend, use_backend
-from attnlab.ops.numerics import (ACTIVATIONS, SOFTMAXES, bench_numerics, edgemoe_gelu, edgemoe_softmax,
+from attnlab.ops.numerics import (ACTIVATIONS, SOFTMAXES, edgemoe_gelu, edgemoe_softmax,
                                   exact_softmax, softmax_attention)
 from attnlab.ops.neighborhood import neighborhood_attention
 from attnlab.ops.reference import reference_attention
 
 __all__ = ["attention", "use_backend", "default_backend", "reference_attention", "BackendUnavailable",
            "check_qkv", "edgemoe_softmax", "edgemoe_gelu", "exact_softmax", "softmax_attention",
-           "bench_numerics", "ACTIVATIONS", "SOFTMAXES", "neighborhood_attention"]
+           "ACTIVATIONS", "SOFTMAXES", "neighborhood_attention"]
