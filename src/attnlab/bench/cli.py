@@ -25,9 +25,9 @@ from attnlab.bench.harness import DEFAULT_BUDGET_S, MAX_REPEATS, MIN_REPEATS
 from attnlab.bench.worker import environment
 from attnlab.registry import get_spec, list_specs
 
-# Defaults sized so that `attnlab bench` with every registered sequence mechanism (a dozen when this
-# was tuned, several of them eager) takes about a minute on 2 CPU cores; the largest N dominates,
-# and N=1024 would add about half a minute more. Pass --seq-lens 256,512,1024,2048 for long runs.
+# Defaults sized so that `attnlab bench` with every registered sequence mechanism (about a dozen,
+# several of them eager) takes about a minute on 2 CPU cores; the largest N dominates, and N=1024
+# would add about half a minute more. Pass --seq-lens 256,512,1024,2048 for long runs.
 DEFAULT_SEQ_LENS = (128, 256, 512)
 
 
