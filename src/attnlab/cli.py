@@ -75,7 +75,7 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from attnlab.bench import harness as bench
+    from attnlab.bench import cli as bench
 
     parser = argparse.ArgumentParser(prog="attnlab", description="Attention mechanisms behind one interface.")
     sub = parser.add_subparsers(dest="command", required=True)

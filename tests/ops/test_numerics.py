@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from attnlab.ops.numerics import (
-    ACTIVATIONS, FRAC_BITS, GELU_TABLE_MAX, SOFTMAXES, bench_numerics, edgemoe_gelu, edgemoe_softmax,
+    ACTIVATIONS, FRAC_BITS, GELU_TABLE_MAX, SOFTMAXES, edgemoe_gelu, edgemoe_softmax,
     exact_softmax, gelu_delta_table, softmax_attention,
 )
 
@@ -370,7 +370,7 @@ def test_gelu_bad_input():
         edgemoe_gelu(torch.ones(3), frac_bits=-1)
 
 
-# --- registries, attention, bench --------------------------------------------------------------
+# --- registries, attention --------------------------------------------------------------
 
 def test_registries():
     assert set(ACTIVATIONS) == {"gelu", "gelu_tanh", "gelu_edgemoe"}
@@ -396,14 +396,3 @@ def test_softmax_attention_matches_reference_attention():
     assert (softmax_attention(q, k, v, attn_mask=none) == 0).all()
     with pytest.raises(ValueError, match=r"'edgemoe', 'exact'"):
         softmax_attention(q, k, v, softmax="fast")
-
-
-def test_bench_numerics_small():
-    rows = bench_numerics([(8, 16)], repeats=1, chunk_sizes=(1, 8))
-    impls = {r["impl"] for r in rows}
-    assert {"exact", "edgemoe(chunk=1)", "edgemoe(chunk=8)", "gelu", "gelu_tanh", "gelu_edgemoe"} <= impls
-    for r in rows:
-        assert r["median_ms"] >= 0 and r["rows"] == 8 and r["M"] == 16
-        assert r["max_abs_err"] < (5e-4 if r["op"] == "gelu" else 1e-4), r
-    with pytest.raises(ValueError, match="repeats"):
-        bench_numerics([(8, 16)], repeats=0)

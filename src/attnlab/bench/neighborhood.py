@@ -8,13 +8,15 @@ Cases (fp32, B = 1, h = 8, d = 64; N = 16384 tokens in each):
   1d: N = 16384, kernel 127;  2d: 128 x 128, kernel 13;  3d: 16 x 32 x 32, kernel (3, 7, 7).
 Both sides run on the same q, k, v (B, h, *spatial, d), in one process: neighborhood attention
 (`attnlab.ops.neighborhood.neighborhood_attention`, default backend: blocked on CPU) and dense
-`F.scaled_dot_product_attention` on the flattened tokens. Each round times each side, the order
-alternating, after `--warmup` untimed rounds (and, with any, one untimed first neighborhood
-call): the mean of as many forward+backward passes as fill `--min-seconds` (1 s; the count is
-fixed from the last warm-up, at least 1), since one 0.3 s pass on a shared machine is a much
-noisier sample than one 17 s dense pass. Gradients are cleared outside the timed region.
-Useful FLOPs, as the issue counts them: forward 4 * pairs * d * h (scores and
-weighted sum; pairs = N * prod(kernel) for the neighborhood, N^2 dense), backward twice that.
+`F.scaled_dot_product_attention` on the flattened tokens, in the bench's timing loop
+(`attnlab.bench.timing`, no trial calls). Each round times each side, the order alternating,
+after `--warmup` untimed rounds (and, with any, one untimed first neighborhood call): the mean
+of as many forward+backward passes as fill `--min-seconds` (1 s; the count is fixed from the
+last warm-up, at least 1), since one 0.3 s pass on a shared machine is a much noisier sample
+than one 17 s dense pass. Gradients are cleared outside the timed region.
+Useful FLOPs, as the issue counts them (`flops.attention_flops`): forward 4 * pairs * d * h
+(scores and weighted sum; pairs = N * prod(kernel) for the neighborhood, N^2 dense), backward
+twice that.
 Reported: median times, GFLOP/s from the medians, and the median over rounds of the paired
 ratio (neighborhood GFLOP/s / dense GFLOP/s). The load average is printed because on a shared
 machine it moves every number.
@@ -28,12 +30,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from attnlab._env import cpu_model
+from attnlab.bench.flops import attention_flops
+from attnlab.bench.timing import Subject, run_rounds
 from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention, neighborhood_pairs
 
 CASES = {
@@ -44,17 +47,9 @@ CASES = {
 HEADS, HEAD_DIM = 8, 64
 
 
-def fwd_bwd(fn, tensors, grad, loops: int = 1) -> float:
-    """Mean seconds of `loops` forward + backward passes; gradients cleared outside the clock."""
-    total = 0.0
-    for _ in range(loops):
-        for t in tensors:
-            t.grad = None
-        t0 = time.perf_counter()
-        out = fn(*tensors)
-        out.backward(grad)
-        total += time.perf_counter() - t0
-    return total / loops
+def fwd_bwd(fn, tensors, grad) -> None:
+    """One forward + backward pass of fn(*tensors)."""
+    fn(*tensors).backward(grad)
 
 
 def run_case(name: str, repeats: int, warmup: int, config: BlockedConfig | None, backend: str | None,
@@ -71,33 +66,32 @@ def run_case(name: str, repeats: int, warmup: int, config: BlockedConfig | None,
     def dense(q, k, v):                       # (B, h, N, d) views of the same tensors
         return F.scaled_dot_product_attention(q.flatten(2, -2), k.flatten(2, -2), v.flatten(2, -2))
 
+    def clear() -> None:
+        for t in (q, k, v):
+            t.grad = None
+
     dense_grad = grad.flatten(2, -2)
     pairs = neighborhood_pairs(spatial, kernel)
-    useful_local = 3 * 4 * pairs * HEAD_DIM * HEADS          # forward + backward (2x forward)
-    useful_dense = 3 * 4 * N * N * HEAD_DIM * HEADS
+    useful_local = 3 * attention_flops(pairs, HEADS, HEAD_DIM)         # forward + backward (2x forward)
+    useful_dense = 3 * attention_flops(N * N, HEADS, HEAD_DIM)
     load_before = os.getloadavg()[0]
-    loops = {"local": 1, "dense": 1}
     if warmup:
+        clear()
         fwd_bwd(local, (q, k, v), grad)       # a first call builds the kernel's geometry and scratch
-    for _ in range(warmup):
-        warm = {"local": fwd_bwd(local, (q, k, v), grad), "dense": fwd_bwd(dense, (q, k, v), dense_grad)}
-        loops = {label: max(1, math.ceil(min_seconds / max(t, 1e-9))) for label, t in warm.items()}
-    t_local, t_dense, ratios = [], [], []
-    for r in range(repeats):
-        order = [("local", local, grad), ("dense", dense, dense_grad)]
-        if r % 2:
-            order.reverse()
-        times = {label: fwd_bwd(fn, (q, k, v), g, loops[label]) for label, fn, g in order}
-        t_local.append(times["local"])
-        t_dense.append(times["dense"])
-        ratios.append((useful_local / times["local"]) / (useful_dense / times["dense"]))
+    # fwd_bwd is looked up when called, so that a test can count the passes
+    subjects = [Subject("local", {"s": lambda: fwd_bwd(local, (q, k, v), grad)}, prepare=clear),
+                Subject("dense", {"s": lambda: fwd_bwd(dense, (q, k, v), dense_grad)}, prepare=clear)]
+    rounds = run_rounds(subjects, warmup=warmup, repeats=repeats, trial=False, min_seconds=min_seconds,
+                        skip_errors=False)
+    t_local, t_dense = ([ms / 1e3 for ms in rounds.samples[side]["s"]] for side in ("local", "dense"))
+    ratios = [(useful_local / a) / (useful_dense / b) for a, b in zip(t_local, t_dense)]
     med_local, med_dense = statistics.median(t_local), statistics.median(t_dense)
     return {
         "case": name, "spatial": list(spatial), "kernel_size": list(kernel), "tokens": N, "pairs": pairs,
         "local_ms": 1e3 * med_local, "dense_ms": 1e3 * med_dense,
         "local_gflops": useful_local / med_local / 1e9, "dense_gflops": useful_dense / med_dense / 1e9,
         "ratio": statistics.median(ratios), "ratios": ratios, "local_s": t_local, "dense_s": t_dense,
-        "local_loops": loops["local"], "dense_loops": loops["dense"],
+        "local_loops": rounds.loops["local"]["s"], "dense_loops": rounds.loops["dense"]["s"],
         "speedup": med_dense / med_local,
         "ideal_speedup": N * N / pairs, "load_before": load_before, "load_after": os.getloadavg()[0],
     }

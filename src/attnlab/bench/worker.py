@@ -3,13 +3,12 @@
 Every job runs in a fresh process, so that nothing one configuration allocated, initialised or
 warmed up is left for the next. A job is JSON in, JSON out:
 
-- "time": all entries (mechanisms and the baseline) of one shape. After a trial call of each
-  module and `warmup` untimed rounds, each round times every module's forward (under no_grad),
-  then every module's forward+backward (`out.backward(grad_out)`, x requiring grad, gradients
-  cleared outside the timed region), in an order that rotates each round, so that drift hits
-  every module alike and the calls compared with each other run close together. Without a fixed
-  `repeats`, the rounds fill `budget_s`, and go on (to twice that) while the standard error of
-  some median ratio to the baseline is over 1%.
+- "time": all entries (mechanisms and the baseline) of one shape, in the bench's one timing loop
+  (`attnlab.bench.timing`: a trial call each, `warmup` untimed rounds, then rounds in an order
+  that rotates). Each round times every module's forward (under no_grad), then every module's
+  forward+backward (`out.backward(grad_out)`, x requiring grad, gradients cleared outside the
+  timed region). Without a fixed `repeats`, the rounds fill `budget_s`, and go on (to twice
+  that) while the standard error of some median ratio to the baseline is over 1%.
 - "memory": one entry of one shape. Peak memory growth of one forward+backward over the memory
   in use just before it (module, input and output gradient built, code paths already loaded by a
   forward+backward on a 16-token input). On CPU: VmHWM, reset through /proc/self/clear_refs,
@@ -20,7 +19,7 @@ warmed up is left for the next. A job is JSON in, JSON out:
   glibc's mmap threshold is fixed at 64 KiB first, so every large tensor is unmapped when freed
   and RSS follows live memory (with the default, dynamic threshold the peak of one configuration
   varied by ~15% from run to run). On CUDA: max_memory_allocated over memory_allocated. The same
-  process then counts FLOPs: the class's `useful_flops`, or a FlopCounterMode run.
+  process then counts FLOPs (`attnlab.bench.flops`).
 
 Modes:
 - no flag: read one job on stdin, write its answer as one JSON line on stdout.
@@ -35,13 +34,13 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import math
 import os
 import select
 import signal
-import statistics
 import sys
 import time
+import warnings
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -49,7 +48,10 @@ import torch.nn as nn
 
 from attnlab._env import gpu_name, software_and_machine
 from attnlab._io import describe_error
-from attnlab.bench.harness import DTYPES, build_module
+from attnlab.bench.adapters import DTYPES, build_module
+from attnlab.bench.flops import count_flops
+from attnlab.bench.timing import Subject, run_rounds
+from attnlab.registry import list_specs
 
 
 def _set_threads(threads: int | None) -> None:
@@ -63,7 +65,7 @@ def environment(threads: int | None, device: str) -> dict[str, Any]:
     return {**software_and_machine(), "num_threads": torch.get_num_threads(), "gpu": gpu_name(device)}
 
 
-class _Shape:
+class Shape:
     """One job's inputs and the two calls that are measured."""
 
     def __init__(self, job: dict[str, Any]):
@@ -100,106 +102,29 @@ class _Shape:
             p.grad = None
         self.x.grad = None
 
-    def timed(self, call: Callable[[nn.Module], None], m: nn.Module) -> float:
-        """Milliseconds of one call; gradients are cleared first, outside the timed region."""
-        self.clear_grads(m)
-        self.sync()
-        t0 = time.perf_counter()
-        call(m)
-        self.sync()
-        return (time.perf_counter() - t0) * 1e3
-
 
 # --- timing --------------------------------------------------------------------------------------
 
-RATIO_TOLERANCE = 0.01  # wanted standard error of a median ratio to the baseline, relative
-
-
-def _ratio_uncertainty(samples: dict[str, dict[str, list[float]]], baseline: str, alive: list[str]) -> float:
-    """The largest relative standard error of a median paired ratio to the baseline.
-
-    Standard error of a median ~ 1.2533 * sigma / sqrt(n), with sigma estimated as IQR / 1.349.
-    """
-    if baseline not in alive:
-        return 0.0
-    worst = 0.0
-    for name in alive:
-        for key in ("fwd_ms", "fwd_bwd_ms"):
-            ratios = [a / b for a, b in zip(samples[name][key], samples[baseline][key])]
-            if name == baseline or len(ratios) < 4:
-                continue
-            q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-            worst = max(worst, 1.2533 * (q3 - q1) / 1.349 / math.sqrt(len(ratios)) / med)
-    return worst
-
-
 def time_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Every entry at one shape, forward (no_grad) and forward+backward, in `timing.run_rounds`."""
     env = environment(job["threads"], job["device"])
-    s = _Shape(job)
-    modules: dict[str, nn.Module] = {}
-    results: dict[str, dict[str, Any]] = {}
-    last: dict[str, float] = {}  # each module's latest fwd + fwd_bwd ms, to size the run
-    for entry in job["entries"]:  # trial call: a module that raises here is skipped, not fatal
-        name = entry["name"]
+    s = Shape(job)
+    subjects, results = [], {}
+    for entry in job["entries"]:  # a module that cannot be built is skipped, not fatal
         try:
             m = s.build(entry)
-            last[name] = s.timed(s.fwd, m) + s.timed(s.fwd_bwd, m)
-            modules[name] = m
         except Exception as e:
-            results[name] = {"status": "skipped", "reason": describe_error(e)}
+            results[entry["name"]] = {"status": "skipped", "reason": describe_error(e)}
             gc.collect()
-
-    samples = {name: {"fwd_ms": [], "fwd_bwd_ms": []} for name in modules}
-    alive = list(modules)
-
-    def one_round(r: int, record: bool) -> None:
-        # Every module's forward, then every module's forward+backward, so that the calls whose
-        # times are compared run next to each other; the order rotates, so none always goes first.
-        k = r % len(alive) if alive else 0
-        order = alive[k:] + alive[:k]
-        times: dict[str, dict[str, float]] = {name: {} for name in order}
-        for key, call in (("fwd_ms", s.fwd), ("fwd_bwd_ms", s.fwd_bwd)):
-            for name in order:
-                if name not in alive:
-                    continue
-                try:
-                    times[name][key] = s.timed(call, modules[name])
-                except Exception as e:
-                    results[name] = {"status": "skipped", "reason": describe_error(e)}
-                    alive.remove(name)
-        for name in alive:
-            last[name] = sum(times[name].values())
-            if record:
-                for key, ms in times[name].items():
-                    samples[name][key].append(ms)
-
-    gc.collect()
-    gc.disable()  # no collector pauses inside timed calls
-    try:
-        warmup = job["warmup"]
-        if warmup is None:  # a round, unless the trial calls took so long that they warmed up enough
-            warmup = 0 if sum(last.values()) / 1e3 > job["budget_s"] else 1
-        for r in range(warmup):
-            one_round(r, record=False)
-        if job["repeats"] is not None:
-            for r in range(job["repeats"]):
-                one_round(r, record=True)
-        else:
-            # As many rounds as fit in the budget, within bounds; then, while some ratio to the
-            # baseline is still uncertain (a noisy machine), more, up to twice the budget.
-            round_s = sum(last[n] for n in alive) / 1e3
-            repeats = math.ceil(job["budget_s"] / round_s) if round_s > 0 else job["max_repeats"]
-            repeats = max(job["min_repeats"], min(job["max_repeats"], repeats))
-            t0, r = time.perf_counter(), 0
-            while r < repeats or (r < job["max_repeats"] and time.perf_counter() - t0 < 2 * job["budget_s"]
-                                  and _ratio_uncertainty(samples, job["baseline"], alive) > RATIO_TOLERANCE):
-                one_round(r, record=True)
-                r += 1
-    finally:
-        gc.enable()
-    for name in alive:
-        results[name] = {"status": "ok", **samples[name]}
-    return {"env": env, "results": results, "warmup": warmup}
+            continue
+        subjects.append(Subject(entry["name"], {"fwd_ms": partial(s.fwd, m), "fwd_bwd_ms": partial(s.fwd_bwd, m)},
+                                prepare=partial(s.clear_grads, m)))
+    rounds = run_rounds(subjects, warmup=job["warmup"], repeats=job["repeats"], budget_s=job["budget_s"],
+                        min_repeats=job["min_repeats"], max_repeats=job["max_repeats"],
+                        baseline=job["baseline"], sync=s.sync)
+    results.update({name: {"status": "skipped", "reason": why} for name, why in rounds.skipped.items()})
+    results.update({name: {"status": "ok", **samples} for name, samples in rounds.samples.items()})
+    return {"env": env, "results": results, "warmup": rounds.warmup}
 
 
 # --- memory --------------------------------------------------------------------------------------
@@ -244,68 +169,11 @@ def _fix_mmap_threshold(nbytes: int = 64 * 1024) -> None:
         pass
 
 
-def _attention_pairs(n: int, m: int, causal: bool) -> int:
-    """(query, key) pairs that matter: all N*M, or those with key <= query (top-left causal)."""
-    if not causal:
-        return n * m
-    return m * (m + 1) // 2 + (n - m) * m if n > m else n * (n + 1) // 2
-
-
-def _sdpa_formula(op, backward: bool) -> Callable[..., int]:
-    """A FlopCounterMode formula for one fused SDPA op that counts the useful work only.
-
-    Forward: scores and weighted sum, 2 * (d + dv) per (query, key) pair and query head. Backward:
-    twice that (dq, dk, dv and the score gradients), without the kernel's recompute of the scores.
-    torch's own formulas count every pair even when causal, add the recompute, and miss the CPU
-    kernel; with these, dense attention counts the same whichever kernel runs it.
-    """
-    names = [a.name for a in op.default._schema.arguments]
-
-    def count(*args, out_shape=None, **kwargs) -> int:
-        bound = {**dict(zip(names, args)), **kwargs}                 # tensors arrive as their shapes
-        (b, h, n, d), m, dv = bound["query"], bound["key"][-2], bound["value"][-1]
-        fwd = 2 * b * h * _attention_pairs(n, m, bool(bound.get("is_causal", False))) * (d + dv)
-        return 2 * fwd if backward else fwd
-    return count
-
-
-def _flop_counter_mapping() -> dict:
-    aten = torch.ops.aten
-    mapping = {}
-    for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention"):
-        for backward in (False, True):
-            op = getattr(aten, f"_scaled_dot_product_{kernel}{'_backward' if backward else ''}", None)
-            if op is not None:
-                mapping[op] = _sdpa_formula(op, backward)
-    return mapping
-
-
-def count_flops(s: _Shape, m: nn.Module) -> tuple[int, int, str]:
-    """(forward, backward) FLOPs of one call at this shape, and where they come from."""
-    useful = getattr(m, "useful_flops", None)
-    if callable(useful):
-        try:
-            counts = useful(s.batch, s.seq_len, s.dim, s.heads, s.causal)
-        except NotImplementedError:
-            counts = None
-        if counts is not None:
-            fwd, bwd = counts
-            return int(fwd), int(bwd), "useful_flops"
-    from torch.utils.flop_counter import FlopCounterMode
-    s.clear_grads(m)
-    with FlopCounterMode(display=False, custom_mapping=_flop_counter_mapping()) as counter:
-        out = m(s.x, **s.kwargs)
-    fwd = counter.get_total_flops()
-    with FlopCounterMode(display=False, custom_mapping=_flop_counter_mapping()) as counter:
-        out.backward(s.grad_out)
-    return int(fwd), int(counter.get_total_flops()), "flop_counter"
-
-
 def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     if job["device"] == "cpu":
         _fix_mmap_threshold()
     _set_threads(job["threads"])
-    s = _Shape(job)
+    s = Shape(job)
     try:
         m = s.build(job["entries"][0])
         # A forward+backward on a short input first loads code and initialises libraries, which
@@ -346,7 +214,7 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     finally:
         gc.enable()
     try:
-        fwd, bwd, source = count_flops(s, m)
+        fwd, bwd, source = count_flops(m, s.x, s.grad_out, heads=s.heads, causal=s.causal)
         result.update(flops_fwd=fwd, flops_bwd=bwd, flops_source=source)
     except Exception as e:
         result["reason"] = "flops: " + describe_error(e)
@@ -402,14 +270,10 @@ def _fork_run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve() -> int:
-    import warnings
-
-    import attnlab
-    attnlab.list_specs()  # import every mechanism once, here, rather than in each child
+    list_specs()  # import every mechanism once, here, rather than in each child
     # FlopCounterMode imports torch._dynamo on first use (seconds); import it here instead. This
     # imports modules only: the server never runs an op, so children inherit no thread pool.
     import torch._dynamo  # noqa: F401
-    import torch.utils.flop_counter  # noqa: F401
     environment(None, "cpu")  # caches platform's answers (one runs `uname -p`) for the children
     gc.collect()
     gc.freeze()  # children's collections skip everything imported so far: less time, no page copies

@@ -90,16 +90,14 @@ single-pass recurrence, as the official code does it; we found no exp2/power-of-
 approximation of exp in that code (it calls `hls::exp` on the fixed-point type), so none is
 used. (2) integer range and wrap-around are not emulated (see above).
 
-Speed: `bench_numerics(sizes)` times exact vs approximate softmax/GELU (median of repeats).
+Speed: `attnlab bench --numerics` times exact vs approximate softmax/GELU (`attnlab.bench.numerics`).
 On a CPU the approximations are slower than torch's fused kernels; their speed and resource
 savings are FPGA properties (no max pass, no floating-point exp/erf units).
 """
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -360,61 +358,6 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, softmax: str = "edgemo
     return out.to(q.dtype)
 
 
-# --- speed -------------------------------------------------------------------------------------
-
-def _median_ms(fn: Callable[[], Tensor], repeats: int, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()  # warm-up
-    sync()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-def bench_numerics(sizes: Iterable[tuple[int, int]] = ((256, 197),), *, repeats: int = 5,
-                   chunk_sizes: Iterable[int] = (1, 64), dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", seed: int = 0) -> list[dict]:
-    """Time exact vs Edge-MoE softmax and GELU on (rows, M) inputs; median of `repeats`, in ms.
-
-    Softmax rows are logits ~ N(0, 4^2) of length M; GELU gets the same tensor. Each result is
-    a dict {op, impl, rows, M, median_ms, max_abs_err} (error against the float64 exact op), so
-    a CLI can print it as a table. Forward only, no grad.
-    """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats <= 0:
-        raise ValueError(f"bench_numerics: repeats must be a positive int, got {repeats!r}")
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    results = []
-    with torch.no_grad():
-        for rows, M in sizes:
-            if rows <= 0 or M <= 0:
-                raise ValueError(f"bench_numerics: sizes must be positive (rows, M) pairs, got {(rows, M)}")
-            x = (4.0 * torch.randn(rows, M, generator=gen, dtype=torch.float64)).to(device)
-            xd = x.to(dtype)
-            ref_softmax = torch.softmax(x, -1)
-            ref_gelu = F.gelu(x)
-            cases = [("softmax", "exact", lambda: exact_softmax(xd), ref_softmax),
-                     ("softmax", "torch.softmax", lambda: torch.softmax(xd, -1), ref_softmax)]
-            for c in chunk_sizes:
-                cases.append(("softmax", f"edgemoe(chunk={c})",
-                              lambda c=c: edgemoe_softmax(xd, chunk_size=c), ref_softmax))
-                cases.append(("softmax", f"edgemoe(chunk={c}, float)",
-                              lambda c=c: edgemoe_softmax(xd, chunk_size=c, frac_bits=None), ref_softmax))
-            cases += [("gelu", "gelu", lambda: exact_gelu(xd), ref_gelu),
-                      ("gelu", "gelu_tanh", lambda: tanh_gelu(xd), ref_gelu),
-                      ("gelu", "gelu_edgemoe", lambda: edgemoe_gelu(xd), ref_gelu),
-                      ("gelu", "gelu_edgemoe(float)", lambda: edgemoe_gelu(xd, frac_bits=None), ref_gelu)]
-            for op, impl, fn, ref in cases:
-                err = (fn().to(torch.float64) - ref).abs().max().item()
-                results.append(dict(op=op, impl=impl, rows=rows, M=M, dtype=str(dtype).removeprefix("torch."),
-                                    median_ms=_median_ms(fn, repeats, device), max_abs_err=err))
-    return results
-
-
 __all__ = ["edgemoe_softmax", "exact_softmax", "edgemoe_gelu", "exact_gelu", "tanh_gelu",
-           "gelu_delta_table", "softmax_attention", "bench_numerics", "ACTIVATIONS", "SOFTMAXES",
+           "gelu_delta_table", "softmax_attention", "ACTIVATIONS", "SOFTMAXES",
            "FRAC_BITS"]
