@@ -66,8 +66,11 @@ Output folder (default arena-results/<timestamp>):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import inspect
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import statistics
@@ -79,9 +82,13 @@ from typing import Any
 
 import torch
 
+from attnlab import bench
 from attnlab._args import float_above, int_at_least, int_list, key_value
 from attnlab._env import gpu_name, loadavg, software_and_machine
 from attnlab._io import default_out, describe_error, fmt
+from attnlab.registry import get_spec, list_specs
+from attnlab.tasks import create_task, get_task
+from attnlab.train import TrainConfig, TrainInterrupted, train
 
 FORMAT = 2
 # The default run: MQAR over a difficulty sweep (the causal sequence mechanisms), character-level
@@ -168,7 +175,6 @@ class ArenaConfig:
 # --- what runs ------------------------------------------------------------------------------------
 
 def _takes(task_cls, key: str) -> bool:
-    import inspect
     return key in inspect.signature(task_cls.__init__).parameters
 
 
@@ -191,8 +197,6 @@ def _select(config: ArenaConfig, *, log=None) -> tuple[list, list[str], list[dic
     A task option (--task-option KEY=VALUE) goes to every selected task whose constructor takes KEY.
     A default task whose data are missing (FALLBACK_TASKS) is replaced, with a log line.
     """
-    from attnlab.tasks import create_task, get_task
-    from attnlab.registry import get_spec, list_specs
 
     classes = {name: get_task(name) for name in config.tasks}          # unknown task: the registry's error
     for key in config.task_options:
@@ -247,7 +251,6 @@ def _train_one(config: ArenaConfig, task_name: str, task_options: dict[str, Any]
     """Train one model (in a worker process when config.jobs > 1): the row's per-seed numbers."""
     from rich.console import Console
 
-    from attnlab.train import TrainConfig, train
     layer = {"name": mechanism, **_mechanism_options(config, mechanism)}
     train_config = TrainConfig(
         task=task_name, task_options=task_options,
@@ -258,7 +261,6 @@ def _train_one(config: ArenaConfig, task_name: str, task_options: dict[str, Any]
         device=config.device, threads=config.threads)
     t0 = time.perf_counter()
     result = train(train_config, None, progress=config.jobs == 1 and Console(stderr=True).is_terminal)
-    from attnlab.tasks import get_task
     quality = get_task(task_name).quality
     return {"seed": seed, "quality": result.final[f"val_{quality}"], "final": result.final,
             "curve": [[h["step"], h[f"val_{quality}"]] for h in result.history],
@@ -266,7 +268,6 @@ def _train_one(config: ArenaConfig, task_name: str, task_options: dict[str, Any]
 
 
 def _timing_entries(measured: dict[str, Any], name: str, seq_lens: list[int]) -> list[dict[str, Any]]:
-    from attnlab.bench.harness import iqr, median
     out = []
     for n in seq_lens:
         t = measured["timings"].get(n, {}).get(name, {"status": "skipped", "reason": "not measured"})
@@ -275,8 +276,8 @@ def _timing_entries(measured: dict[str, Any], name: str, seq_lens: list[int]) ->
         out.append({"seq_len": n, "status": "ok" if ok else "skipped",
                     # why it was not timed, or else why memory or FLOPs were not measured
                     "reason": m.get("reason") if ok else t.get("reason"),
-                    "fwd_ms": median(t.get("fwd_ms")), "fwd_bwd_ms": median(t.get("fwd_bwd_ms")),
-                    "fwd_ms_iqr": iqr(t.get("fwd_ms")), "fwd_bwd_ms_iqr": iqr(t.get("fwd_bwd_ms")),
+                    "fwd_ms": bench.median(t.get("fwd_ms")), "fwd_bwd_ms": bench.median(t.get("fwd_bwd_ms")),
+                    "fwd_ms_iqr": bench.iqr(t.get("fwd_ms")), "fwd_bwd_ms_iqr": bench.iqr(t.get("fwd_bwd_ms")),
                     "repeats": len(t.get("fwd_ms") or []),
                     "peak_mem_mb": m.get("peak_mem_mb"), "mem_method": m.get("mem_method"),
                     "flops_fwd": m.get("flops_fwd"), "flops_bwd": m.get("flops_bwd")})
@@ -370,9 +371,6 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
     `log(text)` gets a line per trained model and per measuring step (default: stderr).
     TrainInterrupted (Ctrl-C during training) propagates.
     """
-    from attnlab.bench import harness as bench
-    from attnlab.train import TrainInterrupted
-    from attnlab.registry import get_spec
 
     if log is None:
         def log(text: str) -> None:
@@ -417,8 +415,6 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
     else:
         # Worker processes, one intra-op thread each (config.threads): the models are small enough
         # that two processes on two cores train about twice as fast as one process with two threads.
-        import concurrent.futures
-        import multiprocessing
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=config.jobs, mp_context=ctx) as pool:
             futures = {pool.submit(_train_one, *args_of(*w)): (w, time.perf_counter()) for w in work}
@@ -750,13 +746,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ArenaConfig:
-    from attnlab.bench.harness import parse_options
     options = {}
     if args.options:
-        from attnlab.registry import list_specs
         running = args.mechanisms if args.mechanisms is not None else \
             [s.name for s in list_specs(layout="seq")] + [s.name for s in list_specs(layout="2d")]
-        options = parse_options(args.options, running)
+        options = bench.parse_options(args.options, running)
     quick = getattr(args, "quick", False)
     tasks = args.tasks
     if quick and tasks == list(DEFAULT_TASKS):
@@ -798,7 +792,6 @@ def command(config: ArenaConfig) -> str:
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from attnlab.train import TrainInterrupted
     try:
         config = config_from_args(args)
         _select(config)                                   # every name and option checked before any work

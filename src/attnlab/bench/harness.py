@@ -21,11 +21,6 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-# attnlab.arena.leaderboard imports these from here; they live in adapters and report, and
-# `attnlab.bench` exports them.
-from attnlab.bench.adapters import parse_options  # noqa: F401
-from attnlab.bench.report import iqr, median  # noqa: F401
-
 # Without --repeats: as many timed rounds per shape as fit in --budget seconds, within these bounds.
 DEFAULT_BUDGET_S = 3.0
 MIN_REPEATS, MAX_REPEATS = 3, 30
