@@ -75,7 +75,7 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import allowed_and_bias, check_attn_mask
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
@@ -212,10 +212,9 @@ class DeconstructedAttention(nn.Module):
         self.head_dim = check_dims(name, dim, num_heads)
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise ValueError(f"{name}: unknown variant {variant!r}; expected one of {VARIANTS}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"{name}: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ValueError(f"{name}: scale must be a positive number or None, got {scale!r}")
+        check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
+        if scale is not None:
+            check_positive(name, "scale", scale)
         if backend is not None and variant not in _SOFTMAX_VARIANTS:
             raise ValueError(f"{name}: variant {variant!r} does not run through attnlab.ops.attention, so "
                              f"backend={backend!r} cannot apply; backends serve {_SOFTMAX_VARIANTS}")

@@ -63,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dims, check_features
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive
 from attnlab.ops.attention import PRIORITY, attention
 from attnlab.registry import MechanismSpec, register
 
@@ -124,13 +124,11 @@ class HaloAttention2d(nn.Module):
             _positive_int("dim_head", dim_head)
         self.block_size = _positive_int("block_size", block_size)
         self.halo_size = _positive_int("halo_size", halo_size, allow_zero=True)
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"{NAME}: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
         if not isinstance(mask_padding, bool):
             raise TypeError(f"{NAME}: mask_padding must be a bool, got {type(mask_padding).__name__}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"{NAME}: scale must be a positive finite number or None, got {scale!r}")
+        if scale is not None:
+            check_positive(NAME, "scale", scale)
         if backend is not None and backend not in PRIORITY:
             raise ValueError(f"{NAME}: backend must be one of {PRIORITY} or None, got {backend!r}")
         factory = dict(device=device, dtype=dtype)

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
@@ -370,12 +370,9 @@ class HierarchicalAttention(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims(NAME, dim, num_heads)
-        for arg, value in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{NAME}: {arg} must be a float in [0, 1), got {value!r}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"{NAME}: scale must be a finite number > 0 or None, got {scale!r}")
+        check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
+        if scale is not None:
+            check_positive(NAME, "scale", scale)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
         self.scale, self.backend, self.attn_drop = scale, backend, float(attn_drop)

@@ -106,7 +106,7 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import causal_grid, check_attn_mask
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
 from attnlab.registry import MechanismSpec, register
 
 URL = "https://arxiv.org/abs/2603.00175"
@@ -122,19 +122,6 @@ def _check_gamma(name: str, gamma) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) < 1.0:
         raise ValueError(f"{name}: gamma must be a float in the open interval (0, 1), got {gamma!r}")
     return float(gamma)
-
-
-def _check_positive(name: str, arg: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0.0 \
-            or not math.isfinite(float(value)):
-        raise ValueError(f"{name}: {arg} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_drop(name: str, attn_drop, proj_drop) -> None:
-    for arg, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"{name}: {arg} must be in [0, 1), got {p!r}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -244,7 +231,7 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
         super().__init__()
         name = "infsa"
         self.head_dim = check_dims(name, dim, num_heads)
-        _check_drop(name, attn_drop, proj_drop)
+        check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
         gamma = _check_gamma(name, gamma)
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise ValueError(f"{name}: variant must be one of {VARIANTS}, got {variant!r}")
@@ -257,8 +244,8 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
             hops = 1
         if not isinstance(norm, str) or norm not in NORMS:
             raise ValueError(f"{name}: norm must be one of {NORMS}, got {norm!r}")
-        self.scale = 1.0 / self.head_dim if scale is None else _check_positive(name, "scale", scale)
-        self.eps = _check_positive(name, "eps", eps)
+        self.scale = 1.0 / self.head_dim if scale is None else check_positive(name, "scale", scale)
+        self.eps = check_positive(name, "eps", eps)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
         self.variant, self.hops, self.norm, self.attn_drop = variant, hops, norm, attn_drop
@@ -359,12 +346,12 @@ class LinearInfiniteSelfAttention(_GammaMixin, nn.Module):
         super().__init__()
         name = "linear_infsa"
         self.head_dim = check_dims(name, dim, num_heads)
-        _check_drop(name, attn_drop, proj_drop)
+        check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
         gamma = _check_gamma(name, gamma)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"{name}: chunk_size must be an int >= 1, got {chunk_size!r}")
-        self.scale = 1.0 / self.head_dim if scale is None else _check_positive(name, "scale", scale)
-        self.eps = _check_positive(name, "eps", eps)
+        self.scale = 1.0 / self.head_dim if scale is None else check_positive(name, "scale", scale)
+        self.eps = check_positive(name, "eps", eps)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads, self.chunk_size, self.attn_drop = dim, num_heads, chunk_size, attn_drop
         self._init_gamma(gamma, learn_gamma, factory)

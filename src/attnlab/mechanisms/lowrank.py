@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from attnlab._checks import check_tokens
+from attnlab._checks import check_dropout, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
@@ -93,8 +93,7 @@ class LowRankPooling(nn.Module):
             raise ValueError(f"lowrank: out_dim must be a positive int or None, got {out_dim!r}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"lowrank: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"lowrank: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout("lowrank", attn_drop=attn_drop, proj_drop=proj_drop)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads, self.rank = dim, num_heads, rank
         self.activation = activation

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.ops.numerics import SOFTMAXES, softmax_attention
 from attnlab.registry import MechanismSpec, register
@@ -49,8 +49,7 @@ class MultiHeadAttention(nn.Module):
                 or num_heads % num_kv_heads:
             raise ValueError(f"mhsa: num_kv_heads must be a positive divisor of num_heads ({num_heads}), "
                              f"got {num_kv_heads!r}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"mhsa: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout("mhsa", attn_drop=attn_drop, proj_drop=proj_drop)
         if not isinstance(softmax, str) or softmax not in SOFTMAXES:
             raise ValueError(f"mhsa: softmax must be one of {sorted(SOFTMAXES)}, got {softmax!r}")
         if softmax != "exact" and backend is not None:

@@ -67,7 +67,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
@@ -120,10 +120,9 @@ class MinimalAttention(nn.Module):
                             ("proj_bias", proj_bias)):
             _check_bool(name, value)
         vo = _vo_mode(collapse_vo)
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"minimal: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ValueError(f"minimal: scale must be a positive number or None, got {scale!r}")
+        check_dropout("minimal", attn_drop=attn_drop, proj_drop=proj_drop)
+        if scale is not None:
+            check_positive("minimal", "scale", scale)
         if qkv_bias and collapse_qk and vo != "separate":
             raise ValueError("minimal: qkv_bias=True needs a W_q, W_k or W_v matrix to add a bias to, but "
                              f"collapse_qk=True and collapse_vo={vo!r} leave none")

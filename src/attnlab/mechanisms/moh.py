@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
@@ -120,8 +120,7 @@ class MoHAttention(nn.Module):
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims("moh", dim, num_heads)
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"moh: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout("moh", attn_drop=attn_drop, proj_drop=proj_drop)
         if variant not in VARIANTS:
             raise ValueError(f"moh: variant must be one of {VARIANTS}, got {variant!r}")
         h = num_heads

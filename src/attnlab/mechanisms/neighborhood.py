@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.ops.neighborhood import NA_BACKENDS, neighborhood_attention, neighborhood_options, neighborhood_pairs
 from attnlab.registry import MechanismSpec, register
@@ -68,17 +68,14 @@ class _Neighborhood(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims(self.name, dim, num_heads)
-        if isinstance(attn_drop, bool) or not isinstance(attn_drop, (int, float)) or not 0.0 <= attn_drop < 1.0:
-            raise ValueError(f"{self.name}: attn_drop must be in [0, 1), got {attn_drop!r}")
+        check_dropout(self.name, attn_drop=attn_drop, proj_drop=proj_drop)
         if attn_drop > 0.0:
             raise NotImplementedError(f"mechanism {self.name!r} does not support attention dropout "
                                       f"(attn_drop={attn_drop}); the neighborhood kernels have none")
-        if isinstance(proj_drop, bool) or not isinstance(proj_drop, (int, float)) or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"{self.name}: proj_drop must be in [0, 1), got {proj_drop!r}")
         if backend is not None and backend not in NA_BACKENDS:
             raise ValueError(f"{self.name}: backend must be None or one of {NA_BACKENDS}, got {backend!r}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ValueError(f"{self.name}: scale must be a positive number or None, got {scale!r}")
+        if scale is not None:
+            check_positive(self.name, "scale", scale)
         self.kernel_size, self.dilation, self.stride, self.causal = neighborhood_options(
             self.ndim, kernel_size, dilation, stride, causal, who=self.name)
         factory = dict(device=device, dtype=dtype)

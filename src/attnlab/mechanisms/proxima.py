@@ -53,7 +53,7 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import check_attn_mask
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
@@ -68,18 +68,6 @@ SOURCE_COMBINED = ("title + abstract only (arXiv 2412.18524; code repository 404
                    "mechanism fusing Multi-Head Self-Attention with Proxima Attention'. Guessed: "
                    "sigmoid(g) * mhsa(x) + (1 - sigmoid(g)) * proxima(x), separate projections, one "
                    "learned scalar gate")
-
-
-def _check_drop(name: str, attn_drop, proj_drop) -> None:
-    for arg, value in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}: {arg} must be a float in [0, 1), got {value!r}")
-
-
-def _check_positive(name: str, arg: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: {arg} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,10 +114,10 @@ class ProximaAttention(nn.Module):
                  scale: float | None = None, backend: str | None = None, device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims("proxima", dim, num_heads)
-        _check_drop("proxima", attn_drop, proj_drop)
-        sigma = _check_positive("proxima", "sigma", sigma)
+        check_dropout("proxima", attn_drop=attn_drop, proj_drop=proj_drop)
+        sigma = check_positive("proxima", "sigma", sigma)
         if scale is not None:
-            scale = _check_positive("proxima", "scale", scale)
+            scale = check_positive("proxima", "scale", scale)
         if not isinstance(learn_sigma, bool):
             raise TypeError(f"proxima: learn_sigma must be a bool, got {learn_sigma!r}")
         factory = dict(device=device, dtype=dtype)
@@ -199,12 +187,12 @@ class CombinedAttention(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims("combined", dim, num_heads)
-        _check_drop("combined", attn_drop, proj_drop)
+        check_dropout("combined", attn_drop=attn_drop, proj_drop=proj_drop)
         if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)) or not math.isfinite(gate_init):
             raise ValueError(f"combined: gate_init must be a finite number (a logit), got {gate_init!r}")
-        _check_positive("combined", "sigma", sigma)
+        check_positive("combined", "sigma", sigma)
         if scale is not None:
-            scale = _check_positive("combined", "scale", scale)
+            scale = check_positive("combined", "scale", scale)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
         self.scale, self.backend, self.attn_drop = scale, backend, float(attn_drop)

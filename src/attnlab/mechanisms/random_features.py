@@ -60,7 +60,7 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import allowed_and_bias
-from attnlab._checks import check_features, check_tokens
+from attnlab._checks import check_dropout, check_features, check_positive, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
@@ -128,12 +128,11 @@ class RandomFeatureAttention(nn.Module):
         std = 1.0 / math.sqrt(dim) if qk_std is None else qk_std
         if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0.0 <= std < math.inf:
             raise ValueError(f"{name}: qk_std must be a finite number >= 0, got {qk_std!r}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ValueError(f"{name}: scale must be a positive number or None, got {scale!r}")
+        if scale is not None:
+            check_positive(name, "scale", scale)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"{name}: seed must be an int or None, got {type(seed).__name__}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"{name}: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
         if backend is not None and activation != "softmax":
             raise ValueError(f"{name}: backend={backend!r} applies to activation='softmax' only "
                              f"(activation={activation!r} is computed here, not by ops.attention)")

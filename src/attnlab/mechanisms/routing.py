@@ -113,7 +113,7 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import check_attn_mask
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
@@ -180,8 +180,7 @@ class RoutingAttention(nn.Module):
             raise ValueError(f"routing: capacity must be a finite number > 0, got {capacity!r}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"routing: decay must be in [0, 1), got {decay!r}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"routing: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout("routing", attn_drop=attn_drop, proj_drop=proj_drop)
         if routing_seed is not None and (isinstance(routing_seed, bool) or not isinstance(routing_seed, int)):
             raise TypeError(f"routing: routing_seed must be an int or None, got {type(routing_seed).__name__}")
         factory = dict(device=device, dtype=dtype)

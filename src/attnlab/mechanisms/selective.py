@@ -48,7 +48,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
 from attnlab.ops.attention import attention
 from attnlab.registry import MechanismSpec, register
 
@@ -100,9 +100,7 @@ class SelectiveAttention(nn.Module):
                 or num_heads % num_kv_heads:
             raise ValueError(f"{NAME}: num_kv_heads must be a positive divisor of num_heads ({num_heads}), "
                              f"got {num_kv_heads!r}")
-        for arg, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-                raise ValueError(f"{NAME}: {arg} must be in [0, 1), got {p!r}")
+        check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
         if scale is not None:
             scale = _check_float("scale", scale)
         self.query_temp = _check_flag("query_temp", query_temp)
