@@ -74,7 +74,7 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
-from attnlab.ops.attention import attention
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 NAME = "hierarchical"
@@ -363,7 +363,12 @@ class HierarchicalAttention(nn.Module):
 
     The DP runs in float32 (float64 for float64 input) and casts back. `backend` applies to the
     flat path, which runs through `attnlab.ops.attention`.
+    Hooks (attnlab.hooks): scores and probs only on the flat path's
+    eager run (`backend="reference"`); the tree path never forms an N x N matrix.
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, scale: float | None = None, backend: str | None = None,
@@ -379,10 +384,12 @@ class HierarchicalAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_q = nn.Identity()    # (B, h, N, d)
-        self.hook_k = nn.Identity()    # (B, h, N, d)
-        self.hook_v = nn.Identity()    # (B, h, N, d)
-        self.hook_out = nn.Identity()  # (B, h, N, d), per-head outputs before proj
+        self.hook_q = HookPoint()    # (B, h, N, d)
+        self.hook_k = HookPoint()    # (B, h, N, d)
+        self.hook_v = HookPoint()    # (B, h, N, d)
+        self.hook_scores = HookPoint()   # (B, h, N, N), flat path only, the softmax input (eager path only)
+        self.hook_probs = HookPoint()    # (B, h, N, N), flat path only, the softmax output (eager path only)
+        self.hook_out = HookPoint()  # (B, h, N, d), per-head outputs before proj
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
@@ -398,7 +405,8 @@ class HierarchicalAttention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         dropout_p = self.attn_drop if self.training else 0.0
         if compiled is None:
-            out = attention(q, k, v, scale=self.scale, dropout_p=dropout_p, backend=self.backend)
+            out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                                   scale=self.scale, dropout_p=dropout_p, backend=self.backend)
         else:
             scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
             out = hierarchical_attention(q, k, v, compiled, scale=scale, dropout_p=dropout_p).to(x.dtype)

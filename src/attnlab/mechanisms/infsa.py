@@ -107,6 +107,7 @@ from torch import Tensor
 from attnlab.cache import KVCache
 from attnlab.masks import causal_grid, check_attn_mask
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
+from attnlab.hooks import HookPoint
 from attnlab.registry import MechanismSpec, register
 
 URL = "https://arxiv.org/abs/2603.00175"
@@ -222,7 +223,11 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
     default 0.95 as the official rho_init), `learn_gamma`, `norm` ("frobenius", the official;
     "row", the random-walk matrix, which also supports is_causal), `scale` (default 1/d as in the
     official code), `eps`.
+    Hooks (attnlab.hooks): always eager (no backend), so every hook fires on every forward.
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ()
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, proj_bias: bool = True, gamma: float = 0.95, learn_gamma: bool = True,
@@ -253,11 +258,12 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_q = nn.Identity()      # (B, h, N, d)
-        self.hook_k = nn.Identity()      # (B, h, N, d)
-        self.hook_v = nn.Identity()      # (B, h, N, d)
-        self.hook_probs = nn.Identity()  # (B, h, N, N): A_hat, the normalised one-hop matrix
-        self.hook_out = nn.Identity()    # (B, h, N, d): one hop or the series, before proj
+        self.hook_q = HookPoint()      # (B, h, N, d)
+        self.hook_k = HookPoint()      # (B, h, N, d)
+        self.hook_v = HookPoint()      # (B, h, N, d)
+        self.hook_scores = HookPoint()  # (B, h, N, N): q k^T * scale, before the ReLU and the mask
+        self.hook_probs = HookPoint()  # (B, h, N, N): A_hat, the normalised one-hop matrix
+        self.hook_out = HookPoint()    # (B, h, N, d): one hop or the series, before proj
 
     def extra_repr(self) -> str:
         hops = "inf" if self.hops is None else self.hops
@@ -269,7 +275,7 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
         """A_hat (B, h, N, N) in q's dtype from q, k (B, h, N, d); `attn_mask` already checked (4-D)."""
         N = q.shape[-2]
         root = math.sqrt(self.scale)
-        scores = (q * root) @ (k * root).transpose(-2, -1)          # (B, h, N, N)
+        scores = self.hook_scores((q * root) @ (k * root).transpose(-2, -1))  # (B, h, N, N)
         a = _masked_relu(scores, attn_mask)                         # A, non-negative
         if is_causal:
             a = a.masked_fill(~causal_grid(N, N, q.device), 0.0)
@@ -337,7 +343,12 @@ class LinearInfiniteSelfAttention(_GammaMixin, nn.Module):
 
     Options: `gamma` (default 0.95, official rho_init), `learn_gamma`, `scale` (default 1/d),
     `eps`, `chunk_size` (tokens per pass step, default 16384; only memory depends on it).
+    Hooks (attnlab.hooks): q, k and v are projected chunk by chunk and never exist whole, so the
+    hooks are the pooled query q_bar (`hook_state`) and the pooled output (`hook_out`).
     """
+
+    hook_names = ("hook_state", "hook_out")
+    eager_hook_names = ()
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, proj_bias: bool = True, gamma: float = 0.95, learn_gamma: bool = True,
@@ -358,8 +369,8 @@ class LinearInfiniteSelfAttention(_GammaMixin, nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_state = nn.Identity()  # (B, h, d): q_bar, the pooled query
-        self.hook_out = nn.Identity()    # (B, h, 1 or N, d): the pooled output, before proj
+        self.hook_state = HookPoint()  # (B, h, d): q_bar, the pooled query
+        self.hook_out = HookPoint()    # (B, h, 1 or N, d): the pooled output, before proj
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, chunk_size={self.chunk_size}"

@@ -33,8 +33,9 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
-from attnlab.ops.attention import attention
-from attnlab.ops.neighborhood import NA_BACKENDS, neighborhood_attention, neighborhood_options, neighborhood_pairs
+from attnlab.ops.neighborhood import (NA_BACKENDS, neighborhood_attention, neighborhood_options, neighborhood_pairs,
+                                      reference_neighborhood_mask)
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 PAPER = "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light"
@@ -57,7 +58,15 @@ def _effective(spatial, ks, dil, st):
 
 
 class _Neighborhood(nn.Module):
-    """Shared constructor: timm-style qkv/proj and the neighborhood options."""
+    """Shared constructor: timm-style qkv/proj and the neighborhood options.
+
+    Hooks (attnlab.hooks): scores and probs on the eager path only, `backend="reference"` (the
+    op's own backends ignore `attnlab.use_backend`); cached decoding (1-D) runs through
+    ops.attention and takes `use_backend("reference")` instead.
+    """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     ndim = 1
     name = "neighborhood"
@@ -85,10 +94,14 @@ class _Neighborhood(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_q = nn.Identity()    # (B, h, *spatial, d)
-        self.hook_k = nn.Identity()    # (B, h, *spatial, d)
-        self.hook_v = nn.Identity()    # (B, h, *spatial, d)
-        self.hook_out = nn.Identity()  # (B, h, *spatial, d), per-head outputs before proj
+        self.hook_q = HookPoint()    # (B, h, *spatial, d)
+        self.hook_k = HookPoint()    # (B, h, *spatial, d)
+        self.hook_v = HookPoint()    # (B, h, *spatial, d)
+        # Scores and probs over all N = prod(spatial) tokens, -inf outside the window: formed only
+        # on the eager path (backend="reference"); the blocked and flex kernels never hold them.
+        self.hook_scores = HookPoint()  # (B, h, N, N), the softmax input; decoding: (B, h, n, window keys)
+        self.hook_probs = HookPoint()   # (B, h, N, N), the softmax output
+        self.hook_out = HookPoint()  # (B, h, *spatial, d), per-head outputs before proj
 
     def extra_repr(self) -> str:
         causal = "" if self.ndim == 1 else f", causal={self.causal}"
@@ -112,7 +125,22 @@ class _Neighborhood(nn.Module):
     def _attend(self, q, k, v, causal: tuple[bool, ...]) -> Tensor:
         spatial = tuple(q.shape[2:-1])
         ks, dil, st = _effective(spatial, self.kernel_size, self.dilation, self.stride)
-        return neighborhood_attention(q, k, v, ks, dil, st, causal, scale=self.scale, backend=self.backend)
+        return self._neighborhood(q, k, v, ks, dil, st, causal)
+
+    def _neighborhood(self, q, k, v, ks, dil, st, causal) -> Tensor:
+        """neighborhood_attention on self.backend; its reference backend runs here, through the
+        scores and probs hooks (the same mask and the same oracle call as the op's)."""
+        if self.backend != "reference":
+            return neighborhood_attention(q, k, v, ks, dil, st, causal, scale=self.scale, backend=self.backend)
+        spatial = tuple(q.shape[2:-1])
+        B, h = q.shape[:2]
+        N = math.prod(spatial)
+        mask = reference_neighborhood_mask(spatial, ks, dil, st, causal).to(q.device)[None, None]  # (1, 1, N, N)
+        qf, kf, vf = (t.reshape(B, t.shape[1], N, t.shape[-1]) for t in (q, k, v))   # (B, h, N, d)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else float(self.scale)
+        out = hooked_attention(qf, kf, vf, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                               attn_mask=mask, scale=scale, backend="reference")
+        return out.view(B, h, *spatial, v.shape[-1])
 
     def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int, causal: bool) -> tuple[float, float]:
         """2 x the multiply-adds of the projections and of the (query, key) pairs kept.
@@ -174,8 +202,7 @@ class NeighborhoodAttention1d(_Neighborhood):
             # the causal window needs no length: pad at the end (no earlier query sees it)
             pad = kernel * dil - N
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            out = neighborhood_attention(q, k, v, kernel, dil, 1, True, scale=self.scale,
-                                         backend=self.backend)[:, :, :N]
+            out = self._neighborhood(q, k, v, (kernel,), (dil,), (1,), (True,))[:, :, :N]
         else:
             out = self._attend(q, k, v, (bool(is_causal),))                  # (B, h, N, d)
         return self._project(out)
@@ -199,7 +226,8 @@ class NeighborhoodAttention1d(_Neighborhood):
         key = torch.arange(first, past + n, device=x.device)[None, :]
         back = query - key
         allowed = (back >= 0) & (back % dil == 0) & (back // dil < kernel)  # (n, M - first)
-        out = attention(q, k, v, attn_mask=allowed[None, None], scale=self.scale)
+        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                               attn_mask=allowed[None, None], scale=self.scale)
         return self._project(out)
 
 

@@ -61,14 +61,14 @@ from torch import Tensor
 from attnlab.cache import KVCache
 from attnlab.masks import allowed_and_bias
 from attnlab._checks import check_dropout, check_features, check_positive, check_tokens
-from attnlab.ops.attention import attention
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 ACTIVATIONS = ("relu", "softmax")
 
 
 def _relu_mean_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Tensor | None,
-                         scale: float, dropout_p: float) -> Tensor:
+                         scale: float, dropout_p: float, hook_scores=None, hook_weights=None) -> Tensor:
     """out_i = (1 / #allowed_i) sum_j ReLU(q_i.k_j * scale + bias_ij) v_j over allowed keys j.
 
     q (B, h, N, C), k and v (B, 1, M, C) -> (B, h, N, C); float32 (float64 for float64 input).
@@ -77,9 +77,13 @@ def _relu_mean_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias:
     scores = torch.einsum("bhnc,bgmc->bhnm", q.to(compute), k.to(compute)) * scale     # (B, h, N, M)
     if bias is not None:    # a float mask is added to the scores, as for softmax
         scores = scores + torch.where(allowed, bias.to(compute), torch.zeros((), dtype=compute))
+    if hook_scores is not None:
+        scores = hook_scores(scores)
     weights = torch.where(allowed, F.relu(scores), scores.new_zeros(()))
     count = allowed.sum(-1, keepdim=True).clamp_min(1).to(compute)                      # (B|1, h|1, N, 1)
     probs = weights / count                                                             # empty rows: 0
+    if hook_weights is not None:
+        probs = hook_weights(probs)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     out = torch.einsum("bhnm,bgmc->bhnc", probs, v.to(compute))                         # (B, h, N, C)
@@ -109,7 +113,12 @@ class RandomFeatureAttention(nn.Module):
     and independent of the global RNG), `scale` (default 1, the paper's, for relu; 1/sqrt(C) for
     softmax), `value_bias`, `attn_drop`,
     `proj_drop` (dropout on the output), `backend` (softmax only).
+    Hooks (attnlab.hooks): q = x W_m, k = v = x, the scores and the weights on v (eager path:
+    always for relu, `backend="reference"` for softmax), out = the features phi_m.
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_weights", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_weights")
 
     def __init__(self, dim: int, num_heads: int = 8, *, activation: str = "relu", qk_mean: float = 0.0,
                  qk_std: float | None = None, seed: int | None = None, scale: float | None = None,
@@ -153,9 +162,13 @@ class RandomFeatureAttention(nn.Module):
 
         self.value = nn.Linear(num_heads * dim, dim, bias=value_bias, device=device, dtype=dtype)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_q = nn.Identity()    # (B, M, N, C): x_i^T W_m (a row vector per token)
-        self.hook_k = nn.Identity()    # (B, 1, K, C): the tokens themselves, after the cache
-        self.hook_out = nn.Identity()  # (B, M, N, C): the random features phi_m(x_i)
+        self.hook_q = HookPoint()    # (B, M, N, C): x_i^T W_m (a row vector per token)
+        self.hook_k = HookPoint()    # (B, 1, K, C): the tokens themselves, after the cache
+        self.hook_v = HookPoint()    # (B, 1, K, C): the tokens themselves, after the cache
+        # The next two fire on the eager path: always for relu, backend="reference" for softmax.
+        self.hook_scores = HookPoint()   # (B, M, N, K): x_i^T W_m x_j * scale (+ float mask), before the activation
+        self.hook_weights = HookPoint()  # (B, M, N, K): what multiplies v: ReLU(scores) / #keys, or softmax
+        self.hook_out = HookPoint()  # (B, M, N, C): the random features phi_m(x_i)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, activation={self.activation!r}, "
@@ -173,14 +186,16 @@ class RandomFeatureAttention(nn.Module):
         v = k
         if cache is not None:
             k, v = cache.update(k, v)                                       # (B, 1, K, C), K = past + N
-        q, k = self.hook_q(q), self.hook_k(k)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.activation == "softmax":
-            phi = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                            dropout_p=dropout_p, backend=self.backend)
+            phi = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_weights,
+                                   attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                   dropout_p=dropout_p, backend=self.backend)
         else:
             allowed, bias = allowed_and_bias(attn_mask, is_causal, B, h, N, k.shape[2], x.device)
-            phi = _relu_mean_attention(q, k, v, allowed, bias, self.scale, dropout_p)
+            phi = _relu_mean_attention(q, k, v, allowed, bias, self.scale, dropout_p,
+                                       self.hook_scores, self.hook_weights)
         phi = self.hook_out(phi)                                            # (B, M, N, C)
         return phi.transpose(1, 2).reshape(B, N, h * C)                     # (B, N, M C)
 
