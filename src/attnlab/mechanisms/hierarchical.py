@@ -362,8 +362,9 @@ class HierarchicalAttention(nn.Module):
     """x (B, N, C), tree -> (B, N, C). `tree=None` is flat: exactly mhsa with the same weights.
 
     The DP runs in float32 (float64 for float64 input) and casts back. `backend` applies to the
-    flat path, which runs through `attnlab.ops.attention`.
-    Hooks (attnlab.hooks): scores and probs only on the flat path's
+    flat path, which runs through `attnlab.ops.attention`; `spec.backends` are the flat path's.
+    The tree path runs its own DP on no attention backend, so an explicit `backend` with a tree
+    raises NotImplementedError. Hooks (attnlab.hooks): scores and probs only on the flat path's
     eager run (`backend="reference"`); the tree path never forms an N x N matrix.
     """
 
@@ -399,6 +400,10 @@ class HierarchicalAttention(nn.Module):
         check_tokens(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, N, C = x.shape
+        if tree is not None and self.backend is not None:
+            raise NotImplementedError(
+                f"mechanism {NAME!r} does not support backend={self.backend!r} with a tree: the tree path "
+                "runs its own dynamic programme, not an attention backend (backend applies to tree=None)")
         compiled = None if tree is None else _compiled_on(parse_tree(tree, N), N, x.device)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)    # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                        # 3 x (B, h, N, d)
