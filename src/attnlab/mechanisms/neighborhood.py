@@ -10,7 +10,8 @@ NATTEN defines them; see the ops module for the rules. No relative position bias
 Status: exact (the window mask of NATTEN's na1d/na2d/na3d); forward and backward on CPU via the
 blocked kernel, FlexAttention on CUDA. `neighborhood1d` is a sequence mechanism: causal via
 forward's is_causal, cached decoding (stride 1) exact; `neighborhood2d/3d` are channels-last
-spatial modules with a per-axis `causal=` option.
+spatial modules with a per-axis `causal=` constructor option (spec.causal_axes; forward's
+is_causal, i.e. spec.causal, is not supported: which axes are causal is part of the layer).
 Deviations:
 - an axis shorter than kernel_size * dilation (NATTEN raises): the window is clipped to the axis,
   kernel_size -> min(kernel_size, n), dilation -> max(1, min(dilation, n // kernel)), stride ->
@@ -232,9 +233,15 @@ class NeighborhoodAttention1d(_Neighborhood):
 
 
 class _SpatialNeighborhood(_Neighborhood):
-    """x (B, *spatial, C) channels-last -> same shape."""
+    """x (B, *spatial, C) channels-last -> same shape.
 
-    def forward(self, x: Tensor) -> Tensor:
+    Causal masking is the constructor's per-axis `causal=` (spec.causal_axes); forward takes the
+    shared keywords so that every mechanism is called alike, and refuses is_causal, attn_mask
+    and cache (NotImplementedError, spec.causal / attn_mask / kv_cache are False).
+    """
+
+    def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+                cache: KVCache | None = None) -> Tensor:
         want = "(B, " + ", ".join("DHW"[3 - self.ndim:]) + f", C={self.dim})"
         if not isinstance(x, Tensor):
             raise TypeError(f"{self.name}: expected x as a torch.Tensor {want}, got {type(x).__name__}")
@@ -245,6 +252,7 @@ class _SpatialNeighborhood(_Neighborhood):
                              f"(shape {tuple(x.shape)})")
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected floating point x, got {x.dtype}")
+        check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         spatial = tuple(x.shape[1:-1])
         if math.prod(spatial) == 0:
             return self.proj_drop(self.proj(x))
@@ -255,7 +263,7 @@ class _SpatialNeighborhood(_Neighborhood):
 @register(MechanismSpec(
     name="neighborhood2d", paper=PAPER, year=2025, family="local", layout="2d",
     time="O(H W k^2 d)", memory="O(H W d) (CPU kernel: + one head's k, v per thread; training: + O(H W k^2) saved probabilities where <= 4x q)", exact=False,
-    causal=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
+    causal=False, causal_axes=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
     provenance="official-code", source=SOURCE,
     test_kwargs=dict(kernel_size=3)))
 class NeighborhoodAttention2d(_SpatialNeighborhood):
@@ -279,7 +287,7 @@ class NeighborhoodAttention2d(_SpatialNeighborhood):
 @register(MechanismSpec(
     name="neighborhood3d", paper=PAPER, year=2025, family="local", layout="3d",
     time="O(D H W k^3 d)", memory="O(D H W d) (CPU kernel: + one head's k, v per thread; training: + O(D H W k^3) saved probabilities where <= 4x q)", exact=False,
-    causal=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
+    causal=False, causal_axes=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
     provenance="official-code", source=SOURCE,
     test_kwargs=dict(kernel_size=3)))
 class NeighborhoodAttention3d(_SpatialNeighborhood):
