@@ -54,7 +54,7 @@ Deviations and readings:
   p, counting cached tokens) uses row p of X; the longest sequence is `max_seq_len`.
 - StaticEmbQK (Eq. 13): Q, K = e W_Q, e W_K with e the layer-0 input embeddings, passed as
   `embeddings=` (see the class docstring); V comes from the current hidden state.
-- `fixed` (an extension the issue asked for, not one of the paper's variants): a learned
+- `fixed` (attnlab's extension, not one of the paper's variants): a learned
   (h, N_max, N_max) logit table per layer, softmax over the allowed keys. This is the MLP-Mixer
   style map whose parameter count grows with N_max, which the paper cites as inspiration and
   avoids (section 3.4); it is here as the "learned, input-independent weights" reference point.

@@ -37,9 +37,9 @@ Tree format (`forward(x, tree=...)`), one tree shared by the batch:
 - `tree=None` is the flat hierarchy: plain multi-head softmax attention through
   `attnlab.ops.attention` (same weights and names as `mhsa`, so an mhsa state dict loads).
 Status: the derived attention and its DP as above; training and inference on a given tree.
-Sources: the paper's PDF could not be read here and no code is released. The DP was first
-derived from the abstract's principle (entropy minimisation, closest to softmax); it was then
-checked against the paper's Sec. 3 formulas as transcribed in a NeurIPS 2025 paper note
+Sources: the paper's PDF could not be read here and no code is released. The DP follows the
+abstract's principle (entropy minimisation, closest to softmax) and agrees with the paper's
+Sec. 3 formulas as transcribed in a NeurIPS 2025 paper note
 (papernotes, "Hierarchical Self-Attention ..."): the block energy
     psi(A -> B) = -eps(A')^T eps(B') + 1 / (2 sqrt(d) |A| |B|) sum_{i in A, j in B} ||q_i - k_j||^2
 (a mean over the leaf pairs of A and B: the two-sided block constraint read here), and the

@@ -54,7 +54,7 @@ Deviations and readings:
 - scale = 1/d (q and k each divided by sqrt(d)), as the official code, not softmax's 1/sqrt(d).
   Both normalisers and the pooled weights are invariant to it except through eps and additive
   float masks.
-- variant="series" (not the default since issue 12) is the paper's spectral form inside one layer;
+- variant="series" (not the default: that is the released layer) is the paper's spectral form inside one layer;
   the official code has no such layer. Its series starts at t = 1, as in the README's limit
   (I - gamma A_hat)^-1 - I: the t = 0 term is v itself, a skip connection that the block's
   residual already provides. variant="official" accepts hops=None or 1 only.

@@ -50,7 +50,7 @@ queries, attention rows and output-projection slices are needed) is not turned i
 here. `useful_flops` reports the work a head-sparse kernel would do.
 
 Deviations:
-- The default follows the released code, not the equations (issue 12): the paper does not state
+- The default follows the released code, not the equations: the paper does not state
   the renormalisation over the Top-K or the factors K, h_s and 2, which make the gates of
   zero-output routers 1 (so MoH with every head active and the routers at zero is mhsa) instead
   of 1/(2 h_s) (shared) and 1/(2 h_r) (routed). `variant="paper"` keeps Eq. 5-7 and computes

@@ -23,7 +23,7 @@ link) could not be consulted while writing this file, so no equation numbers are
 formulas above are the reading that the name, the abstract and the HTR setting (neighbouring
 columns of a text-line feature map belong to the same character) support best; they should be
 checked against the paper's Section on the Combined Attention when it is at hand.
-Re-checked for issue 12 (Fidelity): the paper's HTML (arxiv.org/html/2412.18524v1) is stored by
+What can be consulted: the paper's HTML (arxiv.org/html/2412.18524v1) is stored by
 the search service, but only its title and abstract could be read through it; no mirror of the
 body, no citing paper describing Proxima Attention's formula, and no copy of the code were
 found, and the code link is dead (paperswithnocode.com/paper/2412.18524: "Declared Dead",

@@ -33,15 +33,15 @@ Each output channel c is one scalar model of the paper, with v_m = value.weight[
 
 Source (provenance "reconstruction"): the full text was not reachable from this machine (the
 stored copies of the paper are abstracts: arXiv/NeurIPS/OpenReview pages), so no equation number
-was checked; the score x_0^T W_m x_i with ReLU and a 1/N average and no 1/sqrt(d) is as issue 12
-quotes the paper's random-feature attention model, the rest as the abstract states it.
+was checked; the score x_0^T W_m x_i with ReLU and a 1/N average and no 1/sqrt(d) is the paper's
+random-feature attention model as quoted second-hand, the rest as the abstract states it.
 
 Deviations and readings:
 - The activation: the paper analyses a fixed activation averaged over the N keys (functions of
   the form (1/N) sum_i F(x_0, x_i)); ReLU is the default here, softmax is offered because it is
   the attention people train. Check `activation` against the paper before citing a result.
 - The scale: the paper's score is the plain bilinear form x_0^T W_m x_i, the default for "relu";
-  `scale` multiplies it (scale=1/sqrt(C) was this module's default before issue 12).
+  `scale` multiplies it (softmax's default is 1/sqrt(C)).
 - Variance: entries of G_m are scaled by qk_std (default 1/sqrt(C), i.e. W_m ~ N(qk_mean I, 1/C)).
 - The paper studies one layer with scalar output; a C-dim output, multiple queries, causal
   masks, padding and a KV cache (it stores x itself, once for all heads) are the natural
@@ -95,7 +95,7 @@ def _relu_mean_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias:
     paper="What can a Single Attention Layer Learn? A Study Through the Random Features Lens",
     year=2023, family="random_features", layout="seq", time="O(M N C (N + C)) for M heads",
     provenance="reconstruction",
-    source="score x_0^T W_m x_i, ReLU, 1/N over the keys, no 1/sqrt(d), as issue 12 quotes arXiv:2307.11353 "
+    source="score x_0^T W_m x_i, ReLU, 1/N over the keys, no 1/sqrt(d), arXiv:2307.11353 as quoted second-hand "
            "(full text not reachable here: no equation number checked); W_m = mu I + G_m from the abstract",
     memory="O(M N (C + N)) (O(M N C) on SDPA with softmax)",
     # backends=(): the paper's (and the test config's) relu activation is computed here; only
