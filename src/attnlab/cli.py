@@ -9,6 +9,7 @@ def _cmd_list(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from attnlab.docs import causal_cell
     from attnlab.registry import list_specs
     filters = {}
     if args.layout:
@@ -18,7 +19,7 @@ def _cmd_list(args) -> int:
     # characters (`attnlab info NAME` shows it all).
     yes = lambda b: "yes" if b else "-"  # noqa: E731
     heads = ("name", "layout", "year", "exact", "causal", "mask", "cache", "provenance")
-    rows = [(s.name, s.layout, str(s.year), yes(s.exact), yes(s.causal), yes(s.attn_mask),
+    rows = [(s.name, s.layout, str(s.year), yes(s.exact), causal_cell(s), yes(s.attn_mask),
              yes(s.kv_cache), s.provenance or "-", s.paper) for s in list_specs(**filters)]
     console = Console()
     used = sum(max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(heads)) if rows else 0
