@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.masks import prepare_mask
-from attnlab.ops.attention import attention, check_qkv, default_backend
+from attnlab.ops.sdpa import attention, check_qkv, default_backend
 from attnlab.ops.reference import reference_attention
 
 

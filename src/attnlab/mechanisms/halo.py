@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive
-from attnlab.ops.attention import PRIORITY
+from attnlab.ops.sdpa import PRIORITY
 from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 

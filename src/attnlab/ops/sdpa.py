@@ -82,6 +82,14 @@ def _flex_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_c
         def add_bias(score, b, hh, q_idx, kv_idx):
             return score + bias[b, hh, q_idx, kv_idx]
         score_mod = add_bias
+    # FlexAttention's compiled wrapper guards on its inputs not aliasing each other. A call whose
+    # k and v are one tensor (minimal with collapse_qk and collapse_vo="one" uses x for both)
+    # after calls that did not alias fails that guard, and torch 2.13 then crashes with a
+    # TypeError while explaining the recompile. A copy costs one (B, h, M, d) tensor.
+    if k.data_ptr() == q.data_ptr():
+        k = k.clone()
+    if v.data_ptr() in (q.data_ptr(), k.data_ptr()):
+        v = v.clone()
     fn = flex_function(q.device.type)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
