@@ -1,6 +1,8 @@
 """Checks every mechanism shares: constructor arguments and the forward call's inputs."""
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 
@@ -12,6 +14,27 @@ def check_dims(name: str, dim: int, num_heads: int) -> int:
     if dim % num_heads:
         raise ValueError(f"{name}: dim ({dim}) must be divisible by num_heads ({num_heads})")
     return dim // num_heads
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def check_dropout(name: str, **probs) -> None:
+    """Each keyword (attn_drop=..., proj_drop=...) must be a probability in [0, 1).
+
+    One message for every mechanism: "<name>: <arg> must be a number in [0, 1), got <value>".
+    """
+    for arg, p in probs.items():
+        if not _is_number(p) or not 0.0 <= p < 1.0:
+            raise ValueError(f"{name}: {arg} must be a number in [0, 1), got {p!r}")
+
+
+def check_positive(name: str, arg: str, value) -> float:
+    """`value` must be a finite number > 0; returned as a float."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: {arg} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_tokens(name: str, x: Tensor, dim: int) -> None:

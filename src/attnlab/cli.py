@@ -9,6 +9,7 @@ def _cmd_list(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from attnlab.docs import causal_cell
     from attnlab.registry import list_specs
     filters = {}
     if args.layout:
@@ -21,7 +22,7 @@ def _cmd_list(args) -> int:
     for s in list_specs(**filters):
         yes = lambda b: "yes" if b else "-"  # noqa: E731
         table.add_row(s.name, s.paper, str(s.year), s.layout, s.time, s.memory, yes(s.exact),
-                      yes(s.causal), yes(s.attn_mask), yes(s.kv_cache), s.provenance or "-")
+                      causal_cell(s), yes(s.attn_mask), yes(s.kv_cache), s.provenance or "-")
     Console().print(table)
     return 0
 

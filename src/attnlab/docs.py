@@ -15,6 +15,13 @@ END = "<!-- mechanisms:end -->"
 _BLOCK = re.compile(re.escape(START) + r"(.*?)" + re.escape(END), flags=re.S)
 
 
+def causal_cell(spec) -> str:
+    """"yes" for forward(is_causal=True); "axes (option)" for only a constructor causal= option."""
+    if spec.causal:
+        return "yes"
+    return "axes (option)" if spec.causal_axes else "-"
+
+
 def mechanism_table() -> str:
     """A markdown table with one row per registered mechanism.
 
@@ -27,7 +34,7 @@ def mechanism_table() -> str:
     for s in list_specs():
         paper = f"[{s.paper}]({s.url})" if s.url else s.paper
         rows.append(f"| `{s.name}` | {paper} | {s.year} | {s.layout} | {s.time} | {s.memory} | "
-                    f"{yes(s.exact)} | {yes(s.causal)} | {yes(s.attn_mask)} | {yes(s.kv_cache)} | "
+                    f"{yes(s.exact)} | {causal_cell(s)} | {yes(s.attn_mask)} | {yes(s.kv_cache)} | "
                     f"{s.provenance or '-'} |")
     return "\n".join(rows)
 

@@ -36,7 +36,10 @@ class MechanismSpec:
     time: str                       # time complexity, e.g. "O(N^2 d)"
     memory: str                     # memory complexity, e.g. "O(N) (SDPA)"
     exact: bool                     # does it equal softmax attention?
-    causal: bool = False            # supports is_causal=True
+    causal: bool = False            # supports forward(..., is_causal=True), for every layout
+    # A constructor option `causal=` that makes chosen axes causal (per-axis causal windows, as
+    # NATTEN's is_causal for 2-D/3-D); independent of `causal`, which is forward's flag.
+    causal_axes: bool = False
     attn_mask: bool = False         # supports attn_mask
     kv_cache: bool = False          # supports incremental decoding with a KVCache
     cross: bool = False             # supports keys/values from another sequence

@@ -404,3 +404,14 @@ def test_unsupported_features_raise_with_a_tree(kwargs, feature):
 def test_bad_options_raise(option):
     with pytest.raises(ValueError, match="hierarchical"):
         attnlab.create("hierarchical", DIM, HEADS, **option)
+
+
+@pytest.mark.parametrize("backend", attnlab.get_spec("hierarchical").backends)
+def test_listed_backends_run_the_flat_path_and_refuse_a_tree(backend):
+    """spec.backends are the flat path's: each runs tree=None; the tree path takes none."""
+    m = attnlab.create("hierarchical", 32, 4, backend=backend).double().eval()
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert m(x).shape == x.shape
+        with pytest.raises(NotImplementedError, match=r"'hierarchical'.*backend.*tree"):
+            m(x, tree=[[0, 1, 2], [3, 4, 5]])

@@ -520,7 +520,7 @@ def test_infsa_row_causal_bf16(options):
 @pytest.mark.parametrize("options,match", [
     (dict(gamma=0.0), "gamma.*(0, 1).*0.0"), (dict(gamma=1.0), "gamma.*1.0"), (dict(gamma=-0.5), "gamma"),
     (dict(gamma=1.5), "gamma.*1.5"), (dict(gamma=True), "gamma.*True"), (dict(gamma="0.5"), "gamma"),
-    (dict(eps=0.0), "eps.*positive"), (dict(scale=-1.0), "scale.*-1.0"), (dict(scale=float("inf")), "scale"),
+    (dict(eps=0.0), "eps.*> 0, got 0.0"), (dict(scale=-1.0), "scale.*-1.0"), (dict(scale=float("inf")), "scale"),
     (dict(attn_drop=1.0), "attn_drop"), (dict(proj_drop=-0.1), "proj_drop")])
 def test_bad_options_raise_at_create(name, options, match):
     with pytest.raises(ValueError, match=match):

@@ -199,7 +199,7 @@ def test_spatial_non_float_input():
     ("neighborhood3d", dict(causal=1), TypeError, "causal"),
     ("neighborhood2d", dict(dilation=(1, 0)), ValueError, "dilation must be >= 1, got 0 on axis 1"),
     ("neighborhood1d", dict(attn_drop=0.1), NotImplementedError, "neighborhood1d.*attention dropout"),
-    ("neighborhood1d", dict(attn_drop=1.5), ValueError, r"attn_drop must be in \[0, 1\)"),
+    ("neighborhood1d", dict(attn_drop=1.5), ValueError, r"neighborhood1d: attn_drop must be a number in \[0, 1\), got 1.5"),
     ("neighborhood2d", dict(backend="sdpa"), ValueError, "backend must be None or one of"),
 ])
 def test_bad_options_at_construction(name, kwargs, exc, match):

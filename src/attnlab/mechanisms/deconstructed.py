@@ -54,7 +54,7 @@ Deviations and readings:
   p, counting cached tokens) uses row p of X; the longest sequence is `max_seq_len`.
 - StaticEmbQK (Eq. 13): Q, K = e W_Q, e W_K with e the layer-0 input embeddings, passed as
   `embeddings=` (see the class docstring); V comes from the current hidden state.
-- `fixed` (an extension the issue asked for, not one of the paper's variants): a learned
+- `fixed` (attnlab's extension, not one of the paper's variants): a learned
   (h, N_max, N_max) logit table per layer, softmax over the allowed keys. This is the MLP-Mixer
   style map whose parameter count grows with N_max, which the paper cites as inspiration and
   avoids (section 3.4); it is here as the "learned, input-independent weights" reference point.
@@ -75,8 +75,8 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import allowed_and_bias, check_attn_mask
-from attnlab._checks import check_dims, check_features, check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 VARIANTS = ("standard", "mlp", "approximate", "non_approximate", "rnd_emb_qk", "fixed_seq_qk",
@@ -141,13 +141,15 @@ def hybrid_variants(num_layers: int, variant: str, standard_layers: str | Iterab
 
 
 def _taylor_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Tensor | None, scale: float,
-                      dropout_p: float) -> Tensor:
+                      dropout_p: float, hook_scores=None, hook_probs=None) -> Tensor:
     """Eq. 6: A_ij = T(s_ij) / sum_j T(s_ij) with T(s) = 1 + s + s^2 / 2 and s = q.k * scale.
 
     q (B, h, N, d), k and v (B, h, M, d) -> (B, h, N, d). Float32 (float64 for float64 input).
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.einsum("bhnd,bhmd->bhnm", q.to(compute), k.to(compute)) * scale   # (B, h, N, M)
+    if hook_scores is not None:
+        scores = hook_scores(scores)
     weights = 1.0 + scores + 0.5 * scores * scores        # second-order Taylor of exp, >= 1/2
     row_valid = allowed.any(-1, keepdim=True)             # (B|1, h|1, N, 1)
     if bias is not None:   # a float mask m scales the weight by exp(m), as it does for softmax
@@ -157,6 +159,8 @@ def _taylor_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Te
     weights = torch.where(allowed, weights, weights.new_zeros(()))
     denom = torch.where(row_valid, weights.sum(-1, keepdim=True), weights.new_ones(()))
     probs = weights / denom                               # (B, h, N, M); empty rows are 0
+    if hook_probs is not None:
+        probs = hook_probs(probs)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     out = torch.einsum("bhnm,bhmd->bhnd", probs, v.to(compute))                        # (B, h, N, d)
@@ -177,8 +181,8 @@ def _taylor_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Te
             "attnlab's extension, not in the paper. The authors' code (HUIYINXUE/DeconAttn) was "
             "not reachable"),
     test_kwargs=dict(variant="rnd_emb_qk", max_seq_len=16, seed=0),
-    test_configs=tuple(dict(variant=v, max_seq_len=16, seed=0)
-                       for v in ("standard", "approximate", "non_approximate", "fixed"))))
+    test_configs=(dict(variant="standard"), dict(variant="approximate"), dict(variant="non_approximate"),
+                  dict(variant="fixed", max_seq_len=16), dict(variant="mlp"))))
 class DeconstructedAttention(nn.Module):
     """x (B, N, C) -> (B, N, C), one of the paper's attention variants (see the module docstring).
 
@@ -212,10 +216,9 @@ class DeconstructedAttention(nn.Module):
         self.head_dim = check_dims(name, dim, num_heads)
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise ValueError(f"{name}: unknown variant {variant!r}; expected one of {VARIANTS}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"{name}: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ValueError(f"{name}: scale must be a positive number or None, got {scale!r}")
+        check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
+        if scale is not None:
+            check_positive(name, "scale", scale)
         if backend is not None and variant not in _SOFTMAX_VARIANTS:
             raise ValueError(f"{name}: variant {variant!r} does not run through attnlab.ops.attention, so "
                              f"backend={backend!r} cannot apply; backends serve {_SOFTMAX_VARIANTS}")
@@ -291,10 +294,19 @@ class DeconstructedAttention(nn.Module):
         # Identity hook points for probes: shapes in comments.
         # non_approximate: hook_k sees the per-key scores s_j (B, h, M, 1) and hook_q ones (B, h, N, 1);
         # fixed: both are zeros (B, h, ., 1), the logits enter as a float mask.
-        self.hook_q = nn.Identity()    # (B, h, N, d)
-        self.hook_k = nn.Identity()    # (B, h, M, d) after the cache
-        self.hook_v = nn.Identity()    # (B, h, M, d) after the cache
-        self.hook_out = nn.Identity()  # (B, h, N, d) per-head outputs before proj
+        self.hook_q = HookPoint()    # (B, h, N, d)
+        self.hook_k = HookPoint()    # (B, h, M, d) after the cache
+        self.hook_v = HookPoint()    # (B, h, M, d) after the cache
+        # Scores and probs fire on the eager path: backend="reference" for the softmax variants,
+        # always for approximate (s_ij and Eq. 6's A_ij). fixed: the scores are the logits.
+        self.hook_scores = HookPoint()  # (B, h, N, M), the softmax (Taylor) input
+        self.hook_probs = HookPoint()   # (B, h, N, M), the attention weights
+        self.hook_out = HookPoint()  # (B, h, N, d) per-head outputs before proj; mlp: (B, N, C) the MLP output
+        # mlp has no q, k, v or attention matrix: only hook_out fires.
+        qkv_hooks = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs")
+        self.hook_names = ("hook_out",) if variant == "mlp" else (*qkv_hooks, "hook_out")
+        self.optional_hook_names = qkv_hooks if variant == "mlp" else ()
+        self.eager_hook_names = ("hook_scores", "hook_probs") if variant in _SOFTMAX_VARIANTS else ()
 
     def extra_repr(self) -> str:
         extra = f", max_seq_len={self.max_seq_len}" if self.max_seq_len is not None else ""
@@ -396,7 +408,7 @@ class DeconstructedAttention(nn.Module):
 
         if self.variant == "approximate":
             allowed, bias = allowed_and_bias(attn_mask, is_causal, B, h, N, M, x.device)
-            out = _taylor_attention(q, k, v, allowed, bias, scale, dropout_p)
+            out = _taylor_attention(q, k, v, allowed, bias, scale, dropout_p, self.hook_scores, self.hook_probs)
         elif self.variant == "fixed":
             logits = self.logits[:, start:end, :M].to(x.dtype)[None]         # (1, h, N, M)
             if attn_mask is not None:
@@ -404,12 +416,14 @@ class DeconstructedAttention(nn.Module):
                 if mask.dtype == torch.bool:
                     mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))
                 logits = logits + mask.to(x.dtype)                           # (B|1, h, N, M)
-            out = attention(q, k, v, attn_mask=logits, is_causal=is_causal, scale=1.0,
-                            dropout_p=dropout_p, backend=self.backend)
+            out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                                   attn_mask=logits, is_causal=is_causal, scale=1.0,
+                                   dropout_p=dropout_p, backend=self.backend)
         else:
-            out = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                            scale=1.0 if self.variant == "non_approximate" else scale,
-                            dropout_p=dropout_p, backend=self.backend)
+            out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                                   attn_mask=attn_mask, is_causal=is_causal,
+                                   scale=1.0 if self.variant == "non_approximate" else scale,
+                                   dropout_p=dropout_p, backend=self.backend)
         out = self.hook_out(out)                                             # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)                           # (B, N, C)
         return self.proj_drop(self.proj(out))
@@ -429,4 +443,4 @@ class DeconstructedAttention(nn.Module):
             self_allowed = allowed[..., idx, idx + (M - N)]                  # (B|1, h|1, N): key i for query i
             out = self._heads(out) * self_allowed[..., None].to(out.dtype)  # (B, h, N, d)
             out = out.transpose(1, 2).reshape(B, N, C)                       # (B, N, C)
-        return self.proj_drop(out)
+        return self.proj_drop(self.hook_out(out))

@@ -56,15 +56,15 @@ Deviations / readings chosen:
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dims, check_features
-from attnlab.ops.attention import PRIORITY, attention
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive
+from attnlab.ops.attention import PRIORITY
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 NAME = "halo2d"
@@ -109,7 +109,12 @@ class HaloAttention2d(nn.Module):
 
     Each b x b block of queries attends to the (b + 2 halo)^2 window around it, with relative
     position logits; softmax in float32 (float64 for float64 input) inside ops.attention.
+    Hooks (attnlab.hooks): blocks are extra heads (h * nb); scores (with the relative logits)
+    and probs on the eager path (`backend="reference"`).
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_rel_logits", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, block_size: int = 8, halo_size: int = 3,
@@ -124,13 +129,11 @@ class HaloAttention2d(nn.Module):
             _positive_int("dim_head", dim_head)
         self.block_size = _positive_int("block_size", block_size)
         self.halo_size = _positive_int("halo_size", halo_size, allow_zero=True)
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"{NAME}: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
         if not isinstance(mask_padding, bool):
             raise TypeError(f"{NAME}: mask_padding must be a bool, got {type(mask_padding).__name__}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"{NAME}: scale must be a positive finite number or None, got {scale!r}")
+        if scale is not None:
+            check_positive(NAME, "scale", scale)
         if backend is not None and backend not in PRIORITY:
             raise ValueError(f"{NAME}: backend must be one of {PRIORITY} or None, got {backend!r}")
         factory = dict(device=device, dtype=dtype)
@@ -149,11 +152,13 @@ class HaloAttention2d(nn.Module):
         self.proj = nn.Linear(self.inner_dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
         # Identity hook points for probes; shapes in comments (nb = number of blocks).
-        self.hook_q = nn.Identity()           # (B, h * nb, b^2, d)
-        self.hook_k = nn.Identity()           # (B, h * nb, w^2, d)
-        self.hook_v = nn.Identity()           # (B, h * nb, w^2, d)
-        self.hook_rel_logits = nn.Identity()  # (B, h * nb, b^2, w^2), added to the scores; -inf = masked pad
-        self.hook_out = nn.Identity()         # (B, h * nb, b^2, d)
+        self.hook_q = HookPoint()           # (B, h * nb, b^2, d)
+        self.hook_k = HookPoint()           # (B, h * nb, w^2, d)
+        self.hook_v = HookPoint()           # (B, h * nb, w^2, d)
+        self.hook_rel_logits = HookPoint()  # (B, h * nb, b^2, w^2), added to the scores; -inf = masked pad
+        self.hook_scores = HookPoint()      # (B, h * nb, b^2, w^2), the softmax input (eager path only)
+        self.hook_probs = HookPoint()       # (B, h * nb, b^2, w^2), the softmax output (eager path only)
+        self.hook_out = HookPoint()         # (B, h * nb, b^2, d), per-head outputs of each block before proj
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -245,8 +250,9 @@ class HaloAttention2d(nn.Module):
         k = self.hook_k(k.reshape(B, h * nb, w * w, d))                     # (B, h nb, w^2, d)
         v = self.hook_v(v.reshape(B, h * nb, w * w, d))                     # (B, h nb, w^2, d)
         bias = self.hook_rel_logits(bias.reshape(B, h * nb, b * b, w * w))  # (B, h nb, b^2, w^2)
-        out = attention(q, k, v, attn_mask=bias, scale=self.scale,
-                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                               attn_mask=bias, scale=self.scale,
+                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         out = self.hook_out(out)                                            # (B, h nb, b^2, d)
 
         # Fold the blocks back: (B, h, nH, nW, b_y, b_x, d) -> (B, nH, b_y, nW, b_x, h, d).

@@ -37,9 +37,9 @@ Tree format (`forward(x, tree=...)`), one tree shared by the batch:
 - `tree=None` is the flat hierarchy: plain multi-head softmax attention through
   `attnlab.ops.attention` (same weights and names as `mhsa`, so an mhsa state dict loads).
 Status: the derived attention and its DP as above; training and inference on a given tree.
-Sources: the paper's PDF could not be read here and no code is released. The DP was first
-derived from the abstract's principle (entropy minimisation, closest to softmax); it was then
-checked against the paper's Sec. 3 formulas as transcribed in a NeurIPS 2025 paper note
+Sources: the paper's PDF could not be read here and no code is released. The DP follows the
+abstract's principle (entropy minimisation, closest to softmax) and agrees with the paper's
+Sec. 3 formulas as transcribed in a NeurIPS 2025 paper note
 (papernotes, "Hierarchical Self-Attention ..."): the block energy
     psi(A -> B) = -eps(A')^T eps(B') + 1 / (2 sqrt(d) |A| |B|) sum_{i in A, j in B} ||q_i - k_j||^2
 (a mean over the leaf pairs of A and B: the two-sided block constraint read here), and the
@@ -73,8 +73,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 NAME = "hierarchical"
@@ -362,30 +362,35 @@ class HierarchicalAttention(nn.Module):
     """x (B, N, C), tree -> (B, N, C). `tree=None` is flat: exactly mhsa with the same weights.
 
     The DP runs in float32 (float64 for float64 input) and casts back. `backend` applies to the
-    flat path, which runs through `attnlab.ops.attention`.
+    flat path, which runs through `attnlab.ops.attention`; `spec.backends` are the flat path's.
+    The tree path runs its own DP on no attention backend, so an explicit `backend` with a tree
+    raises NotImplementedError. Hooks (attnlab.hooks): scores and probs only on the flat path's
+    eager run (`backend="reference"`); the tree path never forms an N x N matrix.
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, scale: float | None = None, backend: str | None = None,
                  device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims(NAME, dim, num_heads)
-        for arg, value in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{NAME}: {arg} must be a float in [0, 1), got {value!r}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"{NAME}: scale must be a finite number > 0 or None, got {scale!r}")
+        check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
+        if scale is not None:
+            check_positive(NAME, "scale", scale)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
         self.scale, self.backend, self.attn_drop = scale, backend, float(attn_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_q = nn.Identity()    # (B, h, N, d)
-        self.hook_k = nn.Identity()    # (B, h, N, d)
-        self.hook_v = nn.Identity()    # (B, h, N, d)
-        self.hook_out = nn.Identity()  # (B, h, N, d), per-head outputs before proj
+        self.hook_q = HookPoint()    # (B, h, N, d)
+        self.hook_k = HookPoint()    # (B, h, N, d)
+        self.hook_v = HookPoint()    # (B, h, N, d)
+        self.hook_scores = HookPoint()   # (B, h, N, N), flat path only, the softmax input (eager path only)
+        self.hook_probs = HookPoint()    # (B, h, N, N), flat path only, the softmax output (eager path only)
+        self.hook_out = HookPoint()  # (B, h, N, d), per-head outputs before proj
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
@@ -395,13 +400,18 @@ class HierarchicalAttention(nn.Module):
         check_tokens(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, N, C = x.shape
+        if tree is not None and self.backend is not None:
+            raise NotImplementedError(
+                f"mechanism {NAME!r} does not support backend={self.backend!r} with a tree: the tree path "
+                "runs its own dynamic programme, not an attention backend (backend applies to tree=None)")
         compiled = None if tree is None else _compiled_on(parse_tree(tree, N), N, x.device)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)    # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                        # 3 x (B, h, N, d)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         dropout_p = self.attn_drop if self.training else 0.0
         if compiled is None:
-            out = attention(q, k, v, scale=self.scale, dropout_p=dropout_p, backend=self.backend)
+            out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                                   scale=self.scale, dropout_p=dropout_p, backend=self.backend)
         else:
             scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
             out = hierarchical_attention(q, k, v, compiled, scale=scale, dropout_p=dropout_p).to(x.dtype)

@@ -54,7 +54,7 @@ Deviations and readings:
 - scale = 1/d (q and k each divided by sqrt(d)), as the official code, not softmax's 1/sqrt(d).
   Both normalisers and the pooled weights are invariant to it except through eps and additive
   float masks.
-- variant="series" (not the default since issue 12) is the paper's spectral form inside one layer;
+- variant="series" (not the default: that is the released layer) is the paper's spectral form inside one layer;
   the official code has no such layer. Its series starts at t = 1, as in the README's limit
   (I - gamma A_hat)^-1 - I: the t = 0 term is v itself, a skip connection that the block's
   residual already provides. variant="official" accepts hops=None or 1 only.
@@ -106,7 +106,8 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import causal_grid, check_attn_mask
-from attnlab._checks import check_dims, check_features, check_tokens
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
+from attnlab.hooks import HookPoint
 from attnlab.registry import MechanismSpec, register
 
 URL = "https://arxiv.org/abs/2603.00175"
@@ -122,19 +123,6 @@ def _check_gamma(name: str, gamma) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) < 1.0:
         raise ValueError(f"{name}: gamma must be a float in the open interval (0, 1), got {gamma!r}")
     return float(gamma)
-
-
-def _check_positive(name: str, arg: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0.0 \
-            or not math.isfinite(float(value)):
-        raise ValueError(f"{name}: {arg} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_drop(name: str, attn_drop, proj_drop) -> None:
-    for arg, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"{name}: {arg} must be in [0, 1), got {p!r}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -235,7 +223,11 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
     default 0.95 as the official rho_init), `learn_gamma`, `norm` ("frobenius", the official;
     "row", the random-walk matrix, which also supports is_causal), `scale` (default 1/d as in the
     official code), `eps`.
+    Hooks (attnlab.hooks): always eager (no backend), so every hook fires on every forward.
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ()
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, proj_bias: bool = True, gamma: float = 0.95, learn_gamma: bool = True,
@@ -244,7 +236,7 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
         super().__init__()
         name = "infsa"
         self.head_dim = check_dims(name, dim, num_heads)
-        _check_drop(name, attn_drop, proj_drop)
+        check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
         gamma = _check_gamma(name, gamma)
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise ValueError(f"{name}: variant must be one of {VARIANTS}, got {variant!r}")
@@ -257,8 +249,8 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
             hops = 1
         if not isinstance(norm, str) or norm not in NORMS:
             raise ValueError(f"{name}: norm must be one of {NORMS}, got {norm!r}")
-        self.scale = 1.0 / self.head_dim if scale is None else _check_positive(name, "scale", scale)
-        self.eps = _check_positive(name, "eps", eps)
+        self.scale = 1.0 / self.head_dim if scale is None else check_positive(name, "scale", scale)
+        self.eps = check_positive(name, "eps", eps)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
         self.variant, self.hops, self.norm, self.attn_drop = variant, hops, norm, attn_drop
@@ -266,11 +258,12 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_q = nn.Identity()      # (B, h, N, d)
-        self.hook_k = nn.Identity()      # (B, h, N, d)
-        self.hook_v = nn.Identity()      # (B, h, N, d)
-        self.hook_probs = nn.Identity()  # (B, h, N, N): A_hat, the normalised one-hop matrix
-        self.hook_out = nn.Identity()    # (B, h, N, d): one hop or the series, before proj
+        self.hook_q = HookPoint()      # (B, h, N, d)
+        self.hook_k = HookPoint()      # (B, h, N, d)
+        self.hook_v = HookPoint()      # (B, h, N, d)
+        self.hook_scores = HookPoint()  # (B, h, N, N): q k^T * scale, before the ReLU and the mask
+        self.hook_probs = HookPoint()  # (B, h, N, N): A_hat, the normalised one-hop matrix
+        self.hook_out = HookPoint()    # (B, h, N, d): one hop or the series, before proj
 
     def extra_repr(self) -> str:
         hops = "inf" if self.hops is None else self.hops
@@ -282,7 +275,7 @@ class InfiniteSelfAttention(_GammaMixin, nn.Module):
         """A_hat (B, h, N, N) in q's dtype from q, k (B, h, N, d); `attn_mask` already checked (4-D)."""
         N = q.shape[-2]
         root = math.sqrt(self.scale)
-        scores = (q * root) @ (k * root).transpose(-2, -1)          # (B, h, N, N)
+        scores = self.hook_scores((q * root) @ (k * root).transpose(-2, -1))  # (B, h, N, N)
         a = _masked_relu(scores, attn_mask)                         # A, non-negative
         if is_causal:
             a = a.masked_fill(~causal_grid(N, N, q.device), 0.0)
@@ -350,7 +343,12 @@ class LinearInfiniteSelfAttention(_GammaMixin, nn.Module):
 
     Options: `gamma` (default 0.95, official rho_init), `learn_gamma`, `scale` (default 1/d),
     `eps`, `chunk_size` (tokens per pass step, default 16384; only memory depends on it).
+    Hooks (attnlab.hooks): q, k and v are projected chunk by chunk and never exist whole, so the
+    hooks are the pooled query q_bar (`hook_state`) and the pooled output (`hook_out`).
     """
+
+    hook_names = ("hook_state", "hook_out")
+    eager_hook_names = ()
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, proj_bias: bool = True, gamma: float = 0.95, learn_gamma: bool = True,
@@ -359,20 +357,20 @@ class LinearInfiniteSelfAttention(_GammaMixin, nn.Module):
         super().__init__()
         name = "linear_infsa"
         self.head_dim = check_dims(name, dim, num_heads)
-        _check_drop(name, attn_drop, proj_drop)
+        check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
         gamma = _check_gamma(name, gamma)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"{name}: chunk_size must be an int >= 1, got {chunk_size!r}")
-        self.scale = 1.0 / self.head_dim if scale is None else _check_positive(name, "scale", scale)
-        self.eps = _check_positive(name, "eps", eps)
+        self.scale = 1.0 / self.head_dim if scale is None else check_positive(name, "scale", scale)
+        self.eps = check_positive(name, "eps", eps)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads, self.chunk_size, self.attn_drop = dim, num_heads, chunk_size, attn_drop
         self._init_gamma(gamma, learn_gamma, factory)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_state = nn.Identity()  # (B, h, d): q_bar, the pooled query
-        self.hook_out = nn.Identity()    # (B, h, 1 or N, d): the pooled output, before proj
+        self.hook_state = HookPoint()  # (B, h, d): q_bar, the pooled query
+        self.hook_out = HookPoint()    # (B, h, 1 or N, d): the pooled output, before proj
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, chunk_size={self.chunk_size}"

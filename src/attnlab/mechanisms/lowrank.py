@@ -51,8 +51,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from attnlab._checks import check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dropout, check_tokens
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 _ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda t: t}
@@ -76,7 +76,12 @@ class LowRankPooling(nn.Module):
     Parameters (paper symbols): `word_proj` = U (Linear(C, k), no bias), `context_proj` = V
     (Linear(C, k), no bias), `context` = c (C,), `head_weights` = P (k, h); `proj` = Linear(h C,
     out_dim) when out_dim is given.
+    Hooks (attnlab.hooks): the pooling softmax's scores and probs on the eager path
+    (`backend="reference"`).
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 8, *, rank: int | None = None, out_dim: int | None = None,
                  activation: str = "tanh", attn_drop: float = 0.0, proj_drop: float = 0.0,
@@ -93,8 +98,7 @@ class LowRankPooling(nn.Module):
             raise ValueError(f"lowrank: out_dim must be a positive int or None, got {out_dim!r}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"lowrank: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"lowrank: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout("lowrank", attn_drop=attn_drop, proj_drop=proj_drop)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads, self.rank = dim, num_heads, rank
         self.activation = activation
@@ -107,6 +111,12 @@ class LowRankPooling(nn.Module):
         self.head_weights = nn.Parameter(torch.randn(rank, num_heads, **factory) / math.sqrt(rank))  # P
         self.proj = nn.Linear(num_heads * dim, out_dim, bias=proj_bias, **factory) if out_dim is not None else None
         self.proj_drop = nn.Dropout(proj_drop)
+        self.hook_q = HookPoint()       # (B, h, 1, k): q_j = P_j o sigma(V^T c), one query per head
+        self.hook_k = HookPoint()       # (B, 1, N, k): sigma(U^T x_i), shared by the heads
+        self.hook_v = HookPoint()       # (B, 1, N, C): the tokens x_i
+        self.hook_scores = HookPoint()  # (B, h, 1, N), the affinities f with the mask (eager path only)
+        self.hook_probs = HookPoint()   # (B, h, 1, N), the pooling weights (eager path only)
+        self.hook_out = HookPoint()     # (B, h, 1, C), per-head pooled vectors before proj
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, rank={self.rank}, out_dim={self.out_dim}, "
@@ -138,8 +148,11 @@ class LowRankPooling(nn.Module):
         q, k = self._queries_keys(x)
         q = q.expand(B, -1, -1, -1).to(x.dtype)                                # (B, h, 1, k)
         v = x.unsqueeze(1)                                                     # (B, 1, N, C)
-        out = attention(q, k, v, attn_mask=attn_mask, scale=1.0,
-                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)  # (B, h, 1, C)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                               attn_mask=attn_mask, scale=1.0,
+                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = self.hook_out(out)                                               # (B, h, 1, C)
         out = out.reshape(B, self.num_heads * C)                               # (B, h C), head-major
         if self.proj is not None:
             out = self.proj(out)                                               # (B, out_dim)

@@ -16,9 +16,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
 from attnlab.ops.numerics import SOFTMAXES, softmax_attention
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 
@@ -36,7 +36,14 @@ from attnlab.registry import MechanismSpec, register
     test_kwargs=dict(qkv_bias=True),
     test_configs=(dict(num_kv_heads=2, qk_norm=True), dict(softmax="edgemoe"))))
 class MultiHeadAttention(nn.Module):
-    """x (B, N, C) -> (B, N, C). Softmax runs in float32 (or float64 for float64 input)."""
+    """x (B, N, C) -> (B, N, C). Softmax runs in float32 (or float64 for float64 input).
+
+    Hooks (attnlab.hooks): scores and probs on the eager path, `backend="reference"` (the
+    `softmax="edgemoe"` path is always eager).
+    """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, qk_norm: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, num_kv_heads: int | None = None,
@@ -49,8 +56,7 @@ class MultiHeadAttention(nn.Module):
                 or num_heads % num_kv_heads:
             raise ValueError(f"mhsa: num_kv_heads must be a positive divisor of num_heads ({num_heads}), "
                              f"got {num_kv_heads!r}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"mhsa: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout("mhsa", attn_drop=attn_drop, proj_drop=proj_drop)
         if not isinstance(softmax, str) or softmax not in SOFTMAXES:
             raise ValueError(f"mhsa: softmax must be one of {sorted(SOFTMAXES)}, got {softmax!r}")
         if softmax != "exact" and backend is not None:
@@ -68,10 +74,12 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
         # Identity hook points for probes (see attnlab.probes): shapes in comments.
-        self.hook_q = nn.Identity()    # (B, h, N, d)
-        self.hook_k = nn.Identity()    # (B, h_kv, M, d), after the cache
-        self.hook_v = nn.Identity()    # (B, h_kv, M, d), after the cache
-        self.hook_out = nn.Identity()  # (B, h, N, d), per-head outputs before proj
+        self.hook_q = HookPoint()    # (B, h, N, d)
+        self.hook_k = HookPoint()    # (B, h_kv, M, d), after the cache
+        self.hook_v = HookPoint()    # (B, h_kv, M, d), after the cache
+        self.hook_scores = HookPoint()  # (B, h, N, M), the softmax input (eager path only)
+        self.hook_probs = HookPoint()   # (B, h, N, M), the softmax output (eager path only)
+        self.hook_out = HookPoint()  # (B, h, N, d), per-head outputs before proj
 
     def extra_repr(self) -> str:
         extra = "" if self.softmax == "exact" else f", softmax={self.softmax!r}"
@@ -96,11 +104,13 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(k, v)                                    # (B, h_kv, M, d), M = past + N
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.softmax == "exact":
-            out = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                            dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+            out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                                   attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                   dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         else:  # an approximate softmax: eager scores -> SOFTMAXES[softmax] -> @ v, same mask rules
             out = softmax_attention(q, k, v, softmax=self.softmax, attn_mask=attn_mask, is_causal=is_causal,
-                                    scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
+                                    scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0,
+                                    scores_hook=self.hook_scores, probs_hook=self.hook_probs)
         out = self.hook_out(out)                                         # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)                       # (B, N, C)
         return self.proj_drop(self.proj(out))

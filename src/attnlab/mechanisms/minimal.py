@@ -67,8 +67,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 def _vo_mode(collapse_vo) -> str:
@@ -108,7 +108,11 @@ class MinimalAttention(nn.Module):
     - `qk_triu` (h, C(C+1)/2): the upper triangle of a symmetric W_h (collapse_qk, symmetric);
     - `v`: Linear(C, C) and `proj`: Linear(C, C) (collapse_vo="separate");
     - `vo_weight` (h, C, C) and `vo_bias` (C) if proj_bias (collapse_vo="one").
+    Hooks (attnlab.hooks): scores and probs on the eager path (`backend="reference"`).
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, proj_bias: bool = False, collapse_qk: bool = True,
@@ -120,10 +124,9 @@ class MinimalAttention(nn.Module):
                             ("proj_bias", proj_bias)):
             _check_bool(name, value)
         vo = _vo_mode(collapse_vo)
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"minimal: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ValueError(f"minimal: scale must be a positive number or None, got {scale!r}")
+        check_dropout("minimal", attn_drop=attn_drop, proj_drop=proj_drop)
+        if scale is not None:
+            check_positive("minimal", "scale", scale)
         if qkv_bias and collapse_qk and vo != "separate":
             raise ValueError("minimal: qkv_bias=True needs a W_q, W_k or W_v matrix to add a bias to, but "
                              f"collapse_qk=True and collapse_vo={vo!r} leave none")
@@ -157,9 +160,13 @@ class MinimalAttention(nn.Module):
             self.vo_bias = nn.Parameter(torch.zeros(C, **factory)) if proj_bias else None
         self.proj_drop = nn.Dropout(proj_drop)
         # Identity hook points for probes (see attnlab.probes): shapes in comments.
-        self.hook_q = nn.Identity()    # (B, h, N, d), or (B, h, N, C) = x W_h with collapse_qk
-        self.hook_k = nn.Identity()    # (B, h, M, d), or (B, 1, M, C) = x with collapse_qk; after the cache
-        self.hook_out = nn.Identity()  # (B, h, N, d) per-head outputs before proj, or (B, h, N, C) = P_h x
+        self.hook_q = HookPoint()    # (B, h, N, d), or (B, h, N, C) = x W_h with collapse_qk
+        self.hook_k = HookPoint()    # (B, h, M, d), or (B, 1, M, C) = x with collapse_qk; after the cache
+        self.hook_v = HookPoint()    # (B, h, M, d) or (B, 1, M, C) = x W_v with collapse_qk, or x itself
+        #                              (B, h|1, M, C) with collapse_vo; after the cache
+        self.hook_scores = HookPoint()   # (B, h, N, M), the softmax input (eager path only)
+        self.hook_probs = HookPoint()    # (B, h, N, M), the softmax output (eager path only)
+        self.hook_out = HookPoint()  # (B, h, N, d) per-head outputs before proj, or (B, h, N, C) = P_h x
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, collapse_qk={self.collapse_qk}, "
@@ -242,9 +249,10 @@ class MinimalAttention(nn.Module):
                 v = x.unsqueeze(1).expand(B, h, N, C)                              # (B, h, N, C)
             if cache is not None:
                 k, v = cache.update(k, v)                                          # (B, h, M, d|C)
-        q, k = self.hook_q(q), self.hook_k(k)
-        out = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                               attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         if self.collapse_qk and self.collapse_vo == "separate":
             # out (B, h, N, C) averages every head's values; head i keeps its own columns i d:(i+1) d.
             out = out.reshape(B, h, N, h, d).diagonal(dim1=1, dim2=3)              # (B, N, d, h)

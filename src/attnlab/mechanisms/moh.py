@@ -50,7 +50,7 @@ queries, attention rows and output-projection slices are needed) is not turned i
 here. `useful_flops` reports the work a head-sparse kernel would do.
 
 Deviations:
-- The default follows the released code, not the equations (issue 12): the paper does not state
+- The default follows the released code, not the equations: the paper does not state
   the renormalisation over the Top-K or the factors K, h_s and 2, which make the gates of
   zero-output routers 1 (so MoH with every head active and the routers at zero is mhsa) instead
   of 1/(2 h_s) (shared) and 1/(2 h_r) (routed). `variant="paper"` keeps Eq. 5-7 and computes
@@ -81,8 +81,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 VARIANTS = ("official", "paper")  # the released code's scaling (default), the paper's Eq. 5-7
@@ -112,7 +112,12 @@ class MoHAttention(nn.Module):
     (default: the released code's scaling, see the module docstring) or "paper" (Eq. 5-7).
     After each forward: `aux_loss` (scalar tensor, Eq. 7; None after an eval-mode forward of
     "official") and `last_active_fraction` (float).
+    Hooks (attnlab.hooks): scores and probs of all h heads on the eager path
+    (`backend="reference"`); `hook_gates` the gates g.
     """
+
+    hook_names = ("hook_gates", "hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, shared_heads: int | None = None, top_k: int | None = None,
@@ -120,8 +125,7 @@ class MoHAttention(nn.Module):
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims("moh", dim, num_heads)
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"moh: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout("moh", attn_drop=attn_drop, proj_drop=proj_drop)
         if variant not in VARIANTS:
             raise ValueError(f"moh: variant must be one of {VARIANTS}, got {variant!r}")
         h = num_heads
@@ -154,11 +158,13 @@ class MoHAttention(nn.Module):
         self.aux_loss: Tensor | None = None
         self.last_active_fraction: float | None = None
         # Identity hook points for probes (see attnlab.probes): shapes in comments.
-        self.hook_q = nn.Identity()      # (B, h, N, d)
-        self.hook_k = nn.Identity()      # (B, h, M, d), after the cache
-        self.hook_v = nn.Identity()      # (B, h, M, d), after the cache
-        self.hook_out = nn.Identity()    # (B, h, N, d), per-head outputs H^i before gating
-        self.hook_gates = nn.Identity()  # (B, N, h), g_i per token, 0 for inactive heads
+        self.hook_q = HookPoint()      # (B, h, N, d)
+        self.hook_k = HookPoint()      # (B, h, M, d), after the cache
+        self.hook_v = HookPoint()      # (B, h, M, d), after the cache
+        self.hook_scores = HookPoint()   # (B, h, N, M), the softmax input (eager path only)
+        self.hook_probs = HookPoint()    # (B, h, N, M), the softmax output (eager path only)
+        self.hook_out = HookPoint()    # (B, h, N, d), per-head outputs H^i before gating
+        self.hook_gates = HookPoint()  # (B, N, h), g_i per token, 0 for inactive heads
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, shared_heads={self.shared_heads}, "
@@ -222,8 +228,9 @@ class MoHAttention(nn.Module):
             k, v = cache.update(k, v)                                        # (B, h, M, d), M = past + N
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         # All h heads are computed and the inactive ones zeroed by their gate (see Efficiency).
-        out = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                               attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         out = self.hook_out(out)                                             # (B, h, N, d)
         out = out.transpose(1, 2) * gates.to(out.dtype)[..., None]          # (B, N, h, d), g_i H^i
         out = out.reshape(B, N, C)                                           # (B, N, C)

@@ -10,7 +10,8 @@ NATTEN defines them; see the ops module for the rules. No relative position bias
 Status: exact (the window mask of NATTEN's na1d/na2d/na3d); forward and backward on CPU via the
 blocked kernel, FlexAttention on CUDA. `neighborhood1d` is a sequence mechanism: causal via
 forward's is_causal, cached decoding (stride 1) exact; `neighborhood2d/3d` are channels-last
-spatial modules with a per-axis `causal=` option.
+spatial modules with a per-axis `causal=` constructor option (spec.causal_axes; forward's
+is_causal, i.e. spec.causal, is not supported: which axes are causal is part of the layer).
 Deviations:
 - an axis shorter than kernel_size * dilation (NATTEN raises): the window is clipped to the axis,
   kernel_size -> min(kernel_size, n), dilation -> max(1, min(dilation, n // kernel)), stride ->
@@ -32,9 +33,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
-from attnlab.ops.attention import attention
-from attnlab.ops.neighborhood import NA_BACKENDS, neighborhood_attention, neighborhood_options, neighborhood_pairs
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
+from attnlab.ops.neighborhood import (NA_BACKENDS, neighborhood_attention, neighborhood_options, neighborhood_pairs,
+                                      reference_neighborhood_mask)
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 PAPER = "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light"
@@ -57,7 +59,15 @@ def _effective(spatial, ks, dil, st):
 
 
 class _Neighborhood(nn.Module):
-    """Shared constructor: timm-style qkv/proj and the neighborhood options."""
+    """Shared constructor: timm-style qkv/proj and the neighborhood options.
+
+    Hooks (attnlab.hooks): scores and probs on the eager path only, `backend="reference"` (the
+    op's own backends ignore `attnlab.use_backend`); cached decoding (1-D) runs through
+    ops.attention and takes `use_backend("reference")` instead.
+    """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     ndim = 1
     name = "neighborhood"
@@ -68,17 +78,14 @@ class _Neighborhood(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims(self.name, dim, num_heads)
-        if isinstance(attn_drop, bool) or not isinstance(attn_drop, (int, float)) or not 0.0 <= attn_drop < 1.0:
-            raise ValueError(f"{self.name}: attn_drop must be in [0, 1), got {attn_drop!r}")
+        check_dropout(self.name, attn_drop=attn_drop, proj_drop=proj_drop)
         if attn_drop > 0.0:
             raise NotImplementedError(f"mechanism {self.name!r} does not support attention dropout "
                                       f"(attn_drop={attn_drop}); the neighborhood kernels have none")
-        if isinstance(proj_drop, bool) or not isinstance(proj_drop, (int, float)) or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"{self.name}: proj_drop must be in [0, 1), got {proj_drop!r}")
         if backend is not None and backend not in NA_BACKENDS:
             raise ValueError(f"{self.name}: backend must be None or one of {NA_BACKENDS}, got {backend!r}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ValueError(f"{self.name}: scale must be a positive number or None, got {scale!r}")
+        if scale is not None:
+            check_positive(self.name, "scale", scale)
         self.kernel_size, self.dilation, self.stride, self.causal = neighborhood_options(
             self.ndim, kernel_size, dilation, stride, causal, who=self.name)
         factory = dict(device=device, dtype=dtype)
@@ -88,10 +95,14 @@ class _Neighborhood(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_q = nn.Identity()    # (B, h, *spatial, d)
-        self.hook_k = nn.Identity()    # (B, h, *spatial, d)
-        self.hook_v = nn.Identity()    # (B, h, *spatial, d)
-        self.hook_out = nn.Identity()  # (B, h, *spatial, d), per-head outputs before proj
+        self.hook_q = HookPoint()    # (B, h, *spatial, d)
+        self.hook_k = HookPoint()    # (B, h, *spatial, d)
+        self.hook_v = HookPoint()    # (B, h, *spatial, d)
+        # Scores and probs over all N = prod(spatial) tokens, -inf outside the window: formed only
+        # on the eager path (backend="reference"); the blocked and flex kernels never hold them.
+        self.hook_scores = HookPoint()  # (B, h, N, N), the softmax input; decoding: (B, h, n, window keys)
+        self.hook_probs = HookPoint()   # (B, h, N, N), the softmax output
+        self.hook_out = HookPoint()  # (B, h, *spatial, d), per-head outputs before proj
 
     def extra_repr(self) -> str:
         causal = "" if self.ndim == 1 else f", causal={self.causal}"
@@ -115,7 +126,22 @@ class _Neighborhood(nn.Module):
     def _attend(self, q, k, v, causal: tuple[bool, ...]) -> Tensor:
         spatial = tuple(q.shape[2:-1])
         ks, dil, st = _effective(spatial, self.kernel_size, self.dilation, self.stride)
-        return neighborhood_attention(q, k, v, ks, dil, st, causal, scale=self.scale, backend=self.backend)
+        return self._neighborhood(q, k, v, ks, dil, st, causal)
+
+    def _neighborhood(self, q, k, v, ks, dil, st, causal) -> Tensor:
+        """neighborhood_attention on self.backend; its reference backend runs here, through the
+        scores and probs hooks (the same mask and the same oracle call as the op's)."""
+        if self.backend != "reference":
+            return neighborhood_attention(q, k, v, ks, dil, st, causal, scale=self.scale, backend=self.backend)
+        spatial = tuple(q.shape[2:-1])
+        B, h = q.shape[:2]
+        N = math.prod(spatial)
+        mask = reference_neighborhood_mask(spatial, ks, dil, st, causal).to(q.device)[None, None]  # (1, 1, N, N)
+        qf, kf, vf = (t.reshape(B, t.shape[1], N, t.shape[-1]) for t in (q, k, v))   # (B, h, N, d)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else float(self.scale)
+        out = hooked_attention(qf, kf, vf, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                               attn_mask=mask, scale=scale, backend="reference")
+        return out.view(B, h, *spatial, v.shape[-1])
 
     def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int, causal: bool) -> tuple[float, float]:
         """2 x the multiply-adds of the projections and of the (query, key) pairs kept.
@@ -177,8 +203,7 @@ class NeighborhoodAttention1d(_Neighborhood):
             # the causal window needs no length: pad at the end (no earlier query sees it)
             pad = kernel * dil - N
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            out = neighborhood_attention(q, k, v, kernel, dil, 1, True, scale=self.scale,
-                                         backend=self.backend)[:, :, :N]
+            out = self._neighborhood(q, k, v, (kernel,), (dil,), (1,), (True,))[:, :, :N]
         else:
             out = self._attend(q, k, v, (bool(is_causal),))                  # (B, h, N, d)
         return self._project(out)
@@ -202,14 +227,21 @@ class NeighborhoodAttention1d(_Neighborhood):
         key = torch.arange(first, past + n, device=x.device)[None, :]
         back = query - key
         allowed = (back >= 0) & (back % dil == 0) & (back // dil < kernel)  # (n, M - first)
-        out = attention(q, k, v, attn_mask=allowed[None, None], scale=self.scale)
+        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                               attn_mask=allowed[None, None], scale=self.scale)
         return self._project(out)
 
 
 class _SpatialNeighborhood(_Neighborhood):
-    """x (B, *spatial, C) channels-last -> same shape."""
+    """x (B, *spatial, C) channels-last -> same shape.
 
-    def forward(self, x: Tensor) -> Tensor:
+    Causal masking is the constructor's per-axis `causal=` (spec.causal_axes); forward takes the
+    shared keywords so that every mechanism is called alike, and refuses is_causal, attn_mask
+    and cache (NotImplementedError, spec.causal / attn_mask / kv_cache are False).
+    """
+
+    def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+                cache: KVCache | None = None) -> Tensor:
         want = "(B, " + ", ".join("DHW"[3 - self.ndim:]) + f", C={self.dim})"
         if not isinstance(x, Tensor):
             raise TypeError(f"{self.name}: expected x as a torch.Tensor {want}, got {type(x).__name__}")
@@ -220,6 +252,7 @@ class _SpatialNeighborhood(_Neighborhood):
                              f"(shape {tuple(x.shape)})")
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected floating point x, got {x.dtype}")
+        check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         spatial = tuple(x.shape[1:-1])
         if math.prod(spatial) == 0:
             return self.proj_drop(self.proj(x))
@@ -230,7 +263,7 @@ class _SpatialNeighborhood(_Neighborhood):
 @register(MechanismSpec(
     name="neighborhood2d", paper=PAPER, year=2025, family="local", layout="2d",
     time="O(H W k^2 d)", memory="O(H W d) (CPU kernel: + one head's k, v per thread; training: + O(H W k^2) saved probabilities where <= 4x q)", exact=False,
-    causal=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
+    causal=False, causal_axes=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
     provenance="official-code", source=SOURCE,
     test_kwargs=dict(kernel_size=3)))
 class NeighborhoodAttention2d(_SpatialNeighborhood):
@@ -254,7 +287,7 @@ class NeighborhoodAttention2d(_SpatialNeighborhood):
 @register(MechanismSpec(
     name="neighborhood3d", paper=PAPER, year=2025, family="local", layout="3d",
     time="O(D H W k^3 d)", memory="O(D H W d) (CPU kernel: + one head's k, v per thread; training: + O(D H W k^3) saved probabilities where <= 4x q)", exact=False,
-    causal=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
+    causal=False, causal_axes=True, attn_mask=False, kv_cache=False, backends=("blocked", "flex", "reference"), url=URL,
     provenance="official-code", source=SOURCE,
     test_kwargs=dict(kernel_size=3)))
 class NeighborhoodAttention3d(_SpatialNeighborhood):

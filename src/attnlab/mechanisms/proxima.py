@@ -23,7 +23,7 @@ link) could not be consulted while writing this file, so no equation numbers are
 formulas above are the reading that the name, the abstract and the HTR setting (neighbouring
 columns of a text-line feature map belong to the same character) support best; they should be
 checked against the paper's Section on the Combined Attention when it is at hand.
-Re-checked for issue 12 (Fidelity): the paper's HTML (arxiv.org/html/2412.18524v1) is stored by
+What can be consulted: the paper's HTML (arxiv.org/html/2412.18524v1) is stored by
 the search service, but only its title and abstract could be read through it; no mirror of the
 body, no citing paper describing Proxima Attention's formula, and no copy of the code were
 found, and the code link is dead (paperswithnocode.com/paper/2412.18524: "Declared Dead",
@@ -53,8 +53,8 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import check_attn_mask
-from attnlab._checks import check_dims, check_features, check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 PAPER = "HTR-JAND: Handwritten Text Recognition with Joint Attention Network and Knowledge Distillation"
@@ -68,18 +68,6 @@ SOURCE_COMBINED = ("title + abstract only (arXiv 2412.18524; code repository 404
                    "mechanism fusing Multi-Head Self-Attention with Proxima Attention'. Guessed: "
                    "sigmoid(g) * mhsa(x) + (1 - sigmoid(g)) * proxima(x), separate projections, one "
                    "learned scalar gate")
-
-
-def _check_drop(name: str, attn_drop, proj_drop) -> None:
-    for arg, value in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}: {arg} must be a float in [0, 1), got {value!r}")
-
-
-def _check_positive(name: str, arg: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: {arg} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,17 +107,21 @@ class ProximaAttention(nn.Module):
 
     Parameters are timm's (`qkv`, `proj`) plus `log_sigma` (h,), the log width of each head's
     proximity prior in tokens. `learn_sigma=False` keeps the widths fixed (a buffer).
+    Hooks (attnlab.hooks): scores and probs on the eager path (`backend="reference"`).
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, sigma: float = 4.0, learn_sigma: bool = True,
                  scale: float | None = None, backend: str | None = None, device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims("proxima", dim, num_heads)
-        _check_drop("proxima", attn_drop, proj_drop)
-        sigma = _check_positive("proxima", "sigma", sigma)
+        check_dropout("proxima", attn_drop=attn_drop, proj_drop=proj_drop)
+        sigma = check_positive("proxima", "sigma", sigma)
         if scale is not None:
-            scale = _check_positive("proxima", "scale", scale)
+            scale = check_positive("proxima", "scale", scale)
         if not isinstance(learn_sigma, bool):
             raise TypeError(f"proxima: learn_sigma must be a bool, got {learn_sigma!r}")
         factory = dict(device=device, dtype=dtype)
@@ -143,10 +135,12 @@ class ProximaAttention(nn.Module):
             self.log_sigma = nn.Parameter(log_sigma)
         else:
             self.register_buffer("log_sigma", log_sigma)
-        self.hook_q = nn.Identity()    # (B, h, N, d)
-        self.hook_k = nn.Identity()    # (B, h, M, d), after the cache
-        self.hook_v = nn.Identity()    # (B, h, M, d), after the cache
-        self.hook_out = nn.Identity()  # (B, h, N, d), per-head outputs before proj
+        self.hook_q = HookPoint()    # (B, h, N, d)
+        self.hook_k = HookPoint()    # (B, h, M, d), after the cache
+        self.hook_v = HookPoint()    # (B, h, M, d), after the cache
+        self.hook_scores = HookPoint()  # (B, h, N, M), the softmax input with the proximity bias (eager path only)
+        self.hook_probs = HookPoint()   # (B, h, N, M), the softmax output (eager path only)
+        self.hook_out = HookPoint()  # (B, h, N, d), per-head outputs before proj
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
@@ -162,8 +156,9 @@ class ProximaAttention(nn.Module):
         B, N, M = q.shape[0], q.shape[2], k.shape[2]
         bias = proximity_bias(self.log_sigma, N, M, _compute_dtype(q.dtype))  # (h, N, M)
         mask = with_proximity(bias, attn_mask, B, N, M)                        # (B|1, h, N, M)
-        return attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                         dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        return hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                                attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache: KVCache | None = None) -> Tensor:
@@ -191,7 +186,13 @@ class CombinedAttention(nn.Module):
     The MHSA branch is `qkv` / `proj` (the names mhsa uses, so an mhsa state dict loads into it
     with strict=False); the Proxima branch is the submodule `proxima`. One KVCache serves both:
     it holds 2h heads, the MHSA branch's first.
+    Hooks (attnlab.hooks): the MHSA branch's here; the Proxima branch's scores and probs are
+    `proxima.hook_scores` / `proxima.hook_probs` (its q/k/v/out hooks do not fire inside
+    combined). Scores and probs fire on the eager path (`backend="reference"`).
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, sigma: float = 4.0, learn_sigma: bool = True,
@@ -199,12 +200,12 @@ class CombinedAttention(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.head_dim = check_dims("combined", dim, num_heads)
-        _check_drop("combined", attn_drop, proj_drop)
+        check_dropout("combined", attn_drop=attn_drop, proj_drop=proj_drop)
         if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)) or not math.isfinite(gate_init):
             raise ValueError(f"combined: gate_init must be a finite number (a logit), got {gate_init!r}")
-        _check_positive("combined", "sigma", sigma)
+        check_positive("combined", "sigma", sigma)
         if scale is not None:
-            scale = _check_positive("combined", "scale", scale)
+            scale = check_positive("combined", "scale", scale)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
         self.scale, self.backend, self.attn_drop = scale, backend, float(attn_drop)
@@ -215,10 +216,12 @@ class CombinedAttention(nn.Module):
                                         scale=scale, backend=backend, **factory)
         self.gate_logit = nn.Parameter(torch.tensor(float(gate_init), **factory))
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_q = nn.Identity()    # (B, h, N, d), MHSA branch
-        self.hook_k = nn.Identity()    # (B, h, M, d), MHSA branch, after the cache
-        self.hook_v = nn.Identity()    # (B, h, M, d), MHSA branch, after the cache
-        self.hook_out = nn.Identity()  # (B, N, C), the fused output before dropout
+        self.hook_q = HookPoint()    # (B, h, N, d), MHSA branch
+        self.hook_k = HookPoint()    # (B, h, M, d), MHSA branch, after the cache
+        self.hook_v = HookPoint()    # (B, h, M, d), MHSA branch, after the cache
+        self.hook_scores = HookPoint()  # (B, h, N, M), MHSA branch, the softmax input (eager path only)
+        self.hook_probs = HookPoint()   # (B, h, N, M), MHSA branch, the softmax output (eager path only)
+        self.hook_out = HookPoint()  # (B, N, C), the fused output alpha mhsa + beta proxima, before dropout
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
@@ -241,8 +244,9 @@ class CombinedAttention(nn.Module):
             k, pk = k_all[:, :h], k_all[:, h:]                                # (B, h, M, d) each
             v, pv = v_all[:, :h], v_all[:, h:]
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        mhsa = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                         dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        mhsa = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                                attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         mhsa = self.proj(mhsa.transpose(1, 2).reshape(B, N, C))               # (B, N, C)
         prox = self.proxima.attend(pq, pk, pv, attn_mask, is_causal)          # (B, h, N, d)
         prox = self.proxima.proj(prox.transpose(1, 2).reshape(B, N, C))       # (B, N, C)

@@ -33,15 +33,15 @@ Each output channel c is one scalar model of the paper, with v_m = value.weight[
 
 Source (provenance "reconstruction"): the full text was not reachable from this machine (the
 stored copies of the paper are abstracts: arXiv/NeurIPS/OpenReview pages), so no equation number
-was checked; the score x_0^T W_m x_i with ReLU and a 1/N average and no 1/sqrt(d) is as issue 12
-quotes the paper's random-feature attention model, the rest as the abstract states it.
+was checked; the score x_0^T W_m x_i with ReLU and a 1/N average and no 1/sqrt(d) is the paper's
+random-feature attention model as quoted second-hand, the rest as the abstract states it.
 
 Deviations and readings:
 - The activation: the paper analyses a fixed activation averaged over the N keys (functions of
   the form (1/N) sum_i F(x_0, x_i)); ReLU is the default here, softmax is offered because it is
   the attention people train. Check `activation` against the paper before citing a result.
 - The scale: the paper's score is the plain bilinear form x_0^T W_m x_i, the default for "relu";
-  `scale` multiplies it (scale=1/sqrt(C) was this module's default before issue 12).
+  `scale` multiplies it (softmax's default is 1/sqrt(C)).
 - Variance: entries of G_m are scaled by qk_std (default 1/sqrt(C), i.e. W_m ~ N(qk_mean I, 1/C)).
 - The paper studies one layer with scalar output; a C-dim output, multiple queries, causal
   masks, padding and a KV cache (it stores x itself, once for all heads) are the natural
@@ -60,15 +60,15 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import allowed_and_bias
-from attnlab._checks import check_features, check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dropout, check_features, check_positive, check_tokens
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 ACTIVATIONS = ("relu", "softmax")
 
 
 def _relu_mean_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Tensor | None,
-                         scale: float, dropout_p: float) -> Tensor:
+                         scale: float, dropout_p: float, hook_scores=None, hook_weights=None) -> Tensor:
     """out_i = (1 / #allowed_i) sum_j ReLU(q_i.k_j * scale + bias_ij) v_j over allowed keys j.
 
     q (B, h, N, C), k and v (B, 1, M, C) -> (B, h, N, C); float32 (float64 for float64 input).
@@ -77,9 +77,13 @@ def _relu_mean_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias:
     scores = torch.einsum("bhnc,bgmc->bhnm", q.to(compute), k.to(compute)) * scale     # (B, h, N, M)
     if bias is not None:    # a float mask is added to the scores, as for softmax
         scores = scores + torch.where(allowed, bias.to(compute), torch.zeros((), dtype=compute))
+    if hook_scores is not None:
+        scores = hook_scores(scores)
     weights = torch.where(allowed, F.relu(scores), scores.new_zeros(()))
     count = allowed.sum(-1, keepdim=True).clamp_min(1).to(compute)                      # (B|1, h|1, N, 1)
     probs = weights / count                                                             # empty rows: 0
+    if hook_weights is not None:
+        probs = hook_weights(probs)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     out = torch.einsum("bhnm,bgmc->bhnc", probs, v.to(compute))                         # (B, h, N, C)
@@ -91,10 +95,12 @@ def _relu_mean_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias:
     paper="What can a Single Attention Layer Learn? A Study Through the Random Features Lens",
     year=2023, family="random_features", layout="seq", time="O(M N C (N + C)) for M heads",
     provenance="reconstruction",
-    source="score x_0^T W_m x_i, ReLU, 1/N over the keys, no 1/sqrt(d), as issue 12 quotes arXiv:2307.11353 "
+    source="score x_0^T W_m x_i, ReLU, 1/N over the keys, no 1/sqrt(d), arXiv:2307.11353 as quoted second-hand "
            "(full text not reachable here: no equation number checked); W_m = mu I + G_m from the abstract",
     memory="O(M N (C + N)) (O(M N C) on SDPA with softmax)",
-    exact=False, causal=True, attn_mask=True, kv_cache=True, backends=("sdpa", "flex", "reference"),
+    # backends=(): the paper's (and the test config's) relu activation is computed here; only
+    # activation="softmax" takes a backend (sdpa, flex or reference, through ops.attention).
+    exact=False, causal=True, attn_mask=True, kv_cache=True, backends=(),
     url="https://arxiv.org/abs/2307.11353",
     # scale < 1 keeps the shared suite's outputs O(1) at its width (32) so that its float32
     # tolerances test the code, not the rounding of ~sqrt(C)-times larger outputs at scale 1
@@ -109,7 +115,12 @@ class RandomFeatureAttention(nn.Module):
     and independent of the global RNG), `scale` (default 1, the paper's, for relu; 1/sqrt(C) for
     softmax), `value_bias`, `attn_drop`,
     `proj_drop` (dropout on the output), `backend` (softmax only).
+    Hooks (attnlab.hooks): q = x W_m, k = v = x, the scores and the weights on v (eager path:
+    always for relu, `backend="reference"` for softmax), out = the features phi_m.
     """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_weights", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_weights")
 
     def __init__(self, dim: int, num_heads: int = 8, *, activation: str = "relu", qk_mean: float = 0.0,
                  qk_std: float | None = None, seed: int | None = None, scale: float | None = None,
@@ -128,12 +139,11 @@ class RandomFeatureAttention(nn.Module):
         std = 1.0 / math.sqrt(dim) if qk_std is None else qk_std
         if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0.0 <= std < math.inf:
             raise ValueError(f"{name}: qk_std must be a finite number >= 0, got {qk_std!r}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ValueError(f"{name}: scale must be a positive number or None, got {scale!r}")
+        if scale is not None:
+            check_positive(name, "scale", scale)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"{name}: seed must be an int or None, got {type(seed).__name__}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"{name}: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
         if backend is not None and activation != "softmax":
             raise ValueError(f"{name}: backend={backend!r} applies to activation='softmax' only "
                              f"(activation={activation!r} is computed here, not by ops.attention)")
@@ -154,9 +164,13 @@ class RandomFeatureAttention(nn.Module):
 
         self.value = nn.Linear(num_heads * dim, dim, bias=value_bias, device=device, dtype=dtype)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.hook_q = nn.Identity()    # (B, M, N, C): x_i^T W_m (a row vector per token)
-        self.hook_k = nn.Identity()    # (B, 1, K, C): the tokens themselves, after the cache
-        self.hook_out = nn.Identity()  # (B, M, N, C): the random features phi_m(x_i)
+        self.hook_q = HookPoint()    # (B, M, N, C): x_i^T W_m (a row vector per token)
+        self.hook_k = HookPoint()    # (B, 1, K, C): the tokens themselves, after the cache
+        self.hook_v = HookPoint()    # (B, 1, K, C): the tokens themselves, after the cache
+        # The next two fire on the eager path: always for relu, backend="reference" for softmax.
+        self.hook_scores = HookPoint()   # (B, M, N, K): x_i^T W_m x_j * scale (+ float mask), before the activation
+        self.hook_weights = HookPoint()  # (B, M, N, K): what multiplies v: ReLU(scores) / #keys, or softmax
+        self.hook_out = HookPoint()  # (B, M, N, C): the random features phi_m(x_i)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, activation={self.activation!r}, "
@@ -174,14 +188,16 @@ class RandomFeatureAttention(nn.Module):
         v = k
         if cache is not None:
             k, v = cache.update(k, v)                                       # (B, 1, K, C), K = past + N
-        q, k = self.hook_q(q), self.hook_k(k)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.activation == "softmax":
-            phi = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                            dropout_p=dropout_p, backend=self.backend)
+            phi = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_weights,
+                                   attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                   dropout_p=dropout_p, backend=self.backend)
         else:
             allowed, bias = allowed_and_bias(attn_mask, is_causal, B, h, N, k.shape[2], x.device)
-            phi = _relu_mean_attention(q, k, v, allowed, bias, self.scale, dropout_p)
+            phi = _relu_mean_attention(q, k, v, allowed, bias, self.scale, dropout_p,
+                                       self.hook_scores, self.hook_weights)
         phi = self.hook_out(phi)                                            # (B, M, N, C)
         return phi.transpose(1, 2).reshape(B, N, h * C)                     # (B, N, M C)
 

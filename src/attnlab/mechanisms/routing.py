@@ -113,8 +113,8 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab.masks import check_attn_mask
-from attnlab._checks import check_dims, check_features, check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 VARIANTS = ("auto", "topk", "nearest")
@@ -160,7 +160,12 @@ def _gather_mask(mask: Tensor, qpos: Tensor, kpos: Tensor) -> Tensor:
            "routing_transformer/routing_transformer.py::kmeans_iter (EMA toward the normalised member sums)",
     test_kwargs=dict(num_clusters=2, local_heads=1, window_size=4, qkv_bias=True)))
 class RoutingAttention(nn.Module):
-    """x (B, N, C) -> (B, N, C): local heads 0..local_heads-1, routing heads after them."""
+    """x (B, N, C) -> (B, N, C): local heads 0..local_heads-1, routing heads after them.
+
+    Hooks (attnlab.hooks): q, k, v, out of all heads; scores and probs per kind of head, in the
+    layout each attends in, on the eager path (`backend="reference"`). `hook_names` is per
+    instance (a split without local or routing heads has no such scores).
+    """
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, variant: str = "auto", num_clusters: int = 16,
@@ -180,8 +185,7 @@ class RoutingAttention(nn.Module):
             raise ValueError(f"routing: capacity must be a finite number > 0, got {capacity!r}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"routing: decay must be in [0, 1), got {decay!r}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"routing: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
+        check_dropout("routing", attn_drop=attn_drop, proj_drop=proj_drop)
         if routing_seed is not None and (isinstance(routing_seed, bool) or not isinstance(routing_seed, int)):
             raise TypeError(f"routing: routing_seed must be an int or None, got {type(routing_seed).__name__}")
         factory = dict(device=device, dtype=dtype)
@@ -196,10 +200,24 @@ class RoutingAttention(nn.Module):
         gen = None if routing_seed is None else torch.Generator().manual_seed(routing_seed)
         init = F.layer_norm(torch.randn(self.routing_heads, num_clusters, d, generator=gen), (d,))
         self.register_buffer("centroids", init.to(**factory))    # (R, num_clusters, d), EMA only
-        self.hook_q = nn.Identity()    # (B, h, N, d), projections (routing heads are layer-normed after)
-        self.hook_k = nn.Identity()    # (B, h, N, d), projections (routing heads are layer-normed after)
-        self.hook_v = nn.Identity()    # (B, h, N, d)
-        self.hook_out = nn.Identity()  # (B, h, N, d), per-head outputs before proj
+        self.hook_q = HookPoint()    # (B, h, N, d), projections (routing heads are layer-normed after)
+        self.hook_k = HookPoint()    # (B, h, N, d), projections (routing heads are layer-normed after)
+        self.hook_v = HookPoint()    # (B, h, N, d)
+        # Scores and probs in the blocked layouts the two kinds of head attend in (eager path only,
+        # backend="reference"); scores are the softmax input, -inf where masked.
+        self.hook_scores_local = HookPoint()   # (B L, nb, W, 3W) (2W causal): blocks of W queries, 3 key blocks
+        self.hook_probs_local = HookPoint()    # (B L, nb, W, 3W) (2W causal)
+        self.hook_scores_routed = HookPoint()  # (B, R c, w, w): the w query slots x w key slots per cluster
+        self.hook_probs_routed = HookPoint()   # (B, R c, w, w)
+        self.hook_out = HookPoint()  # (B, h, N, d), per-head outputs before proj
+        # Which hooks fire depends on the split: local ones need local_heads > 0, routed ones
+        # routing heads (num_heads - local_heads > 0).
+        local = ("hook_scores_local", "hook_probs_local") if self.local_heads else ()
+        routed = ("hook_scores_routed", "hook_probs_routed") if self.routing_heads else ()
+        self.eager_hook_names = (*local, *routed)
+        self.hook_names = ("hook_q", "hook_k", "hook_v", *self.eager_hook_names, "hook_out")
+        self.optional_hook_names = tuple(n for n in ("hook_scores_local", "hook_probs_local", "hook_scores_routed",
+                                                     "hook_probs_routed") if n not in self.eager_hook_names)
         self._unrouted: Tensor | None = None   # (2,) int64: [unrouted, non-padding] queries, last forward
 
     @property
@@ -315,12 +333,13 @@ class RoutingAttention(nn.Module):
 
     # --- the two kinds of heads ------------------------------------------------------------------
 
-    def _attend(self, q, k, v, allowed, bias, dropout_p):
+    def _attend(self, q, k, v, allowed, bias, dropout_p, hook_scores, hook_probs):
         """Batched dense attention; allowed (bool) / bias (float) broadcastable to (B, G, wq, wk)."""
         mask = allowed
         if bias is not None:
             mask = bias if allowed is None else torch.where(allowed, bias, float("-inf"))
-        return attention(q, k, v, attn_mask=mask, scale=self.scale, dropout_p=dropout_p, backend=self.backend)
+        return hooked_attention(q, k, v, hook_scores=hook_scores, hook_probs=hook_probs, attn_mask=mask,
+                                scale=self.scale, dropout_p=dropout_p, backend=self.backend)
 
     def _routing_heads(self, q, k, v, qr, kr, pad, mask, is_causal, causal_routing, dropout_p):
         """q, k, v (B, R, N, d) (q, k layer-normed); qr, kr the same in routing precision;
@@ -349,7 +368,8 @@ class RoutingAttention(nn.Module):
                 finite = got != float("-inf")
                 allowed = finite if allowed is None else allowed & finite
         flat = lambda t: None if t is None else t.expand(B, R, c, *t.shape[3:]).reshape(B, R * c, *t.shape[3:])
-        out = self._attend(q_sel, k_sel, v_sel, flat(allowed), flat(bias), dropout_p)  # (B, R c, w, d)
+        out = self._attend(q_sel, k_sel, v_sel, flat(allowed), flat(bias), dropout_p,
+                           self.hook_scores_routed, self.hook_probs_routed)   # (B, R c, w, d)
         # A slot counts when it is filled and its query may see one of the cluster's keys.
         row_ok = q_ok if allowed is None else q_ok & allowed.any(-1).expand(B, R, c, w)
         weight = row_ok.reshape(-1, 1).to(out.dtype)
@@ -402,7 +422,8 @@ class RoutingAttention(nn.Module):
 
         if bias is not None and (bias.shape[0] != allowed.shape[0] or bias.shape[1] != allowed.shape[1]):
             allowed = allowed.expand(bias.shape[0], bias.shape[1], *allowed.shape[2:])
-        out = self._attend(qb, windows(k), windows(v), flat(allowed), flat(bias), dropout_p)
+        out = self._attend(qb, windows(k), windows(v), flat(allowed), flat(bias), dropout_p,
+                           self.hook_scores_local, self.hook_probs_local)
         return out.reshape(B, L, nb * W, d)[:, :, :N]
 
     # --- forward -----------------------------------------------------------------------------------

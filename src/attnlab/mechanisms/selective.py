@@ -48,8 +48,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab.cache import KVCache
-from attnlab._checks import check_dims, check_features, check_tokens
-from attnlab.ops.attention import attention
+from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
+from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
 NAME = "selective"
@@ -86,7 +86,16 @@ def _check_float(arg: str, value, *, min_value: float | None = None) -> float:
     test_kwargs=dict(qkv_bias=True, beta_init=0.0),
     test_configs=(dict(num_kv_heads=2, query_temp=True, value_temp=True, beta_init=0.0, temp_std=0.5),)))
 class SelectiveAttention(nn.Module):
-    """x (B, N, C) -> (B, N, C). Temperatures and softmax run in float32 (float64 for float64)."""
+    """x (B, N, C) -> (B, N, C). Temperatures and softmax run in float32 (float64 for float64).
+
+    Hooks (attnlab.hooks): scores (with the query temperature in them) and probs on the eager
+    path (`backend="reference"`); `hook_tau_q` fires with pos_temp or query_temp, `hook_tau_v`
+    with value_temp.
+    """
+
+    hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
+    eager_hook_names = ("hook_scores", "hook_probs")
+    optional_hook_names = ("hook_tau_q", "hook_tau_v")
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, num_kv_heads: int | None = None, proj_bias: bool = True,
@@ -100,9 +109,7 @@ class SelectiveAttention(nn.Module):
                 or num_heads % num_kv_heads:
             raise ValueError(f"{NAME}: num_kv_heads must be a positive divisor of num_heads ({num_heads}), "
                              f"got {num_kv_heads!r}")
-        for arg, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-                raise ValueError(f"{NAME}: {arg} must be in [0, 1), got {p!r}")
+        check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
         if scale is not None:
             scale = _check_float("scale", scale)
         self.query_temp = _check_flag("query_temp", query_temp)
@@ -132,12 +139,14 @@ class SelectiveAttention(nn.Module):
         self._beta_init, self._temp_std = beta_init, temp_std
         self.reset_temperatures()
         # Identity hook points for probes (see attnlab.probes): shapes in comments.
-        self.hook_q = nn.Identity()      # (B, h, N, d), before the temperature
-        self.hook_k = nn.Identity()      # (B, h_kv, M, d), after the cache
-        self.hook_v = nn.Identity()      # (B, h_kv, M, d), after the value temperature and the cache
-        self.hook_tau_q = nn.Identity()  # (B, h, N, 1), query inverse temperature
-        self.hook_tau_v = nn.Identity()  # (B, h_kv, N, 1), value temperature of the new tokens
-        self.hook_out = nn.Identity()    # (B, h, N, d), per-head outputs before proj
+        self.hook_q = HookPoint()      # (B, h, N, d), before the temperature
+        self.hook_k = HookPoint()      # (B, h_kv, M, d), after the cache
+        self.hook_v = HookPoint()      # (B, h_kv, M, d), after the value temperature and the cache
+        self.hook_tau_q = HookPoint()  # (B, h, N, 1), query inverse temperature
+        self.hook_tau_v = HookPoint()  # (B, h_kv, N, 1), value temperature of the new tokens
+        self.hook_scores = HookPoint()   # (B, h, N, M), the softmax input (eager path only)
+        self.hook_probs = HookPoint()    # (B, h, N, M), the softmax output (eager path only)
+        self.hook_out = HookPoint()    # (B, h, N, d), per-head outputs before proj
 
     def reset_temperatures(self) -> None:
         """Re-initialise the temperature parameters (beta = beta_init, w, u ~ N(0, temp_std^2))."""
@@ -216,8 +225,9 @@ class SelectiveAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)                                    # (B, h_kv, M, d), M = past + N
         k, v = self.hook_k(k), self.hook_v(v)
-        out = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
+                               attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         out = self.hook_out(out)                                         # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)                       # (B, N, C)
         return self.proj_drop(self.proj(out))

@@ -318,12 +318,15 @@ SOFTMAXES: dict[str, Callable[..., Tensor]] = {
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, softmax: str = "edgemoe",
                       attn_mask: Tensor | None = None, is_causal: bool = False,
-                      scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+                      scale: float | None = None, dropout_p: float = 0.0,
+                      scores_hook: Callable[[Tensor], Tensor] | None = None,
+                      probs_hook: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Eager attention with the softmax named in SOFTMAXES; attnlab's mask conventions.
 
     q (B, h, N, d), k (B, h_kv, M, d), v (B, h_kv, M, dv), h % h_kv == 0 -> (B, h, N, dv) in q's
     dtype. Scores and probabilities in float32 (float64 for float64 input); a query row with
-    no allowed key outputs zeros.
+    no allowed key outputs zeros. `scores_hook` / `probs_hook` see, and may replace, the softmax
+    input (B, h, N, M) and its output before dropout.
 
     Equivalent PyTorch:
         scores = q @ k.transpose(-2, -1) * scale + mask      # (B, h, N, M)
@@ -351,9 +354,13 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, softmax: str = "edgemo
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
+    if scores_hook is not None:
+        scores = scores_hook(scores)
     probs = SOFTMAXES[softmax](scores, -1)                                  # (B, h, N, M)
     if prepared.row_valid is not None:
         probs = probs.masked_fill(~prepared.row_valid, 0.0)
+    if probs_hook is not None:
+        probs = probs_hook(probs)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     out = probs @ v.to(compute)                                             # (B, h, N, dv)

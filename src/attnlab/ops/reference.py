@@ -6,6 +6,7 @@ These never share code with the fast paths they check (mask handling included), 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -13,11 +14,14 @@ from torch import Tensor
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
                         is_causal: bool = False, scale: float | None = None,
-                        dropout_p: float = 0.0) -> Tensor:
+                        dropout_p: float = 0.0, scores_hook: Callable[[Tensor], Tensor] | None = None,
+                        probs_hook: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """softmax(q k^T * scale + mask) v with attnlab's mask conventions.
 
     q (B, h, N, d), k (B, h_kv, M, d), v (B, h_kv, M, dv) with h % h_kv == 0 -> (B, h, N, dv).
     Computed in float64 for float64 inputs and float32 otherwise, cast back at the end.
+    `scores_hook` / `probs_hook` (e.g. a module's hook points) see, and may replace, the
+    softmax input (B, h, N, M) (-inf where masked) and its output before dropout.
     """
     B, h, N, d = q.shape
     M = k.shape[-2]
@@ -45,7 +49,11 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | 
     row_has_key = allowed.any(-1, keepdim=True)                            # (B, h, N, 1)
     scores = scores.masked_fill(~allowed, float("-inf"))
     scores = scores.masked_fill(~row_has_key, 0.0)   # keeps softmax finite; zeroed below
+    if scores_hook is not None:
+        scores = scores_hook(scores)
     probs = torch.softmax(scores, dim=-1) * row_has_key                    # (B, h, N, M)
+    if probs_hook is not None:
+        probs = probs_hook(probs)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = torch.einsum("bhnm,bhmd->bhnd", probs, v.to(compute))            # (B, h, N, dv)

@@ -1,0 +1,94 @@
+"""Hook points: identity modules on a mechanism's intermediate tensors (TransformerLens-style).
+
+A probe reads or edits a tensor by registering a forward hook (or forward pre-hook) on the hook
+point that carries it; with no hook registered a hook point is the identity and costs nothing.
+
+The convention every mechanism in `attnlab.mechanisms` follows:
+
+- Each hook point is an attribute `hook_<what>` holding a `HookPoint`, with the shape of what it
+  carries in a comment where it is defined. Core names, where the formula has the tensor:
+  `hook_q`, `hook_k`, `hook_v` (keys and values after the KV cache: all M positions),
+  `hook_scores` (the softmax input: scaled q k^T plus masks and biases, -inf where masked),
+  `hook_probs` (the softmax output, before attention dropout) and `hook_out` (per-head outputs
+  before the output projection, unless its comment says otherwise). A mechanism whose formula has
+  other intermediates names its hooks by what they hold (`hook_gates`, `hook_features`, ...).
+- `hook_names` (class attribute): every hook point that exists on every instance and fires once
+  on every eval-mode forward that runs the eager path (below). A hook that fires only with some
+  option (e.g. selective's `hook_tau_v` with `value_temp=True`) is listed in
+  `optional_hook_names` instead.
+- `eager_hook_names` (class attribute, a subset of `hook_names`): the hooks that fire only on
+  the eager path, because the fast kernels (SDPA, FlexAttention, the blocked neighborhood kernel)
+  never materialise the tensor: usually `hook_scores` and `hook_probs`.
+- The eager path: a mechanism with a `backend` option runs it with `backend="reference"` (at
+  construction, or by setting `module.backend = "reference"`, the one way that works for every
+  mechanism). Those whose attention runs through `attnlab.ops.attention` also take it with
+  `backend=None` inside `with attnlab.use_backend("reference"):` (or ATTNLAB_BACKEND=reference);
+  the neighborhood mechanisms, whose op has its own backends, only with an explicit
+  `backend="reference"`. A mechanism without a `backend` option (or a configuration that does
+  not use one, e.g. random_features with relu) is always eager. The eager path is the
+  reference backend itself, so the output is the same whether or not hooks are registered.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch.nn as nn
+from torch import Tensor
+
+from attnlab.masks import prepare_mask
+from attnlab.ops.attention import attention, check_qkv, default_backend
+from attnlab.ops.reference import reference_attention
+
+
+class HookPoint(nn.Identity):
+    """An identity module a probe hooks: forward(x) returns x (a hook may replace it)."""
+
+
+def runs_eager(backend: str | None) -> bool:
+    """True when an attention call with this `backend` argument runs the reference backend:
+    asked for explicitly, or the default (`use_backend`, ATTNLAB_BACKEND) names it."""
+    return (backend if backend is not None else default_backend()) == "reference"
+
+
+def is_listened(hook) -> bool:
+    """True when calling `hook` can do more than return its input: a plain callable, or a module
+    with forward (pre-)hooks of its own or global ones."""
+    if hook is None:
+        return False
+    if not isinstance(hook, nn.Module):
+        return True
+    from torch.nn.modules import module as _module  # the global hook registries live there
+    return bool(hook._forward_hooks or hook._forward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
+def hooked_attention(q: Tensor, k: Tensor, v: Tensor, *, hook_scores: Callable[[Tensor], Tensor] | None = None,
+                     hook_probs: Callable[[Tensor], Tensor] | None = None, attn_mask: Tensor | None = None,
+                     is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                     backend: str | None = None) -> Tensor:
+    """`attnlab.ops.attention`, except that on the reference backend the scores (B, h, N, M)
+    pass through `hook_scores` before the softmax and the probabilities through `hook_probs`
+    after it. Other backends never see them and the hooks do not fire.
+
+    With nothing registered on either hook the call is exactly `attention(...)` (dispatch table
+    included). With a hook registered, the reference path runs here: the call that
+    `attention(..., backend="reference")` makes (same checks, same empty-input rule, same
+    oracle), so the result is identical with or without hooks.
+    """
+    if not runs_eager(backend) or not (is_listened(hook_scores) or is_listened(hook_probs)):
+        return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                         dropout_p=dropout_p, backend=backend)
+    check_qkv(q, k, v)
+    B, h, N, d = q.shape
+    M = k.shape[2]
+    if not 0.0 <= dropout_p < 1.0 or 0 in (B, h, N, M):  # the op's error, or its zeros for empty input
+        return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                         dropout_p=dropout_p, backend="reference")
+    prepare_mask(attn_mask, B=B, h=h, N=N, M=M, is_causal=is_causal, dtype=q.dtype, device=q.device)  # checks
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return reference_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                               dropout_p=dropout_p, scores_hook=hook_scores, probs_hook=hook_probs)
+
+
+__all__ = ["HookPoint", "hooked_attention", "is_listened", "runs_eager"]
