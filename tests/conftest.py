@@ -83,14 +83,13 @@ def registry_snapshot():
 
 @pytest.fixture
 def backend_spy(monkeypatch):
-    """Record which `attnlab.ops.attention` backend runs each call.
+    """Record which backend `attnlab.ops.attention` runs for each call.
 
     Returns `spy` with `spy.ran` (backend names in call order) and `spy.refuse(name, reason)`,
     which makes that backend report that it cannot run. ATTNLAB_BACKEND is cleared so the
     default is the automatic pick.
     """
-    # `attnlab.ops.attention` is the function; the module is reached through importlib.
-    table = importlib.import_module("attnlab.ops.attention").BACKENDS
+    table = importlib.import_module("attnlab.ops.sdpa").IMPLEMENTATIONS
     monkeypatch.delenv("ATTNLAB_BACKEND", raising=False)
     ran: list[str] = []
     for name, (reasons, run) in list(table.items()):

@@ -7,7 +7,7 @@
 from attnlab import ops
 from attnlab.cache import KVCache
 from attnlab.models import Block, CausalLM, Classifier, Transformer
-from attnlab.ops.attention import use_backend
+from attnlab.ops.sdpa import use_backend
 from attnlab.registry import MechanismSpec, create, get_spec, list_specs, register
 
 __version__ = "0.1.0"

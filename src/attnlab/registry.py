@@ -15,13 +15,15 @@ from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
+from attnlab.ops._dispatch import BACKENDS as _BACKEND_TABLE
+
 LAYOUTS = ("seq", "2d", "3d", "cross", "pool")
 # Where a mechanism's formula comes from (MechanismSpec.provenance; the details go in `source`):
 #   official-code   the authors' released code: "owner/repo path/file.py::Name"
 #   paper           the paper's equations: "Sec. 3, Eqs. (4)-(6)"
 #   reconstruction  no code and no equation to follow: what was guessed, in `source`
 PROVENANCES = ("official-code", "paper", "reconstruction")
-BACKENDS = ("sdpa", "reference", "flex", "blocked")  # blocked: the neighborhood CPU kernel
+BACKENDS = tuple(_BACKEND_TABLE)  # the names of attnlab.ops' one backend table
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.masks import prepare_mask
-from attnlab.ops.attention import check_qkv
+from attnlab.ops.sdpa import check_qkv
 
 FRAC_BITS = 22                      # ap_fixed<32, 10>: 22 fractional bits
 GELU_STEP = 1.0 / 32                # the table's spacing h

@@ -21,8 +21,8 @@ through DLPack: blocks torch frees are kept (up to 512 MiB) and reused already p
 
 Saved probabilities: when a gradient is due and they take at most 4x the memory of q, the forward
 pass keeps each query's probabilities (its group's key rows x the columns its score tiles
-computed: 136, 208 and 192 floats per query for the issue's 1-D, 2-D and 3-D shapes) and the backward pass reads
-them instead of recomputing q.k and exp. `BlockedConfig(save_probs=False/True)` decides per call;
+computed: 136, 208 and 192 floats per query for 1-D k = 127, 2-D k = 13 and 3-D k = (3, 7, 7)) and
+the backward pass reads them instead of recomputing q.k and exp. `BlockedConfig(save_probs=False/True)` decides per call;
 else ATTNLAB_NA_SAVE_PROBS=0 never keeps them (least memory), =1 always does.
 
 Per call (q, k (BH, N, d), v (BH, N, dv), tokens (n0, n1, n2) row-major after padding to three
@@ -54,6 +54,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from attnlab.ops.neighborhood.rules import axis_windows
 
 __all__ = ["fused_reasons", "fused_neighborhood", "library_status", "clear_pool"]
 
@@ -176,8 +178,7 @@ class _Geometry:
 
 def _axis(n: int, k: int, r: int, s: int, causal: bool):
     """Per position of the group-ordered axis: first and last key (group-ordered), and the order."""
-    from attnlab.ops.neighborhood import _axis_windows
-    g, _, _, first, last = _axis_windows(n, k, r, s, causal)
+    g, _, _, first, last = axis_windows(n, k, r, s, causal)
     if r == 1:
         return first, last, None
     sizes = torch.tensor([len(range(j, n, r)) for j in range(r)])
@@ -384,8 +385,16 @@ def _reorder(x: Tensor, perms: tuple) -> Tensor:
 def fused_neighborhood(q: Tensor, k: Tensor, v: Tensor, spatial: tuple, ks: tuple, dil: tuple, st: tuple,
                        causal: tuple, scale: float, threads: int | None = None,
                        save_probs: bool | None = None) -> Tensor:
-    """q, k (BH, N, d), v (BH, N, dv), tokens row-major over `spatial` -> (BH, N, dv) float32.
-    save_probs: keep the probabilities for the backward pass (None: see `_save_probs`)."""
+    """q, k (BH, N, d), v (BH, N, dv), tokens row-major over `spatial` -> (BH, N, dv) float32, with
+    backward; options as per-axis tuples (`neighborhood_args`). threads: Python threads calling
+    the kernel (None: torch's intra-op thread count). save_probs: keep the probabilities for the
+    backward pass (None: see `_save_probs`).
+
+    Equivalent PyTorch:
+        allowed = reference_neighborhood_mask(spatial, ks, dil, st, causal)      # (N, N)
+        scores = q.float() @ k.float().transpose(-2, -1) * scale                # (BH, N, N)
+        out = scores.masked_fill(~allowed, -inf).softmax(-1) @ v.float()        # (BH, N, dv)
+    """
     geo = _geometry(tuple(spatial), tuple(ks), tuple(dil), tuple(st), tuple(causal))
     BH, N = q.shape[:2]
     threads = threads or torch.get_num_threads()

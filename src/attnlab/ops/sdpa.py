@@ -1,6 +1,6 @@
 """`attention(q, k, v, ...)`: scaled dot-product attention over several backends.
 
-Backends, in default priority order:
+Backends, in default priority order (`attnlab.ops._dispatch.BACKENDS` describes them all):
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention (fused kernels where torch has them).
 - `flex`: FlexAttention (torch.nn.attention.flex_attention); compiled on GPU, forward-only on CPU.
 - `reference`: the naive eager oracle in `attnlab.ops.reference`.
@@ -15,50 +15,24 @@ Equivalent PyTorch (for every backend):
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import logging
 import math
-import os
 import warnings
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.masks import PreparedMask, prepare_mask
+from attnlab.ops._dispatch import (BackendUnavailable, check_backend, choose, default_backend, flex_function,
+                                   flex_module, serving, use_backend)
 from attnlab.ops.reference import reference_attention
 
-log = logging.getLogger(__name__)
+__all__ = ["attention", "check_qkv", "use_backend", "default_backend", "BackendUnavailable", "PRIORITY",
+           "IMPLEMENTATIONS"]
 
-PRIORITY = ("sdpa", "flex", "reference")
-_default_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnlab_backend", default=None)
-
-
-class BackendUnavailable(RuntimeError):
-    """No backend (or not the requested one) can run this call; the message says why."""
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None) -> Iterator[None]:
-    """Within the block, `attention(..., backend=None)` uses `name` (None restores auto-pick)."""
-    if name is not None and name not in PRIORITY:
-        raise ValueError(f"unknown backend {name!r}; expected one of {PRIORITY}")
-    token = _default_backend.set(name)
-    try:
-        yield
-    finally:
-        _default_backend.reset(token)
-
-
-def default_backend() -> str | None:
-    name = _default_backend.get()
-    if name is None:
-        name = os.environ.get("ATTNLAB_BACKEND") or None
-        if name is not None and name not in PRIORITY:
-            raise ValueError(f"ATTNLAB_BACKEND={name!r} is not a backend; expected one of {PRIORITY}")
-    return name
+OP = "attention"
+PRIORITY = serving(OP)          # ("sdpa", "flex", "reference")
 
 
 # --- backends: each is a pair (reasons it cannot run, run) -------------------------------------
@@ -71,29 +45,6 @@ def _sdpa_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_c
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.mask, is_causal=prepared.is_causal,
                                           dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-
-
-def flex_module():
-    """torch.nn.attention.flex_attention, or None where this torch lacks it."""
-    try:
-        from torch.nn.attention import flex_attention as fa
-    except ImportError:  # pragma: no cover - torch < 2.5
-        return None
-    return fa
-
-
-_compiled_flex: dict[str, Callable] = {}
-
-
-def flex_function(device_type: str) -> Callable:
-    """flex_attention for a device: eager on CPU (forward only there), compiled once elsewhere,
-    since FlexAttention is only fast compiled."""
-    fa = flex_module()
-    if device_type == "cpu":
-        return fa.flex_attention
-    if device_type not in _compiled_flex:
-        _compiled_flex[device_type] = torch.compile(fa.flex_attention, dynamic=False)
-    return _compiled_flex[device_type]
 
 
 def _flex_reasons(q, k, v, prepared, dropout_p) -> list[str]:
@@ -148,11 +99,14 @@ def _reference_run(q, k, v, prepared, scale, dropout_p, attn_mask, is_causal):
                                dropout_p=dropout_p)
 
 
-BACKENDS: dict[str, tuple[Callable, Callable]] = {
+# name -> (reasons it cannot run a call, run it); the names are the dispatch table's
+IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
     "sdpa": (_sdpa_reasons, _sdpa_run),
     "flex": (_flex_reasons, _flex_run),
     "reference": (_reference_reasons, _reference_run),
 }
+if set(IMPLEMENTATIONS) != set(PRIORITY):   # pragma: no cover - a table edited on one side only
+    raise ImportError(f"attention implements {sorted(IMPLEMENTATIONS)} but the backend table says {PRIORITY}")
 
 
 def _shape(t: Tensor) -> str:
@@ -197,26 +151,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = Non
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     prepared = prepare_mask(attn_mask, B=B, h=h, N=N, M=M, is_causal=is_causal, dtype=q.dtype, device=q.device)
 
-    requested = backend if backend is not None else default_backend()
-    if requested is not None and requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r}; expected one of {PRIORITY}")
+    check_backend(OP, backend)
+    if backend is None:
+        default_backend()       # a bad ATTNLAB_BACKEND is an error on every call, empty ones too
 
     if B == 0 or N == 0 or M == 0 or h == 0:  # nothing to attend: defined as zeros, on every backend
         return q.new_zeros(B, h, N, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
 
-    candidates = [requested] if requested is not None else list(PRIORITY)
-    reasons: dict[str, list[str]] = {}
-    for name in candidates:
-        why_not, run = BACKENDS[name]
-        reasons[name] = why_not(q, k, v, prepared, dropout_p)
-        if reasons[name]:
-            log.debug("attnlab.attention: skipping backend %s: %s", name, "; ".join(reasons[name]))
-            continue
-        out = run(q, k, v, prepared, scale, dropout_p, attn_mask, is_causal)
-        if prepared.row_valid is not None and name != "reference":
-            out = out.masked_fill(~prepared.row_valid, 0.0)
-        return out
-    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
-    if requested is not None:
-        raise BackendUnavailable(f"backend {requested!r} cannot run this call ({detail})")
-    raise BackendUnavailable(f"no attention backend can run this call ({detail})")
+    name = choose(OP, backend, PRIORITY, lambda n: IMPLEMENTATIONS[n][0](q, k, v, prepared, dropout_p))
+    out = IMPLEMENTATIONS[name][1](q, k, v, prepared, scale, dropout_p, attn_mask, is_causal)
+    if prepared.row_valid is not None and name != "reference":
+        out = out.masked_fill(~prepared.row_valid, 0.0)
+    return out

@@ -1,7 +1,7 @@
 """`attnlab.ops.neighborhood.fused`: the fused C++ CPU kernel of neighborhood attention.
 
 The oracle: the (N, N) mask of `reference_neighborhood_mask` (itself checked against NATTEN's
-formulation in test_neighborhood_attention.py) and masked softmax attention in float64. The
+formulation in test_rules.py) and masked softmax attention in float64. The
 kernel computes in float32, so tolerances are float32's.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from attnlab.ops.neighborhood import fused as na_fused
-from attnlab.ops.attention import BackendUnavailable
+from attnlab.ops import BackendUnavailable
 from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention, reference_neighborhood_mask
 
 pytestmark = pytest.mark.skipif(na_fused.library_status()[0] is None,

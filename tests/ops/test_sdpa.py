@@ -1,4 +1,4 @@
-"""`attnlab.ops.attention` backends against the oracle, and the oracle against the definition.
+"""`attnlab.ops.sdpa`: `attention` backends against the oracle, and the oracle against the definition.
 
 - `reference_attention` is checked against a plain Python loop over (b, h, i, j) written from
   the definition and the mask conventions of attnlab.masks (this guards the oracle).
