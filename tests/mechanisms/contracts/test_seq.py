@@ -1,4 +1,7 @@
-"""The shared property suite: every sequence mechanism in the registry, one parametrisation.
+"""The seq contract: every layout="seq" mechanism in the registry, one parametrisation.
+
+(The suites of the other layouts sit beside this file: test_spatial.py, test_pool.py,
+test_cross.py; test_backends.py and test_hooks.py run over every layout.)
 
 A new mechanism is covered by registering it with `layout="seq"` and a tiny `test_kwargs`.
 Each property is skipped (with the reason) where the spec marks the feature unsupported, and
@@ -348,6 +351,16 @@ def test_non_float_input_raises(spec, make_mechanism, dtype):
 
 
 @spec_params()
+@pytest.mark.parametrize("x", [[[0.0] * DIM], None, "tokens"], ids=["list", "None", "str"])
+def test_non_tensor_input_raises(spec, make_mechanism, x):
+    m = make_mechanism(spec)
+    with pytest.raises(TypeError) as info:
+        m(x)
+    msg = str(info.value)
+    assert spec.name in msg and "Tensor" in msg and type(x).__name__ in msg, msg
+
+
+@spec_params()
 @pytest.mark.parametrize("mask_shape", [(2, 6), (3, 5), (2, 3, 5, 5), (2, 1, 6, 5), (1, 2, 1, 1, 5)],
                          ids=["pad_M+1", "pad_B+1", "heads3", "N+1", "5d"])
 def test_mask_not_broadcastable_raises(spec, make_mechanism, mask_shape):
@@ -408,6 +421,28 @@ def test_dim_not_divisible_by_heads(spec):
 def test_unknown_option_raises_type_error(spec):
     with pytest.raises(TypeError, match="bogus_option"):
         attnlab.create(spec.name, DIM, NUM_HEADS, **spec.test_kwargs, bogus_option=1)
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+@spec_params()
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_gradients_flow_and_are_finite(spec, make_mechanism, is_causal):
+    """d(loss)/dx and every trainable parameter's gradient exist, are finite and not all zero."""
+    if is_causal:
+        require(spec, "causal")
+    m = make_mechanism(spec)
+    x = tokens(2, 6).requires_grad_(True)
+    y = m(x, is_causal=is_causal)
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert x.grad.abs().sum() > 0
+    named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    missing = [n for n, p in named if p.grad is None]
+    assert not missing, f"{spec.name}: no gradient reached {missing}"
+    bad = [n for n, p in named if not torch.isfinite(p.grad).all()]
+    assert not bad, f"{spec.name}: non-finite gradients in {bad}"
+    assert any(p.grad.abs().sum() > 0 for _, p in named) or not named
 
 
 # --- NaN input ---------------------------------------------------------------------------------
