@@ -16,6 +16,9 @@ The convention every mechanism in `attnlab.mechanisms` follows:
   on every eval-mode forward that runs the eager path (below). A hook that fires only with some
   option (e.g. selective's `hook_tau_v` with `value_temp=True`) is listed in
   `optional_hook_names` instead.
+- `absent_hooks` (class attribute, optional): core names the formula never holds whole, each
+  with the reason (linear_infsa projects q, k, v chunk by chunk). A mechanism whose heads come in
+  kinds names its scores/probs hooks per kind (routing: `hook_scores_local`, `hook_probs_routed`).
 - `eager_hook_names` (class attribute, a subset of `hook_names`): the hooks that fire only on
   the eager path, because the fast kernels (SDPA, FlexAttention, the blocked neighborhood kernel)
   never materialise the tensor: usually `hook_scores` and `hook_probs`.

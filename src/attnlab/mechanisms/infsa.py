@@ -349,6 +349,10 @@ class LinearInfiniteSelfAttention(_GammaMixin, nn.Module):
 
     hook_names = ("hook_state", "hook_out")
     eager_hook_names = ()
+    absent_hooks = {name: "q, k and v are projected chunk by chunk (O(chunk_size C) memory); no (B, h, N, d) "
+                          "tensor exists to hook" for name in ("hook_q", "hook_k", "hook_v")}
+    absent_hooks.update({name: "the linear form never builds the (N, N) matrix: the pooled query replaces it "
+                               "(hook_state)" for name in ("hook_scores", "hook_probs")})
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, proj_bias: bool = True, gamma: float = 0.95, learn_gamma: bool = True,

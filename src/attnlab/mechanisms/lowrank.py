@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from attnlab._checks import check_dropout, check_tokens
+from attnlab._checks import check_dropout, check_features, check_tokens
 from attnlab.hooks import HookPoint, hooked_attention
 from attnlab.registry import MechanismSpec, register
 
@@ -136,7 +136,9 @@ class LowRankPooling(nn.Module):
         q, k = self._queries_keys(x)
         return torch.einsum("zhk,bnk->bhn", q[:, :, 0], k[:, 0])
 
-    def forward(self, x: Tensor, *, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+                cache=None) -> Tensor:
+        check_features(self, is_causal=is_causal, cache=cache)   # a pooled summary has neither
         check_tokens("lowrank", x, self.dim)
         B, N, C = x.shape
         if attn_mask is not None:
