@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce a paper's claim at small scale; writes docs/claims/NAME.md")
     claims.add_arguments(p)
     p.set_defaults(func=claims.main, takes_extra=True)
-    from attnlab.train import loop as train
+    from attnlab.train import cli as train
     p = sub.add_parser("train", help="train a task's model built from mechanisms; resumable, torchrun-ready")
     train.add_arguments(p)
     p.set_defaults(func=train.main)

@@ -1,9 +1,9 @@
-"""`attnlab train`: outputs, schedule, errors, checkpoints, kill-and-resume, and 2-process data parallel.
+"""The training loop: a run's outputs, kill-and-resume, signals, and 2-process data parallel.
 
 The subprocess tests are the slow part (each new interpreter imports torch): the kill test stops a
 throttled `python -m attnlab train` with SIGINT and resumes it in this process (SIGTERM is sent
-in-process); the data-parallel test runs `torchrun --nproc_per_node=2`. Every run is the same
-tiny model (dim 32, 40 steps of 16 sequences of 32 tokens).
+in-process); the data-parallel test runs `torchrun --nproc_per_node=2`. Every run is the tiny
+config of conftest.py.
 """
 from __future__ import annotations
 
@@ -23,20 +23,8 @@ from safetensors.torch import load_file
 
 from attnlab import cli
 from attnlab.tasks import create_task
-from attnlab.train import loop as train_mod
-from attnlab.train import (CheckpointError, TrainConfig, TrainInterrupted, config_from_args, find_checkpoint,
-                                 lr_at, parse_layers, parse_value, train)
+from attnlab.train import TrainConfig, TrainInterrupted, find_checkpoint, loop, metrics, train
 
-TINY = dict(task="assoc_recall", task_options={"num_pairs": 8, "num_queries": 8, "num_keys": 16, "num_values": 16},
-            layers=["mhsa", "moh"], dim=32, num_heads=4, mlp_ratio=2.0, steps=40, batch_size=16, lr=3e-3,
-            warmup=5, eval_every=20, eval_batches=2, eval_batch_size=32, log_every=5, checkpoint_every=10,
-            threads=1, block_options={"drop": 0.1})   # dropout: a resume must restore the RNG too
-TINY_ARGS = ["--task", "assoc_recall", "--task-option", "num_pairs=8", "--task-option", "num_queries=8",
-             "--task-option", "num_keys=16", "--task-option", "num_values=16", "--layers", "mhsa,moh",
-             "--dim", "32", "--heads", "4", "--mlp-ratio", "2", "--steps", "40", "--batch-size", "16",
-             "--lr", "3e-3", "--warmup", "5", "--eval-every", "20", "--eval-batches", "2",
-             "--eval-batch-size", "32", "--log-every", "5", "--checkpoint-every", "10", "--threads", "1",
-             "--block-option", "drop=0.1"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,7 +34,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _numbers(run_dir: Path) -> list[dict]:
     """The log and eval records without wall-clock fields: what must match exactly."""
-    return [{k: v for k, v in r.items() if k not in train_mod.TIMING_KEYS}
+    return [{k: v for k, v in r.items() if k not in metrics.TIMING_KEYS}
             for r in _records(run_dir) if r["type"] in ("log", "eval")]
 
 
@@ -56,63 +44,14 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, object]:
-    """One uninterrupted in-process run of TINY: what the resumed and 2-process runs must reproduce."""
-    out = tmp_path_factory.mktemp("reference")
-    return out, train(TrainConfig(**TINY), out, progress=False)
-
-
-# --- config and schedule ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("change, error, words", [
-    ({"steps": 0}, ValueError, "steps must be a positive int"),
-    ({"steps": -5}, ValueError, "steps"),
-    ({"lr": 0.0}, ValueError, "lr must be a finite number > 0"),
-    ({"lr": -1e-3}, ValueError, "lr"),
-    ({"lr": float("nan")}, ValueError, "lr"),
-    ({"batch_size": 0}, ValueError, "batch_size"),
-    ({"min_lr_ratio": 1.5}, ValueError, "min_lr_ratio"),
-    ({"layers": "mhsa"}, TypeError, "list of mechanism names"),
-    ({"layers": []}, ValueError, "at least one"),
-    ({"layers": [{"top_k": 2}]}, TypeError, "'name'"),
-    ({"device": "tpu"}, ValueError, "device"),
-    ({"task_options": [1]}, TypeError, "task_options"),
-])
-def test_config_rejects_bad_values(change, error, words):
-    with pytest.raises(error, match=words):
-        TrainConfig(**{**TINY, **change})
-
-
-def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
-    cfg = TrainConfig(steps=100, lr=1e-2, warmup=10, min_lr_ratio=0.1)
-    assert [lr_at(cfg, s) for s in range(3)] == pytest.approx([1e-3, 2e-3, 3e-3])
-    assert lr_at(cfg, 9) == pytest.approx(1e-2)
-    assert lr_at(cfg, 10) == pytest.approx(1e-2)
-    assert lr_at(cfg, 55) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))          # halfway down the cosine
-    assert lr_at(cfg, 100) == pytest.approx(1e-3)
-    after = [lr_at(cfg, s) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(after, after[1:]))
-
-
-def test_cli_flags_map_onto_the_config():
-    args = cli.build_parser().parse_args(["train", *TINY_ARGS, "--block-option", "act=relu", "--out", "x"])
-    assert config_from_args(args) == TrainConfig(**{**TINY, "block_options": {"drop": 0.1, "act": "relu"}})
-    assert parse_value("8") == 8 and parse_value("0.5") == 0.5 and parse_value("true") is True
-    assert parse_value("True") is True and parse_value("None") is None and parse_value("abc") == "abc"
-    assert parse_value("[1, 2]") == [1, 2]
-    assert parse_layers("mhsa, moh,deconstructed:fixed") == ["mhsa", "moh", "deconstructed:fixed"]
-    assert parse_layers('[{"name": "moh", "top_k": 2}, "mhsa"]') == [{"name": "moh", "top_k": 2}, "mhsa"]
-
-
 # --- a run and its files ----------------------------------------------------------------------------
 
-def test_run_writes_config_metrics_curves_and_checkpoints(reference):
+def test_run_writes_config_metrics_curves_and_checkpoints(reference, tiny):
     out, result = reference
-    assert json.loads((out / "config.json").read_text()) == TrainConfig(**TINY).to_dict()
+    assert json.loads((out / "config.json").read_text()) == TrainConfig(**tiny).to_dict()
     records = _records(out)
     header = records[0]
-    assert header["type"] == "header" and header["config"] == TrainConfig(**TINY).to_dict()
+    assert header["type"] == "header" and header["config"] == TrainConfig(**tiny).to_dict()
     assert {"torch", "python", "platform", "cpu", "num_threads", "device", "world_size"} <= set(header["env"])
     assert header["env"]["num_threads"] == 1 and header["seq_len"] == 32 and header["quality"] == "accuracy"
     logs = [r for r in records if r["type"] == "log"]
@@ -128,7 +67,7 @@ def test_run_writes_config_metrics_curves_and_checkpoints(reference):
 
     assert result.history == [{k: v for k, v in r.items() if k != "type"} for r in evals]
     assert result.final == {"val_loss": evals[-1]["val_loss"], "val_accuracy": evals[-1]["val_accuracy"]}
-    model = create_task("assoc_recall", **TINY["task_options"]).build_model(32, 4, ["mhsa", "moh"], mlp_ratio=2.0)
+    model = create_task("assoc_recall", **tiny["task_options"]).build_model(32, 4, ["mhsa", "moh"], mlp_ratio=2.0)
     assert result.params == header["params"] == sum(p.numel() for p in model.parameters())
     assert result.tokens_per_s > 0 and result.out_dir == out
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -145,66 +84,13 @@ def test_run_writes_config_metrics_curves_and_checkpoints(reference):
     assert float(opt["embed.embed.weight/step"]) == 40.0
 
 
-def test_names_and_options_get_the_registries_errors(capsys, tmp_path):
-    def run(*args: str) -> str:
-        assert cli.main(["train", *TINY_ARGS, "--out", str(tmp_path / "x"), "--no-progress", *args]) == 2
-        return capsys.readouterr().err
-
-    assert "did you mean 'mhsa'" in run("--layers", "mhsa,mhsaa")
-    assert "unknown task 'assoc_recal'" in run("--task", "assoc_recal")
-    err = run("--task-option", "num_pears=3")
-    assert "num_pears" in err and "options:" in err and "num_pairs" in err
-    assert "no causal mode" in run("--layers", "infsa")
-    assert "steps must be a positive int" in run("--steps", "0")
-    assert "lr must be" in run("--lr", "-1")
-    assert not (tmp_path / "x").exists()                                 # nothing written on bad input
-
-
-def test_batch_must_divide_over_the_processes(monkeypatch):
+def test_batch_must_divide_over_the_processes(monkeypatch, tiny):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="divisible by 3"):
-        train(TrainConfig(**TINY), None, progress=False)
+        train(TrainConfig(**tiny), None, progress=False)
 
 
-# --- checkpoints and resume -------------------------------------------------------------------------
-
-def test_resume_refuses_missing_corrupt_and_different_checkpoints(reference, tmp_path):
-    ref, _ = reference
-    with pytest.raises(CheckpointError, match="no checkpoint in"):
-        train(TrainConfig(**TINY), resume=tmp_path, progress=False)
-    with pytest.raises(CheckpointError, match="not a folder"):
-        train(TrainConfig(**TINY), resume=tmp_path / "absent", progress=False)
-    cfg = TrainConfig(**{**TINY, "steps": 60})
-    run = tmp_path / "run"
-
-    def fresh() -> Path:  # a copy of the reference run; returns its newest checkpoint folder
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.copytree(ref, run)
-        return run / "ckpt" / "step-00000040"
-
-    fresh()
-    with pytest.raises(CheckpointError, match=r"differs in layers, dim .*dim: checkpoint 32, now 48"):
-        train(TrainConfig(**{**TINY, "dim": 48, "layers": ["mhsa"], "steps": 60}), resume=run, progress=False)
-    with pytest.raises(CheckpointError, match="at step 40 and steps is 40; pass a larger --steps"):
-        train(TrainConfig(**TINY), resume=run, progress=False)
-    (fresh() / "state.json").write_text('{"step": 40, "conf')
-    with pytest.raises(CheckpointError, match="state.json is corrupt"):
-        train(cfg, resume=run, progress=False)
-    model = fresh() / "model.safetensors"
-    model.write_bytes(model.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="does not load"):
-        train(cfg, resume=run, progress=False)
-    (fresh() / "optimizer.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="has no optimizer.safetensors"):
-        train(cfg, resume=run, progress=False)
-    fresh()
-    (run / "ckpt" / "latest").write_text("step-00000099\n")
-    with pytest.raises(CheckpointError, match="names 'step-00000099', which is not a checkpoint"):
-        train(cfg, resume=run, progress=False)
-    # The command line says the same, with exit code 2.
-    fresh()
-    assert cli.main(["train", "--resume", str(run), "--dim", "48", "--no-progress"]) == 2
-
+# --- resume, signals ----------------------------------------------------------------------------
 
 def test_resume_may_extend_the_steps(reference, tmp_path):
     ref, _ = reference
@@ -228,13 +114,13 @@ def _assert_same_as_reference(out: Path, ref: Path) -> None:
     assert kinds[0] == "header" and kinds.count("resume") == 1
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
+def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, tiny_args):
     """SIGINT a real `python -m attnlab train` once it has a checkpoint; resuming gives the reference's numbers."""
     ref, _ = reference
     out = tmp_path / "run"
     # Throttled so that the signal lands mid-run on a slow machine; sleeping changes no number.
-    env = _subprocess_env(**{train_mod.THROTTLE_ENV: "0.1"})
-    proc = subprocess.Popen([sys.executable, "-m", "attnlab", "train", *TINY_ARGS, "--out", str(out), "--no-progress"],
+    env = _subprocess_env(**{loop.THROTTLE_ENV: "0.1"})
+    proc = subprocess.Popen([sys.executable, "-m", "attnlab", "train", *tiny_args, "--out", str(out), "--no-progress"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -255,7 +141,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
     _assert_same_as_reference(out, ref)
 
 
-def test_sigterm_saves_exits_143_and_resumes_exactly(reference, tmp_path, monkeypatch, capsys):
+def test_sigterm_saves_exits_143_and_resumes_exactly(reference, tmp_path, monkeypatch, capsys, tiny_args):
     """SIGTERM (what schedulers send) during step 14: that step finishes, is saved, the command returns 143."""
     from attnlab.tasks import assoc_recall
     ref, _ = reference
@@ -268,7 +154,7 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(reference, tmp_path, monkey
         return original(self, split, index, batch_size)
 
     monkeypatch.setattr(assoc_recall.AssocRecall, "batch", batch)
-    assert cli.main(["train", *TINY_ARGS, "--out", str(out), "--no-progress"]) == 143
+    assert cli.main(["train", *tiny_args, "--out", str(out), "--no-progress"]) == 143
     err = capsys.readouterr().err
     assert f"stopped by SIGTERM after step 14; checkpoint saved in {out / 'ckpt' / 'step-00000014'}" in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL          # handlers restored
@@ -277,7 +163,7 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(reference, tmp_path, monkey
     _assert_same_as_reference(out, ref)
 
 
-def test_interrupt_without_output_folder_saves_nothing(monkeypatch):
+def test_interrupt_without_output_folder_saves_nothing(monkeypatch, tiny):
     from attnlab.tasks import assoc_recall
     original = assoc_recall.AssocRecall.batch
 
@@ -288,20 +174,20 @@ def test_interrupt_without_output_folder_saves_nothing(monkeypatch):
 
     monkeypatch.setattr(assoc_recall.AssocRecall, "batch", batch)
     with pytest.raises(TrainInterrupted, match="stopped by SIGINT after step 4; nothing saved") as info:
-        train(TrainConfig(**TINY), None, progress=False)
+        train(TrainConfig(**tiny), None, progress=False)
     assert info.value.exit_code == 130 and info.value.checkpoint is None
 
 
 # --- several processes ------------------------------------------------------------------------------
 
-def test_two_processes_follow_the_one_process_curve(tmp_path):
+def test_two_processes_follow_the_one_process_curve(tmp_path, tiny, tiny_args):
     # No dropout here: each rank draws its own masks, so only a deterministic model can match.
-    cfg = {**TINY, "block_options": {"drop": 0}}
+    cfg = {**tiny, "block_options": {"drop": 0}}
     ref = tmp_path / "one"
     train(TrainConfig(**cfg), ref, progress=False)
     out = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*torchrun, "-m", "attnlab", "train", *TINY_ARGS, "--block-option", "drop=0",
+    done = subprocess.run([*torchrun, "-m", "attnlab", "train", *tiny_args, "--block-option", "drop=0",
                            "--out", str(out), "--no-progress"],
                           env=_subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -323,13 +209,13 @@ def test_two_processes_follow_the_one_process_curve(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_run_checkpoints_and_resumes(tmp_path, monkeypatch):
+def test_cuda_run_checkpoints_and_resumes(tmp_path, monkeypatch, tiny):
     """On CUDA: CUDA RNG state in the checkpoint, and a SIGTERM'd run resumes to the uninterrupted curve.
 
     Close rather than bit-exact: CUDA's embedding backward accumulates with atomics, in any order.
     """
     from attnlab.tasks import assoc_recall
-    cfg = TrainConfig(**{**TINY, "device": "cuda"})
+    cfg = TrainConfig(**{**tiny, "device": "cuda"})
     ref = tmp_path / "ref"
     train(cfg, ref, progress=False)
     original = assoc_recall.AssocRecall.batch
