@@ -126,3 +126,8 @@ def test_mhsa_beats_the_unigram_baseline(monkeypatch):
         opt.step()
     val = task.evaluate(model, batches=2, batch_size=32)["loss"]
     assert val < unigram - 0.3, (val, unigram)
+
+
+def test_repo_root_is_the_checkout():
+    # The corpus is looked for beside the checkout; a moved module must move this anchor too.
+    assert (ts.REPO_ROOT / "pyproject.toml").is_file() and (ts.REPO_ROOT / "src" / "attnlab").is_dir()

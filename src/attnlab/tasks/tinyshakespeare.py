@@ -26,7 +26,7 @@ from attnlab.tasks._token import TokenTask, token_loss
 
 ENV_VAR = "ATTNLAB_TINYSHAKESPEARE"
 DEFAULT_RELATIVE = Path("..") / "shared" / "data" / "tinyshakespeare" / "input.txt"
-REPO_ROOT = Path(__file__).resolve().parents[4]          # src/attnlab/tasks/<file> -> repo
+REPO_ROOT = Path(__file__).resolve().parents[3]          # src/attnlab/tasks/<file> -> repo
 TRAIN_FRACTION = 0.9
 
 # Per-process cache: resolved path -> (sorted characters, ids of the whole file (N,) int64).
