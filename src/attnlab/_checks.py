@@ -1,4 +1,4 @@
-"""Checks every mechanism shares: constructor arguments and the forward call's inputs."""
+"""Checks shared by every mechanism (constructor arguments, the forward call's inputs) and by the configs."""
 from __future__ import annotations
 
 import math
@@ -35,6 +35,24 @@ def check_positive(name: str, arg: str, value) -> float:
     if not _is_number(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: {arg} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def check_int(arg: str, value, low: int) -> int:
+    """A config field that must be an int (not a bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def check_number(arg: str, value, low: float, *, strict: bool = False, high: float | None = None) -> float:
+    """A config field that must be a finite number >= low (> low with strict), <= high if given."""
+    ok = _is_number(value) and math.isfinite(value) and (value > low if strict else value >= low) \
+        and (high is None or value <= high)
+    if not ok:
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"{arg} must be a finite number {bound}" + (f" and <= {high}" if high is not None else "")
+                         + f", got {value!r}")
+    return value
 
 
 def check_tokens(name: str, x: Tensor, dim: int) -> None:

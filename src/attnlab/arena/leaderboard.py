@@ -84,6 +84,7 @@ import torch
 
 from attnlab import bench
 from attnlab._args import float_above, int_at_least, int_list, key_value
+from attnlab._checks import check_int
 from attnlab._env import gpu_name, loadavg, software_and_machine
 from attnlab._io import default_out, describe_error, fmt
 from attnlab.registry import get_spec, list_specs
@@ -149,9 +150,7 @@ class ArenaConfig:
 
     def __post_init__(self):
         for name in ("layers", "dim", "heads", "steps", "batch_size", "eval_batches", "eval_batch_size", "jobs"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            check_int(name, getattr(self, name), 1)
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         if not self.tasks:

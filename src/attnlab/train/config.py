@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from attnlab._checks import check_int, check_number
 from attnlab.models.transformer import parse_layer
 from attnlab.registry import get_spec
 
@@ -66,31 +67,17 @@ class TrainConfig:
             raise ValueError(f"steps must be a positive int, got {self.steps!r}")
         for name in ("dim", "num_heads", "batch_size", "eval_every", "eval_batches", "eval_batch_size",
                      "log_every"):
-            self._check_int(name, 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("warmup", "checkpoint_every", "seed"):
-            self._check_int(name, 0)
-        self._check_number("lr", 0.0, strict=True)
-        self._check_number("min_lr_ratio", 0.0, high=1.0)
+            check_int(name, getattr(self, name), 0)
+        check_number("lr", self.lr, 0.0, strict=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0.0, high=1.0)
         for name in ("mlp_ratio", "weight_decay", "grad_clip", "aux_weight"):
-            self._check_number(name, 0.0)
+            check_number(name, getattr(self, name), 0.0)
         if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
         if self.threads is not None:
-            self._check_int("threads", 1)
-
-    def _check_int(self, name: str, low: int) -> None:
-        v = getattr(self, name)
-        if not _is_int(v) or v < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-
-    def _check_number(self, name: str, low: float, *, strict: bool = False, high: float | None = None) -> None:
-        v = getattr(self, name)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-            and (v > low if strict else v >= low) and (high is None or v <= high)
-        if not ok:
-            bound = f"> {low}" if strict else f">= {low}"
-            raise ValueError(f"{name} must be a finite number {bound}"
-                             + (f" and <= {high}" if high is not None else "") + f", got {v!r}")
+            check_int("threads", self.threads, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
