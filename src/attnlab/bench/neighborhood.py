@@ -14,7 +14,7 @@ after `--warmup` untimed rounds (and, with any, one untimed first neighborhood c
 of as many forward+backward passes as fill `--min-seconds` (1 s; the count is fixed from the
 last warm-up, at least 1), since one 0.3 s pass on a shared machine is a much noisier sample
 than one 17 s dense pass. Gradients are cleared outside the timed region.
-Useful FLOPs, as the issue counts them (`flops.attention_flops`): forward 4 * pairs * d * h
+Useful FLOPs, counting only the attended pairs (`flops.attention_flops`): forward 4 * pairs * d * h
 (scores and weighted sum; pairs = N * prod(kernel) for the neighborhood, N^2 dense), backward
 twice that.
 Reported: median times, GFLOP/s from the medians, and the median over rounds of the paired
