@@ -274,14 +274,7 @@ class NeighborhoodAttention2d(_SpatialNeighborhood):
 
     ndim = 2
     name = "neighborhood2d"
-
-    def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, kernel_size=7, dilation=1, stride=1, causal=False,
-                 scale: float | None = None, proj_bias: bool = True, backend: str | None = None,
-                 device=None, dtype=None):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-                         kernel_size=kernel_size, dilation=dilation, stride=stride, causal=causal,
-                         scale=scale, proj_bias=proj_bias, backend=backend, device=device, dtype=dtype)
+    # __init__ is _Neighborhood's: the same signature, nothing 2-D specific to add
 
 
 @register(MechanismSpec(
@@ -299,11 +292,4 @@ class NeighborhoodAttention3d(_SpatialNeighborhood):
 
     ndim = 3
     name = "neighborhood3d"
-
-    def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, kernel_size=7, dilation=1, stride=1, causal=False,
-                 scale: float | None = None, proj_bias: bool = True, backend: str | None = None,
-                 device=None, dtype=None):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-                         kernel_size=kernel_size, dilation=dilation, stride=stride, causal=causal,
-                         scale=scale, proj_bias=proj_bias, backend=backend, device=device, dtype=dtype)
+    # __init__ is _Neighborhood's, as for NeighborhoodAttention2d

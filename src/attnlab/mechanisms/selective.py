@@ -50,6 +50,7 @@ from torch import Tensor
 from attnlab.cache import KVCache
 from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
 from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.ops.heads import split_qkv
 from attnlab.registry import MechanismSpec, register
 
 NAME = "selective"
@@ -202,14 +203,7 @@ class SelectiveAttention(nn.Module):
             raise TypeError(f"{NAME}: cache must be an attnlab.KVCache, got {type(cache).__name__}")
         B, N, C = x.shape
         h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(x)                                                # (B, N, (h + 2 h_kv) d)
-        if h_kv == h:
-            q, k, v = qkv.reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
-        else:
-            q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], dim=-1)
-            q = q.reshape(B, N, h, d).transpose(1, 2)                    # (B, h, N, d)
-            k = k.reshape(B, N, h_kv, d).transpose(1, 2)                 # (B, h_kv, N, d)
-            v = v.reshape(B, N, h_kv, d).transpose(1, 2)                 # (B, h_kv, N, d)
+        q, k, v = split_qkv(self.qkv(x), h, h_kv, d)                     # (B, h, N, d), 2 x (B, h_kv, N, d)
         q = self.hook_q(q)
         start = 0 if cache is None else len(cache)                       # absolute position of token 0
 

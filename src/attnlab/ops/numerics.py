@@ -104,6 +104,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.masks import prepare_mask
+from attnlab.ops.heads import expand_kv
 from attnlab.ops.sdpa import check_qkv
 
 FRAC_BITS = 22                      # ap_fixed<32, 10>: 22 fractional bits
@@ -337,9 +338,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, softmax: str = "edgemo
         raise ValueError(f"softmax_attention: dropout_p must be in [0, 1), got {dropout_p}")
     B, h, N, d = q.shape
     M = k.shape[-2]
-    if k.shape[1] != h:  # grouped-query attention: each kv head serves h // h_kv query heads
-        k = k.repeat_interleave(h // k.shape[1], dim=1)
-        v = v.repeat_interleave(h // v.shape[1], dim=1)
+    k, v = expand_kv(k, v, h)  # grouped-query attention: (B, h_kv, M, .) -> (B, h, M, .)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     prepared = prepare_mask(attn_mask, B=B, h=h, N=N, M=M, is_causal=is_causal, dtype=compute, device=q.device)
