@@ -1,4 +1,5 @@
-"""Head-layout helpers shared by the mechanisms and the reference kernels (SDPA layout (B, h, N, d))."""
+"""Head-layout helpers shared by mechanisms and kernels, SDPA layout (B, h, N, d). The naive
+oracles in ops/reference.py keep their own copy on purpose: they never share code with what they check."""
 from __future__ import annotations
 
 from torch import Tensor

@@ -11,8 +11,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from attnlab.ops.heads import expand_kv
-
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
                         is_causal: bool = False, scale: float | None = None,
@@ -27,7 +25,9 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | 
     """
     B, h, N, d = q.shape
     M = k.shape[-2]
-    k, v = expand_kv(k, v, h)  # grouped-query attention: (B, h_kv, M, .) -> (B, h, M, .)
+    if k.shape[1] != h:  # grouped-query attention: each kv head serves h // h_kv query heads
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+        v = v.repeat_interleave(h // v.shape[1], dim=1)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = torch.einsum("bhnd,bhmd->bhnm", q.to(compute), k.to(compute)) * scale  # (B, h, N, M)
