@@ -6,6 +6,11 @@ import math
 from torch import Tensor
 
 
+def shape_text(t: Tensor) -> str:
+    """A tensor's shape as the error messages write it: (2, 4, 16, 8)."""
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
 def check_dims(name: str, dim: int, num_heads: int) -> int:
     """Validate width and heads; return the head dim."""
     for arg, value in (("dim", dim), ("num_heads", num_heads)):

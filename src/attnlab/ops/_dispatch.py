@@ -31,7 +31,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 __all__ = ["Backend", "BACKENDS", "BackendUnavailable", "use_backend", "default_backend", "serving",
-           "check_backend", "choose", "flex_module", "flex_function"]
+           "check_backend", "choose", "implementations", "no_reasons", "flex_module", "flex_function",
+           "flex_reasons"]
 
 log = logging.getLogger("attnlab.ops")
 
@@ -96,6 +97,19 @@ def default_backend() -> str | None:
     return name
 
 
+def implementations(op: str, table: dict[str, tuple[Callable, Callable]]) -> dict[str, tuple[Callable, Callable]]:
+    """An op's {backend: (reasons it cannot run a call, run it)}, checked against the backend
+    table at import, so that a backend added on one side only fails loudly."""
+    if set(table) != set(serving(op)):
+        raise ImportError(f"{op} implements {sorted(table)} but the backend table says {serving(op)}")
+    return table
+
+
+def no_reasons(*args) -> list[str]:
+    """The reasons of a backend that runs every call its op accepts: none."""
+    return []
+
+
 def check_backend(op: str, backend: str | None) -> None:
     """ValueError unless `backend` is None or a backend that serves `op`."""
     if backend is None:
@@ -143,6 +157,20 @@ def flex_module():
     except ImportError:  # pragma: no cover - torch < 2.5
         return None
     return fa
+
+
+def flex_reasons(q, k, v, dropout_p: float = 0.0) -> list[str]:
+    """Why the flex backend cannot run these inputs ([] when it can), for every op."""
+    reasons = []
+    if flex_module() is None:
+        reasons.append("torch.nn.attention.flex_attention is not available in this torch")
+    if dropout_p > 0.0:
+        reasons.append("FlexAttention has no attention dropout")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        reasons.append("FlexAttention has no backward on CPU (inputs require grad)")
+    if q.shape[-1] != v.shape[-1]:
+        reasons.append("FlexAttention here needs the same head dim for q/k and v")
+    return reasons
 
 
 _compiled_flex: dict[str, Callable] = {}

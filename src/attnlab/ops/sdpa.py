@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab._checks import shape_text
 from attnlab.masks import PreparedMask, prepare_mask
 from attnlab.ops._dispatch import (BackendUnavailable, check_backend, choose, default_backend, flex_function,
-                                   flex_module, serving, use_backend)
+                                   flex_module, flex_reasons, implementations, no_reasons, serving, use_backend)
 from attnlab.ops.reference import reference_attention
 
 __all__ = ["attention", "check_qkv", "use_backend", "default_backend", "BackendUnavailable", "PRIORITY",
@@ -37,10 +37,6 @@ PRIORITY = serving(OP)          # ("sdpa", "flex", "reference")
 
 # --- backends: each is a pair (reasons it cannot run, run) -------------------------------------
 
-def _sdpa_reasons(q, k, v, prepared, dropout_p) -> list[str]:
-    return []
-
-
 def _sdpa_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_causal):
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.mask, is_causal=prepared.is_causal,
@@ -48,16 +44,7 @@ def _sdpa_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_c
 
 
 def _flex_reasons(q, k, v, prepared, dropout_p) -> list[str]:
-    reasons = []
-    if flex_module() is None:
-        reasons.append("torch.nn.attention.flex_attention is not available in this torch")
-    if dropout_p > 0.0:
-        reasons.append("FlexAttention has no attention dropout")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        reasons.append("FlexAttention has no backward on CPU (inputs require grad)")
-    if q.shape[-1] != v.shape[-1]:
-        reasons.append("FlexAttention here needs the same head dim for q/k and v")
-    return reasons
+    return flex_reasons(q, k, v, dropout_p)
 
 
 def _flex_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_causal):
@@ -97,10 +84,6 @@ def _flex_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_c
                   enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _reference_reasons(q, k, v, prepared, dropout_p) -> list[str]:
-    return []
-
-
 def _reference_run(q, k, v, prepared, scale, dropout_p, attn_mask, is_causal):
     # The oracle gets the caller's raw mask, not the prepared one, so it checks the preparation.
     return reference_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
@@ -108,17 +91,11 @@ def _reference_run(q, k, v, prepared, scale, dropout_p, attn_mask, is_causal):
 
 
 # name -> (reasons it cannot run a call, run it); the names are the dispatch table's
-IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
-    "sdpa": (_sdpa_reasons, _sdpa_run),
+IMPLEMENTATIONS = implementations(OP, {
+    "sdpa": (no_reasons, _sdpa_run),
     "flex": (_flex_reasons, _flex_run),
-    "reference": (_reference_reasons, _reference_run),
-}
-if set(IMPLEMENTATIONS) != set(PRIORITY):   # pragma: no cover - a table edited on one side only
-    raise ImportError(f"attention implements {sorted(IMPLEMENTATIONS)} but the backend table says {PRIORITY}")
-
-
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    "reference": (no_reasons, _reference_run),
+})
 
 
 def check_qkv(q, k, v) -> None:
@@ -126,7 +103,7 @@ def check_qkv(q, k, v) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, h, N, d), got shape {_shape(t)}")
+            raise ValueError(f"{name} must be 4-D (B, h, N, d), got shape {shape_text(t)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -134,11 +111,11 @@ def check_qkv(q, k, v) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"q, k, v must share the batch size, got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+        raise ValueError(f"q, k, v must share the batch size, got q {shape_text(q)}, k {shape_text(k)}, v {shape_text(v)}")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must share the head dim, got q {_shape(q)} and k {_shape(k)}")
+        raise ValueError(f"q and k must share the head dim, got q {shape_text(q)} and k {shape_text(k)}")
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must share heads and length, got k {_shape(k)} and v {_shape(v)}")
+        raise ValueError(f"k and v must share heads and length, got k {shape_text(k)} and v {shape_text(v)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
 

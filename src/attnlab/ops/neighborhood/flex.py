@@ -12,10 +12,9 @@ import math
 import warnings
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
-from attnlab.ops._dispatch import flex_function, flex_module
+from attnlab.ops._dispatch import flex_function, flex_module, flex_reasons
 from attnlab.ops.neighborhood.rules import neighborhood_args, neighborhood_mask_mod
 
 __all__ = ["flex_reasons", "flex_neighborhood", "flex_tile", "tile_tokens", "untile_tokens"]
@@ -69,18 +68,6 @@ def untile_tokens(x: Tensor, spatial: Sequence[int], tile: Sequence[int]) -> Ten
     x = x.reshape(B, h, *grid, *tile, d)
     order = [0, 1] + [p for a in range(nd) for p in (2 + a, 2 + nd + a)] + [2 + 2 * nd]
     return x.permute(order).reshape(B, h, *spatial, d)
-
-
-def flex_reasons(q, k, v) -> list[str]:
-    """Why the flex backend cannot run these inputs ([] when it can)."""
-    reasons = []
-    if flex_module() is None:
-        reasons.append("torch.nn.attention.flex_attention is not available in this torch")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        reasons.append("FlexAttention has no backward on CPU (inputs require grad)")
-    if q.shape[-1] != v.shape[-1]:
-        reasons.append("FlexAttention here needs the same head dim for q/k and v")
-    return reasons
 
 
 _block_masks: dict[tuple, tuple] = {}   # (shape, options, device) -> (BlockMask, tile)

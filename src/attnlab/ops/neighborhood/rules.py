@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from attnlab._checks import shape_text
+
 __all__ = ["neighborhood_options", "neighborhood_args", "check_neighborhood_qkv", "reference_neighborhood_mask",
            "axis_windows", "neighborhood_pairs", "neighborhood_mask_mod"]
 
@@ -211,10 +213,6 @@ def _coordinates(spatial: tuple[int, ...], tile: Sequence[int] | None) -> Callab
 
 # --- tensors -------------------------------------------------------------------------------------
 
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_neighborhood_qkv(q, k, v) -> int:
     """Check q, k, v of `neighborhood_attention`; return the number of spatial axes."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -224,10 +222,10 @@ def check_neighborhood_qkv(q, k, v) -> int:
             raise TypeError(f"neighborhood_attention: {name} must be floating point, got {t.dtype}")
         if not 4 <= t.dim() <= 6:
             raise ValueError(f"neighborhood_attention: {name} must be (B, h, *spatial, d) with 1 to 3 spatial "
-                             f"axes (4 to 6 dims), got shape {_shape(t)} ({t.dim()}-D)")
+                             f"axes (4 to 6 dims), got shape {shape_text(t)} ({t.dim()}-D)")
     if not (q.dim() == k.dim() == v.dim()):
-        raise ValueError(f"neighborhood_attention: q, k, v must have the same rank, got q {_shape(q)}, "
-                         f"k {_shape(k)}, v {_shape(v)}")
+        raise ValueError(f"neighborhood_attention: q, k, v must have the same rank, got q {shape_text(q)}, "
+                         f"k {shape_text(k)}, v {shape_text(v)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"neighborhood_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -236,10 +234,10 @@ def check_neighborhood_qkv(q, k, v) -> int:
     if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0] or q.shape[2:-1] != k.shape[2:-1] \
             or k.shape[:-1] != v.shape[:-1]:
         raise ValueError(f"neighborhood_attention: q, k, v must share batch and spatial shape (k and v also heads), "
-                         f"got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+                         f"got q {shape_text(q)}, k {shape_text(k)}, v {shape_text(v)}")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"neighborhood_attention: q and k must share the head dim, got q {_shape(q)} and "
-                         f"k {_shape(k)}")
+        raise ValueError(f"neighborhood_attention: q and k must share the head dim, got q {shape_text(q)} and "
+                         f"k {shape_text(k)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"neighborhood_attention: query heads ({q.shape[1]}) must be a multiple of key/value "
                          f"heads ({k.shape[1]})")
