@@ -6,7 +6,6 @@ kernel computes in float32, so tolerances are float32's.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -14,23 +13,13 @@ from torch.testing import assert_close
 
 from attnlab.ops.neighborhood import fused as na_fused
 from attnlab.ops import BackendUnavailable
-from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention, reference_neighborhood_mask
+from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention
+
+from _oracle import oracle
+
 
 pytestmark = pytest.mark.skipif(na_fused.library_status()[0] is None,
                                 reason=f"fused kernel unavailable: {na_fused.library_status()[1]}")
-
-
-def oracle(q, k, v, ks, dil=1, st=1, causal=False, scale=None):
-    spatial = tuple(q.shape[2:-1])
-    mask = reference_neighborhood_mask(spatial, ks, dil, st, causal)
-    B, h, N = q.shape[0], q.shape[1], math.prod(spatial)
-    if k.shape[1] != h:
-        k, v = (t.repeat_interleave(h // t.shape[1], 1) for t in (k, v))
-    qf, kf, vf = (t.reshape(B, h, N, t.shape[-1]).double() for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("bhnd,bhmd->bhnm", qf, kf) * scale
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return torch.einsum("bhnm,bhmd->bhnd", probs, vf).reshape(*q.shape[:-1], v.shape[-1])
 
 
 def fused(q, k, v, ks, dil=1, st=1, causal=False, threads=None, scale=None):
