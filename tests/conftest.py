@@ -93,9 +93,9 @@ def backend_spy(monkeypatch):
     monkeypatch.delenv("ATTNLAB_BACKEND", raising=False)
     ran: list[str] = []
     for name, (reasons, run) in list(table.items()):
-        def spy_run(*args, _name=name, _run=run):
+        def spy_run(*args, _name=name, _run=run, **kwargs):
             ran.append(_name)
-            return _run(*args)
+            return _run(*args, **kwargs)
         monkeypatch.setitem(table, name, (reasons, spy_run))
 
     def refuse(name: str, reason: str) -> None:

@@ -33,65 +33,25 @@ The convention every mechanism in `attnlab.mechanisms` follows:
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch.nn as nn
 from torch import Tensor
 
-from attnlab.masks import prepare_mask
-from attnlab.ops.sdpa import attention, check_qkv, default_backend
-from attnlab.ops.reference import reference_attention
+from attnlab.ops.sdpa import attention
 
 
 class HookPoint(nn.Identity):
     """An identity module a probe hooks: forward(x) returns x (a hook may replace it)."""
 
 
-def runs_eager(backend: str | None) -> bool:
-    """True when an attention call with this `backend` argument runs the reference backend:
-    asked for explicitly, or the default (`use_backend`, ATTNLAB_BACKEND) names it."""
-    return (backend if backend is not None else default_backend()) == "reference"
-
-
-def is_listened(hook) -> bool:
-    """True when calling `hook` can do more than return its input: a plain callable, or a module
-    with forward (pre-)hooks of its own or global ones."""
-    if hook is None:
-        return False
-    if not isinstance(hook, nn.Module):
-        return True
-    from torch.nn.modules import module as _module  # the global hook registries live there
-    return bool(hook._forward_hooks or hook._forward_pre_hooks
-                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
-
-
 def hooked_attention(q: Tensor, k: Tensor, v: Tensor, *, hook_scores: Callable[[Tensor], Tensor] | None = None,
-                     hook_probs: Callable[[Tensor], Tensor] | None = None, attn_mask: Tensor | None = None,
-                     is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
-                     backend: str | None = None) -> Tensor:
-    """`attnlab.ops.attention`, except that on the reference backend the scores (B, h, N, M)
-    pass through `hook_scores` before the softmax and the probabilities through `hook_probs`
-    after it. Other backends never see them and the hooks do not fire.
-
-    With nothing registered on either hook the call is exactly `attention(...)` (dispatch table
-    included). With a hook registered, the reference path runs here: the call that
-    `attention(..., backend="reference")` makes (same checks, same empty-input rule, same
-    oracle), so the result is identical with or without hooks.
-    """
-    if not runs_eager(backend) or not (is_listened(hook_scores) or is_listened(hook_probs)):
-        return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                         dropout_p=dropout_p, backend=backend)
-    check_qkv(q, k, v)
-    B, h, N, d = q.shape
-    M = k.shape[2]
-    if not 0.0 <= dropout_p < 1.0 or 0 in (B, h, N, M):  # the op's error, or its zeros for empty input
-        return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                         dropout_p=dropout_p, backend="reference")
-    prepare_mask(attn_mask, B=B, h=h, N=N, M=M, is_causal=is_causal, dtype=q.dtype, device=q.device)  # checks
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return reference_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                               dropout_p=dropout_p, scores_hook=hook_scores, probs_hook=hook_probs)
+                     hook_probs: Callable[[Tensor], Tensor] | None = None, **kwargs) -> Tensor:
+    """`attnlab.ops.attention` (same keyword arguments) with a mechanism's `hook_scores` and
+    `hook_probs` on its reference path: there the scores (B, h, N, M) pass through `hook_scores`
+    before the softmax and the probabilities through `hook_probs` after it. The fused backends
+    never materialise them and do not call the hooks."""
+    return attention(q, k, v, scores_hook=hook_scores, probs_hook=hook_probs, **kwargs)
 
 
-__all__ = ["HookPoint", "hooked_attention", "is_listened", "runs_eager"]
+__all__ = ["HookPoint", "hooked_attention"]

@@ -449,3 +449,17 @@ def test_k_v_length_mismatch():
 def test_bad_masks_raise(mask, error):
     with pytest.raises(error):
         attention(*_small(), attn_mask=mask)
+
+
+def test_score_and_prob_hooks_run_on_the_reference_backend_only():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    seen = []
+    uniform = lambda p: seen.append(p.shape) or torch.full_like(p, 1 / p.shape[-1])  # noqa: E731
+    out = attention(q, k, v, backend="reference", scores_hook=lambda s: seen.append(s.shape) or s,
+                    probs_hook=uniform)
+    assert seen == [(1, 2, 5, 5), (1, 2, 5, 5)]
+    torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand_as(out))   # uniform probs: the mean of v
+    seen.clear()
+    attention(q, k, v, backend="sdpa", scores_hook=uniform, probs_hook=uniform)
+    assert seen == []

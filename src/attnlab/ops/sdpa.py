@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +85,10 @@ def _flex_run(q, k, v, prepared: PreparedMask, scale, dropout_p, attn_mask, is_c
                   enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _reference_run(q, k, v, prepared, scale, dropout_p, attn_mask, is_causal):
+def _reference_run(q, k, v, prepared, scale, dropout_p, attn_mask, is_causal, scores_hook=None, probs_hook=None):
     # The oracle gets the caller's raw mask, not the prepared one, so it checks the preparation.
     return reference_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                               dropout_p=dropout_p)
+                               dropout_p=dropout_p, scores_hook=scores_hook, probs_hook=probs_hook)
 
 
 # name -> (reasons it cannot run a call, run it); the names are the dispatch table's
@@ -122,11 +123,15 @@ def check_qkv(q, k, v) -> None:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
               is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
-              backend: str | None = None) -> Tensor:
+              backend: str | None = None, scores_hook: Callable[[Tensor], Tensor] | None = None,
+              probs_hook: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Scaled dot-product attention in the SDPA layout.
 
     q (B, h, N, d), k (B, h_kv, M, d), v (B, h_kv, M, dv), h a multiple of h_kv (grouped-query
     attention) -> out (B, h, N, dv) in q's dtype. See `attnlab.masks` for the mask conventions.
+    `scores_hook` / `probs_hook` (a mechanism's hook points) see and may replace the scores
+    (B, h, N, M) and probabilities when the reference backend runs the call; the fused
+    backends never materialise them, so there the hooks are not called.
     """
     check_qkv(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
@@ -144,7 +149,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = Non
         return q.new_zeros(B, h, N, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
 
     name = choose(OP, backend, PRIORITY, lambda n: IMPLEMENTATIONS[n][0](q, k, v, prepared, dropout_p))
-    out = IMPLEMENTATIONS[name][1](q, k, v, prepared, scale, dropout_p, attn_mask, is_causal)
+    hooks = dict(scores_hook=scores_hook, probs_hook=probs_hook) if name == "reference" else {}
+    out = IMPLEMENTATIONS[name][1](q, k, v, prepared, scale, dropout_p, attn_mask, is_causal, **hooks)
     if prepared.row_valid is not None and name != "reference":
         out = out.masked_fill(~prepared.row_valid, 0.0)
     return out
