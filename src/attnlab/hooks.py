@@ -30,28 +30,16 @@ The convention every mechanism in `attnlab.mechanisms` follows:
   `backend="reference"`. A mechanism without a `backend` option (or a configuration that does
   not use one, e.g. random_features with relu) is always eager. The eager path is the
   reference backend itself, so the output is the same whether or not hooks are registered.
+- Mechanisms hand `hook_scores` / `hook_probs` to `attnlab.ops.attention(..., scores_hook=,
+  probs_hook=)` (or `softmax_attention`), which calls them on the reference backend only.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch.nn as nn
-from torch import Tensor
-
-from attnlab.ops.sdpa import attention
 
 
 class HookPoint(nn.Identity):
     """An identity module a probe hooks: forward(x) returns x (a hook may replace it)."""
 
 
-def hooked_attention(q: Tensor, k: Tensor, v: Tensor, *, hook_scores: Callable[[Tensor], Tensor] | None = None,
-                     hook_probs: Callable[[Tensor], Tensor] | None = None, **kwargs) -> Tensor:
-    """`attnlab.ops.attention` (same keyword arguments) with a mechanism's `hook_scores` and
-    `hook_probs` on its reference path: there the scores (B, h, N, M) pass through `hook_scores`
-    before the softmax and the probabilities through `hook_probs` after it. The fused backends
-    never materialise them and do not call the hooks."""
-    return attention(q, k, v, scores_hook=hook_scores, probs_hook=hook_probs, **kwargs)
-
-
-__all__ = ["HookPoint", "hooked_attention"]
+__all__ = ["HookPoint"]

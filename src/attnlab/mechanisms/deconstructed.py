@@ -76,7 +76,8 @@ from torch import Tensor
 from attnlab.cache import KVCache
 from attnlab.masks import allowed_and_bias, check_attn_mask
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 VARIANTS = ("standard", "mlp", "approximate", "non_approximate", "rnd_emb_qk", "fixed_seq_qk",
@@ -416,14 +417,14 @@ class DeconstructedAttention(nn.Module):
                 if mask.dtype == torch.bool:
                     mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))
                 logits = logits + mask.to(x.dtype)                           # (B|1, h, N, M)
-            out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                                   attn_mask=logits, is_causal=is_causal, scale=1.0,
-                                   dropout_p=dropout_p, backend=self.backend)
+            out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                            attn_mask=logits, is_causal=is_causal, scale=1.0,
+                            dropout_p=dropout_p, backend=self.backend)
         else:
-            out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                                   attn_mask=attn_mask, is_causal=is_causal,
-                                   scale=1.0 if self.variant == "non_approximate" else scale,
-                                   dropout_p=dropout_p, backend=self.backend)
+            out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                            attn_mask=attn_mask, is_causal=is_causal,
+                            scale=1.0 if self.variant == "non_approximate" else scale,
+                            dropout_p=dropout_p, backend=self.backend)
         out = self.hook_out(out)                                             # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)                           # (B, N, C)
         return self.proj_drop(self.proj(out))

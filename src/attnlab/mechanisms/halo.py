@@ -64,7 +64,8 @@ from torch import Tensor
 
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive
 from attnlab.ops.sdpa import PRIORITY
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 NAME = "halo2d"
@@ -250,9 +251,9 @@ class HaloAttention2d(nn.Module):
         k = self.hook_k(k.reshape(B, h * nb, w * w, d))                     # (B, h nb, w^2, d)
         v = self.hook_v(v.reshape(B, h * nb, w * w, d))                     # (B, h nb, w^2, d)
         bias = self.hook_rel_logits(bias.reshape(B, h * nb, b * b, w * w))  # (B, h nb, b^2, w^2)
-        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                               attn_mask=bias, scale=self.scale,
-                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                        attn_mask=bias, scale=self.scale,
+                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         out = self.hook_out(out)                                            # (B, h nb, b^2, d)
 
         # Fold the blocks back: (B, h, nH, nW, b_y, b_x, d) -> (B, nH, b_y, nW, b_x, h, d).

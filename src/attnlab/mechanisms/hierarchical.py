@@ -74,7 +74,8 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 NAME = "hierarchical"
@@ -410,8 +411,8 @@ class HierarchicalAttention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         dropout_p = self.attn_drop if self.training else 0.0
         if compiled is None:
-            out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                                   scale=self.scale, dropout_p=dropout_p, backend=self.backend)
+            out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                            scale=self.scale, dropout_p=dropout_p, backend=self.backend)
         else:
             scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
             out = hierarchical_attention(q, k, v, compiled, scale=scale, dropout_p=dropout_p).to(x.dtype)

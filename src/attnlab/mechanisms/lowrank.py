@@ -52,7 +52,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from attnlab._checks import check_dropout, check_features, check_tokens
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 _ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda t: t}
@@ -151,9 +152,9 @@ class LowRankPooling(nn.Module):
         q = q.expand(B, -1, -1, -1).to(x.dtype)                                # (B, h, 1, k)
         v = x.unsqueeze(1)                                                     # (B, 1, N, C)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                               attn_mask=attn_mask, scale=1.0,
-                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                        attn_mask=attn_mask, scale=1.0,
+                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         out = self.hook_out(out)                                               # (B, h, 1, C)
         out = out.reshape(B, self.num_heads * C)                               # (B, h C), head-major
         if self.proj is not None:

@@ -11,7 +11,6 @@ and `proj = Linear(dim, dim)`. With `num_kv_heads < num_heads` the fused project
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -19,7 +18,8 @@ from attnlab.cache import KVCache
 from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
 from attnlab.ops.numerics import SOFTMAXES, softmax_attention
 from attnlab.ops.heads import split_qkv
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 
@@ -98,9 +98,9 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(k, v)                                    # (B, h_kv, M, d), M = past + N
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.softmax == "exact":
-            out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                                   attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                   dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+            out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                            attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                            dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         else:  # an approximate softmax: eager scores -> SOFTMAXES[softmax] -> @ v, same mask rules
             out = softmax_attention(q, k, v, softmax=self.softmax, attn_mask=attn_mask, is_causal=is_causal,
                                     scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0,

@@ -68,7 +68,8 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 def _vo_mode(collapse_vo) -> str:
@@ -250,9 +251,9 @@ class MinimalAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v)                                          # (B, h, M, d|C)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                               attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                        attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         if self.collapse_qk and self.collapse_vo == "separate":
             # out (B, h, N, C) averages every head's values; head i keeps its own columns i d:(i+1) d.
             out = out.reshape(B, h, N, h, d).diagonal(dim1=1, dim2=3)              # (B, N, d, h)

@@ -82,7 +82,8 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 VARIANTS = ("official", "paper")  # the released code's scaling (default), the paper's Eq. 5-7
@@ -228,9 +229,9 @@ class MoHAttention(nn.Module):
             k, v = cache.update(k, v)                                        # (B, h, M, d), M = past + N
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         # All h heads are computed and the inactive ones zeroed by their gate (see Efficiency).
-        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                               attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                        attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         out = self.hook_out(out)                                             # (B, h, N, d)
         out = out.transpose(1, 2) * gates.to(out.dtype)[..., None]          # (B, N, h, d), g_i H^i
         out = out.reshape(B, N, C)                                           # (B, N, C)

@@ -36,7 +36,8 @@ from attnlab.cache import KVCache
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
 from attnlab.ops.neighborhood import (NA_BACKENDS, neighborhood_attention, neighborhood_options, neighborhood_pairs,
                                       reference_neighborhood_mask)
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 PAPER = "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light"
@@ -139,8 +140,8 @@ class _Neighborhood(nn.Module):
         mask = reference_neighborhood_mask(spatial, ks, dil, st, causal).to(q.device)[None, None]  # (1, 1, N, N)
         qf, kf, vf = (t.reshape(B, t.shape[1], N, t.shape[-1]) for t in (q, k, v))   # (B, h, N, d)
         scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else float(self.scale)
-        out = hooked_attention(qf, kf, vf, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                               attn_mask=mask, scale=scale, backend="reference")
+        out = attention(qf, kf, vf, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                        attn_mask=mask, scale=scale, backend="reference")
         return out.view(B, h, *spatial, v.shape[-1])
 
     def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int, causal: bool) -> tuple[float, float]:
@@ -227,8 +228,8 @@ class NeighborhoodAttention1d(_Neighborhood):
         key = torch.arange(first, past + n, device=x.device)[None, :]
         back = query - key
         allowed = (back >= 0) & (back % dil == 0) & (back // dil < kernel)  # (n, M - first)
-        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                               attn_mask=allowed[None, None], scale=self.scale)
+        out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                        attn_mask=allowed[None, None], scale=self.scale)
         return self._project(out)
 
 

@@ -54,7 +54,8 @@ from torch import Tensor
 from attnlab.cache import KVCache
 from attnlab.masks import check_attn_mask
 from attnlab._checks import check_dims, check_dropout, check_features, check_positive, check_tokens
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 PAPER = "HTR-JAND: Handwritten Text Recognition with Joint Attention Network and Knowledge Distillation"
@@ -156,9 +157,9 @@ class ProximaAttention(nn.Module):
         B, N, M = q.shape[0], q.shape[2], k.shape[2]
         bias = proximity_bias(self.log_sigma, N, M, _compute_dtype(q.dtype))  # (h, N, M)
         mask = with_proximity(bias, attn_mask, B, N, M)                        # (B|1, h, N, M)
-        return hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                                attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                                dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        return attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                         attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                         dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache: KVCache | None = None) -> Tensor:
@@ -244,9 +245,9 @@ class CombinedAttention(nn.Module):
             k, pk = k_all[:, :h], k_all[:, h:]                                # (B, h, M, d) each
             v, pv = v_all[:, :h], v_all[:, h:]
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        mhsa = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                                attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        mhsa = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                         attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                         dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         mhsa = self.proj(mhsa.transpose(1, 2).reshape(B, N, C))               # (B, N, C)
         prox = self.proxima.attend(pq, pk, pv, attn_mask, is_causal)          # (B, h, N, d)
         prox = self.proxima.proj(prox.transpose(1, 2).reshape(B, N, C))       # (B, N, C)

@@ -61,7 +61,8 @@ from torch import Tensor
 from attnlab.cache import KVCache
 from attnlab.masks import allowed_and_bias
 from attnlab._checks import check_dropout, check_features, check_positive, check_tokens
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 ACTIVATIONS = ("relu", "softmax")
@@ -191,9 +192,9 @@ class RandomFeatureAttention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.activation == "softmax":
-            phi = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_weights,
-                                   attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                   dropout_p=dropout_p, backend=self.backend)
+            phi = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_weights,
+                            attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                            dropout_p=dropout_p, backend=self.backend)
         else:
             allowed, bias = allowed_and_bias(attn_mask, is_causal, B, h, N, k.shape[2], x.device)
             phi = _relu_mean_attention(q, k, v, allowed, bias, self.scale, dropout_p,

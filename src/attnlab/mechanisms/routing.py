@@ -114,7 +114,8 @@ from torch import Tensor
 from attnlab.cache import KVCache
 from attnlab.masks import check_attn_mask
 from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 VARIANTS = ("auto", "topk", "nearest")
@@ -338,8 +339,8 @@ class RoutingAttention(nn.Module):
         mask = allowed
         if bias is not None:
             mask = bias if allowed is None else torch.where(allowed, bias, float("-inf"))
-        return hooked_attention(q, k, v, hook_scores=hook_scores, hook_probs=hook_probs, attn_mask=mask,
-                                scale=self.scale, dropout_p=dropout_p, backend=self.backend)
+        return attention(q, k, v, scores_hook=hook_scores, probs_hook=hook_probs, attn_mask=mask,
+                         scale=self.scale, dropout_p=dropout_p, backend=self.backend)
 
     def _routing_heads(self, q, k, v, qr, kr, pad, mask, is_causal, causal_routing, dropout_p):
         """q, k, v (B, R, N, d) (q, k layer-normed); qr, kr the same in routing precision;

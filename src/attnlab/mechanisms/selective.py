@@ -49,7 +49,8 @@ from torch import Tensor
 
 from attnlab.cache import KVCache
 from attnlab._checks import check_dims, check_dropout, check_features, check_tokens
-from attnlab.hooks import HookPoint, hooked_attention
+from attnlab.hooks import HookPoint
+from attnlab.ops.sdpa import attention
 from attnlab.ops.heads import split_qkv
 from attnlab.registry import MechanismSpec, register
 
@@ -219,9 +220,9 @@ class SelectiveAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)                                    # (B, h_kv, M, d), M = past + N
         k, v = self.hook_k(k), self.hook_v(v)
-        out = hooked_attention(q, k, v, hook_scores=self.hook_scores, hook_probs=self.hook_probs,
-                               attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                               dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        out = attention(q, k, v, scores_hook=self.hook_scores, probs_hook=self.hook_probs,
+                        attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         out = self.hook_out(out)                                         # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)                       # (B, N, C)
         return self.proj_drop(self.proj(out))
