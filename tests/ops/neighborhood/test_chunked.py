@@ -14,34 +14,15 @@ from torch.testing import assert_close
 
 from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention
 
-from _oracle import oracle
+from _oracle import CASES, oracle
 
 
 # --- blocked against the oracle ----------------------------------------------------------------------
 
-CASES = {  # spatial, kernel_size, dilation, stride, is_causal
-    "odd": ((13,), 5, 1, 1, False),
-    "even": ((13,), 4, 1, 1, False),
-    "full_length": ((9,), 9, 1, 1, False),
-    "kernel_1": ((6,), 1, 1, 1, False),
-    "dilation_even_groups": ((12,), 3, 2, 1, False),
-    "dilation_uneven_groups": ((13,), 3, 3, 1, False),
-    "stride_odd": ((14,), 5, 1, 3, False),
-    "stride_even": ((14,), 4, 1, 2, False),
-    "stride_is_kernel": ((12,), 4, 1, 4, False),
-    "causal": ((13,), 4, 1, 1, True),
-    "causal_stride": ((13,), 4, 1, 3, True),
-    "causal_dilation_stride": ((17,), 3, 2, 2, True),
-    "all_1d": ((23,), 6, 3, 4, False),
-    "2d": ((7, 9), (3, 4), 1, 1, False),
-    "2d_combined": ((9, 10), (3, 4), (2, 2), (2, 3), (True, False)),
-    "3d": ((4, 5, 6), (2, 3, 3), 1, 1, False),
-    "3d_combined": ((5, 6, 7), (2, 3, 2), (2, 1, 3), (2, 3, 1), (False, True, False)),
-}
-
 TILES = {"default": None, "small": 2, "odd": 3}
 
 METHODS = ("sdpa", "chunks")
+
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("tile", list(TILES), ids=list(TILES))

@@ -15,7 +15,7 @@ from attnlab.ops.neighborhood import fused as na_fused
 from attnlab.ops import BackendUnavailable
 from attnlab.ops.neighborhood import BlockedConfig, neighborhood_attention
 
-from _oracle import oracle
+from _oracle import CASES, oracle
 
 
 pytestmark = pytest.mark.skipif(na_fused.library_status()[0] is None,
@@ -42,29 +42,11 @@ def check(spatial, ks, dil=1, st=1, causal=False, *, B=2, h=3, d=16, dv=16, thre
         assert_close(a.double(), b.double(), rtol=10 * tol, atol=10 * tol, msg=lambda m: f"d{name}: {m}")
 
 
-CASES = {  # spatial, kernel_size, dilation, stride, is_causal
-    "odd": ((13,), 5, 1, 1, False),
-    "even": ((13,), 4, 1, 1, False),
-    "kernel_1": ((6,), 1, 1, 1, False),
-    "full_length": ((9,), 9, 1, 1, False),
-    "long_window": ((70,), 33, 1, 1, False),
-    "dilation_even_groups": ((12,), 3, 2, 1, False),
-    "dilation_uneven_groups": ((13,), 3, 3, 1, False),
-    "stride_odd": ((14,), 5, 1, 3, False),
-    "stride_even": ((14,), 4, 1, 2, False),
-    "stride_is_kernel": ((12,), 4, 1, 4, False),
-    "causal": ((13,), 4, 1, 1, True),
-    "causal_stride": ((13,), 4, 1, 3, True),
-    "causal_dilation_stride": ((17,), 3, 2, 2, True),
-    "all_1d": ((23,), 6, 3, 4, False),
-    "2d": ((7, 9), (3, 4), 1, 1, False),
-    "2d_combined": ((9, 10), (3, 4), (2, 2), (2, 3), (True, False)),
-    "2d_short_rows": ((10, 3), (5, 3), 1, 1, False),
-    "3d": ((4, 5, 6), (2, 3, 3), 1, 1, False),
-    "3d_k7": ((3, 5, 19), (3, 3, 7), 1, 1, False),
-    "3d_combined": ((5, 6, 7), (2, 3, 2), (2, 1, 3), (2, 3, 1), (False, True, False)),
-    "3d_full": ((3, 4, 5), (3, 4, 5), 1, 1, False),
-}
+CASES = {**CASES,  # the shared geometries, and the ones that stress the fused kernel's windows
+         "long_window": ((70,), 33, 1, 1, False),
+         "2d_short_rows": ((10, 3), (5, 3), 1, 1, False),
+         "3d_k7": ((3, 5, 19), (3, 3, 7), 1, 1, False),
+         "3d_full": ((3, 4, 5), (3, 4, 5), 1, 1, False)}
 
 
 @pytest.fixture(params=["recomputed", "saved"])
