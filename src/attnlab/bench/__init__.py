@@ -3,7 +3,8 @@
 Modules, each importing only those below it:
 
     cli                      the command: arguments, names and options checked, the modes run
-    numerics, neighborhood   the --numerics and --neighborhood modes
+    numerics, neighborhood,  the --numerics, --neighborhood and --spatial modes
+      spatial
     harness, report          measuring processes and measure(); rows, table, plot
     worker                   the measuring process: time and memory jobs
     timing                   the one timing loop, shared by the worker and the modes

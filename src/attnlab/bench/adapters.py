@@ -1,8 +1,10 @@
 """What the bench times: every module takes tokens x (B, N, C) and returns (B, N, C).
 
 The default baseline `sdpa` is `SDPABaseline`: the dense attention a user writes by hand,
-Linear -> F.scaled_dot_product_attention -> Linear. It is not a registry mechanism; `--baseline`
-may also name a registry mechanism. Registry mechanisms are built from their spec; those whose
+Linear -> F.scaled_dot_product_attention -> Linear. `dwconv` (`DepthwiseConvBaseline`, one k x k
+depthwise convolution over the square image of the tokens) is the plain baseline of the 2-D
+convolutional mechanisms (`attnlab bench --spatial`). Neither is a registry mechanism (`PLAIN`
+lists them); `--baseline` may also name a registry mechanism. Registry mechanisms are built from their spec; those whose
 layout is not a sequence are wrapped so that they take the same tokens:
 
 - seq: as built;
@@ -59,6 +61,39 @@ class SDPABaseline(nn.Module):
         return dense_module_flops(batch, seq_len, dim, causal)
 
 
+class DepthwiseConvBaseline(nn.Module):
+    """One k x k depthwise convolution (biased, "same" padding) on the tokens as a square image:
+    x (B, N, C) -> (B, N, C), N = s * s. The receptive field LKA decomposes (k = 21 in VAN), as a
+    user would write it: permute to NCHW, `nn.Conv2d(C, C, k, groups=C)`, permute back.
+    `num_heads` is accepted for the bench's call signature and unused."""
+
+    def __init__(self, dim: int, num_heads: int = 1, *, kernel_size: int = 21):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"dwconv: kernel_size must be a positive odd int, got {kernel_size!r}")
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: Tensor, *, is_causal: bool = False) -> Tensor:
+        if is_causal:
+            raise NotImplementedError("dwconv is a convolution over an image and has no causal mode")
+        B, N, C = x.shape
+        s = round(N ** 0.5)
+        if s * s != N:
+            raise ValueError(f"dwconv needs N to be a perfect square, got N={N}")
+        img = x.reshape(B, s, s, C).permute(0, 3, 1, 2)                 # (B, C, s, s)
+        return self.conv(img).permute(0, 2, 3, 1).reshape(B, N, C)     # (B, N, C)
+
+    def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int, causal: bool) -> tuple[int, int]:
+        """2 k^2 multiply-adds per pixel and channel; backward (input and weight) twice that."""
+        fwd = 2 * batch * seq_len * dim * self.kernel_size ** 2
+        return fwd, 2 * fwd
+
+
+# The plain baselines, by the names the bench accepts beside the registry's.
+PLAIN = {BASELINE: SDPABaseline, "dwconv": DepthwiseConvBaseline}
+
+
 class SpatialAsSequence(nn.Module):
     """Times a channels-last spatial mechanism on the bench's (B, N, C) tokens.
 
@@ -109,14 +144,14 @@ class PoolAsSequence(nn.Module):
 
 
 def module_class(name: str) -> type:
-    """The class `name` builds: the built-in baseline or a registry mechanism."""
-    return SDPABaseline if name == BASELINE else get_spec(name).cls
+    """The class `name` builds: a plain baseline (`PLAIN`) or a registry mechanism."""
+    return PLAIN[name] if name in PLAIN else get_spec(name).cls
 
 
 def build_module(name: str, dim: int, num_heads: int, options: dict[str, Any]) -> nn.Module:
     """`name` with `options`, taking and returning (B, N, C) tokens whatever its layout."""
-    if name == BASELINE:
-        return SDPABaseline(dim, num_heads, **options)
+    if name in PLAIN:
+        return PLAIN[name](dim, num_heads, **options)
     module = create(name, dim, num_heads, **options)
     layout = get_spec(name).layout
     if layout == "pool":

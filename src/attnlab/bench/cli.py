@@ -2,9 +2,10 @@
 
 This module is the command: its arguments, the checks of names and options, and the run of one
 mode. The default mode measures mechanisms in fresh processes (`harness.measure`) and writes
-the rows (`report`: the JSONL file, the table or JSON lines, the plot); `--numerics` and
-`--neighborhood` are modes of their own (`numerics`, `neighborhood`). A row reports median times
-and, against the baseline, the median over rounds of the two modules' paired time ratio.
+the rows (`report`: the JSONL file, the table or JSON lines, the plot); `--numerics`,
+`--neighborhood` and `--spatial` are modes of their own (`numerics`, `neighborhood`, `spatial`).
+A row reports median times and, against the baseline, the median over rounds of the two
+modules' paired time ratio.
 What is timed, and how non-sequence layouts take the bench's tokens: `adapters`; FLOPs: `flops`.
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 
 from attnlab._args import float_above, int_at_least, int_list
 from attnlab._io import default_out
-from attnlab.bench import harness, neighborhood, numerics, report
-from attnlab.bench.adapters import BASELINE, BENCH_LAYOUTS, DTYPES, parse_options
+from attnlab.bench import harness, neighborhood, numerics, report, spatial
+from attnlab.bench.adapters import BASELINE, BENCH_LAYOUTS, DTYPES, PLAIN, parse_options
 from attnlab.bench.harness import DEFAULT_BUDGET_S, MAX_REPEATS, MIN_REPEATS
 from attnlab.bench.worker import environment
 from attnlab.registry import get_spec, list_specs
@@ -44,7 +45,7 @@ def resolve_names(mechanisms: str | None, baseline: str) -> list[str]:
             if name not in names:
                 names.append(name)
     for name in [*names, baseline]:
-        if name == BASELINE:
+        if name in PLAIN:
             continue
         spec = get_spec(name)  # ValueError: unknown mechanism, with close names
         if spec.layout not in BENCH_LAYOUTS:
@@ -95,6 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "d=64) against dense SDPA on the same tokens: 1d N=16384 k=127, 2d 128x128 k=13, "
                              "3d 16x32x32 k=(3,7,7); CASES a subset (default: all); uses --repeats (default 3), "
                              "--warmup, --threads, --json")
+    parser.add_argument("--spatial", nargs="?", const=",".join(spatial.SUITES), default=None, metavar="SUITES",
+                        help="instead of mechanisms, the 2-D suites: lka (LKA vs a 21x21 depthwise conv and local "
+                             "attention), pam (DANet position attention via SDPA vs materialised), hyena and "
+                             "hyena2d (vs dense SDPA: the crossover N); SUITES a subset (default: all); uses "
+                             "--budget, --repeats, --threads, --timeout, --out, --json")
     parser.add_argument("--numerics", action="store_true",
                         help="instead of mechanisms, time the Edge-MoE softmax/GELU approximations against "
                              "the exact ops on (rows, M) = (N*h, N) score rows, with their max errors")
@@ -112,6 +118,13 @@ def main(args: argparse.Namespace) -> int:
         argv += ["--threads", str(args.threads)] if args.threads else []
         argv += ["--json"] if args.json else []
         return neighborhood.main(argv)
+    if args.spatial is not None:
+        argv = ["--suites", args.spatial, "--budget", str(args.budget), "--timeout", str(args.timeout)]
+        argv += ["--repeats", str(args.repeats)] if args.repeats else []
+        argv += ["--threads", str(args.threads)] if args.threads else []
+        argv += ["--out", str(args.out)] if args.out is not None else []
+        argv += ["--json"] if args.json else []
+        return spatial.main(argv)
     started = time.perf_counter()
     try:
         names = resolve_names(args.mechanisms, args.baseline)
@@ -133,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     # What a spec says a mechanism cannot do is skipped up front; whatever else a mechanism raises
     # is caught where it runs, and becomes a skipped row too.
     pre_skipped = {name: f"mechanism {name!r} does not support causal (spec.causal=False)"
-                   for name in entries if name != BASELINE and args.causal and not get_spec(name).causal}
+                   for name in entries if name not in PLAIN and args.causal and not get_spec(name).causal}
     runnable = [n for n in entries if n not in pre_skipped]
 
     err = Console(stderr=True)

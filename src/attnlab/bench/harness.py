@@ -104,7 +104,9 @@ def _start_workers(count: int) -> list:
 def measure(entries: list[dict[str, Any]], seq_lens: list[int], job_common: dict[str, Any], *,
             baseline: str | None, warmup: int | None = None, repeats: int | None = None,
             budget_s: float = DEFAULT_BUDGET_S, progress=None, log=lambda text: None) -> dict[str, Any]:
-    """Time and measure `entries` ({"name", "options"}) at every N in `seq_lens`, in fresh processes.
+    """Time and measure `entries` ({"name", "options"}, optionally "label") at every N in `seq_lens`,
+    in fresh processes. Results are keyed by the label (default: the name), so one mechanism can
+    be timed twice with different options under two labels.
 
     job_common: heads, head_dim, batch, dtype, causal, device, threads, timeout (seconds per process).
     For each N, one "time" job interleaves every entry (see the worker); then, only after every
@@ -117,8 +119,10 @@ def measure(entries: list[dict[str, Any]], seq_lens: list[int], job_common: dict
     job's result}}, "warmups": {N: warm-up rounds}, "memories": {(N, name): the memory job's result}};
     a failed process is a "skipped" result with its reason, never an exception.
     """
-    names = [e["name"] for e in entries]
-    by_name = {e["name"]: e for e in entries}
+    names = [e.get("label", e["name"]) for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"measure: entries need distinct labels, got {names}")
+    by_name = dict(zip(names, entries))
     device = job_common["device"]
     timings: dict[int, dict[str, Any]] = {n: {} for n in seq_lens}
     warmups: dict[int, int | None] = {}  # the warm-up rounds each shape got

@@ -114,10 +114,10 @@ def time_job(job: dict[str, Any]) -> dict[str, Any]:
         try:
             m = s.build(entry)
         except Exception as e:
-            results[entry["name"]] = {"status": "skipped", "reason": describe_error(e)}
+            results[entry.get("label", entry["name"])] = {"status": "skipped", "reason": describe_error(e)}
             gc.collect()
             continue
-        subjects.append(Subject(entry["name"], {"fwd_ms": partial(s.fwd, m), "fwd_bwd_ms": partial(s.fwd_bwd, m)},
+        subjects.append(Subject(entry.get("label", entry["name"]), {"fwd_ms": partial(s.fwd, m), "fwd_bwd_ms": partial(s.fwd_bwd, m)},
                                 prepare=partial(s.clear_grads, m)))
     rounds = run_rounds(subjects, warmup=job["warmup"], repeats=job["repeats"], budget_s=job["budget_s"],
                         min_repeats=job["min_repeats"], max_repeats=job["max_repeats"],
