@@ -79,3 +79,18 @@ def test_spatial_mode_measures_entries_under_labels(monkeypatch, capsys, tmp_pat
 def test_unknown_suite_is_refused():
     with pytest.raises(SystemExit):
         spatial.main(["--suites", "nope"])
+
+
+@pytest.mark.parametrize("name", list(spatial.SUITES))
+def test_every_suite_entry_builds(name):
+    """The real suites name registered mechanisms (or plain baselines) with options they accept,
+    and each builds at the suite's smallest shape and runs one forward."""
+    suite = spatial.SUITES[name]
+    keys = [e.key for e in suite.entries]
+    assert suite.baseline in keys and len(set(keys)) == len(keys)
+    n = min(suite.seq_lens)
+    x = torch.randn(1, n, suite.heads * suite.head_dim)
+    for e in suite.entries:
+        m = build_module(e.name, suite.heads * suite.head_dim, suite.heads, dict(e.options))
+        with torch.no_grad():
+            assert m(x).shape == x.shape, e.key
