@@ -34,7 +34,8 @@ Parameters and options:
 - PAM: `query_conv`, `key_conv` (Conv2d C -> C // reduction, 1 x 1, biased), `value_conv` (Conv2d
   C -> C, 1 x 1, biased), `gamma` (1,). `reduction=8` is the official C/8 (floor division, as
   `in_dim // 8`). `qkv_bias=True` is the official biased convs. `attn_drop` is dropout on the
-  attention probabilities (0 in the official code, which has none).
+  attention probabilities, `proj_drop` (both modules) dropout on the attention branch
+  gamma * out before the residual; both 0 by default, as the official code, which has neither.
 - CAM: `gamma` (1,) only: no projections.
 - `gamma_init=0.0` (both): the official zero init. Any other value starts the module away from
   the identity (the spec's test_kwargs use 0.5 so that the shared suites see attention at work).
@@ -137,14 +138,14 @@ class DANetPositionAttention2d(nn.Module):
     eager_hook_names = ("hook_scores", "hook_probs")
 
     def __init__(self, dim: int, num_heads: int = 1, *, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 heads: int = 1, reduction: int = 8, gamma_init: float = 0.0, backend: str | None = None,
-                 device=None, dtype=None):
+                 proj_drop: float = 0.0, heads: int = 1, reduction: int = 8, gamma_init: float = 0.0,
+                 backend: str | None = None, device=None, dtype=None):
         super().__init__()
         _positive_int(PAM, "dim", dim)
         _positive_int(PAM, "num_heads", num_heads)      # unused: see the module docstring
         _positive_int(PAM, "heads", heads)
         _positive_int(PAM, "reduction", reduction)
-        check_dropout(PAM, attn_drop=attn_drop)
+        check_dropout(PAM, attn_drop=attn_drop, proj_drop=proj_drop)
         if not isinstance(qkv_bias, bool):
             raise TypeError(f"{PAM}: qkv_bias must be a bool, got {type(qkv_bias).__name__}")
         qk_dim = dim // reduction
@@ -165,6 +166,7 @@ class DANetPositionAttention2d(nn.Module):
         self.key_conv = nn.Conv2d(dim, qk_dim, kernel_size=1, bias=qkv_bias, **factory)
         self.value_conv = nn.Conv2d(dim, dim, kernel_size=1, bias=qkv_bias, **factory)
         self.gamma = nn.Parameter(torch.full((1,), _finite(PAM, "gamma_init", gamma_init), **factory))
+        self.proj_drop = nn.Dropout(proj_drop)
         self.hook_q = HookPoint()        # (B, h, N, C/8/h)
         self.hook_k = HookPoint()        # (B, h, N, C/8/h)
         self.hook_v = HookPoint()        # (B, h, N, C/h)
@@ -210,7 +212,7 @@ class DANetPositionAttention2d(nn.Module):
                         backend=self.backend, scores_hook=self.hook_scores, probs_hook=self.hook_probs)
         out = self.hook_out(out)                                             # (B, h, N, C/h)
         out = out.transpose(1, 2).reshape(B, H, W, C)                        # (B, H, W, C)
-        return self.gamma * out + x
+        return self.proj_drop(self.gamma * out) + x
 
     def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int,
                      causal: bool) -> tuple[int, int]:
@@ -247,10 +249,13 @@ class DANetChannelAttention2d(nn.Module):
     hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out")
     eager_hook_names = ()
 
-    def __init__(self, dim: int, num_heads: int = 1, *, gamma_init: float = 0.0, device=None, dtype=None):
+    def __init__(self, dim: int, num_heads: int = 1, *, proj_drop: float = 0.0, gamma_init: float = 0.0,
+                 device=None, dtype=None):
         super().__init__()
         _positive_int(CAM, "dim", dim)
         _positive_int(CAM, "num_heads", num_heads)      # unused: one channel attention
+        check_dropout(CAM, proj_drop=proj_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
         self.dim, self.num_heads = dim, num_heads
         self.gamma = nn.Parameter(torch.full((1,), _finite(CAM, "gamma_init", gamma_init),
                                              device=device, dtype=dtype))
@@ -278,7 +283,7 @@ class DANetChannelAttention2d(nn.Module):
         probs = self.hook_probs(scores.softmax(-1))                          # (B, 1, C, C)
         out = self.hook_out(probs @ v)                                       # (B, 1, C, N)
         out = out.squeeze(1).transpose(1, 2).reshape(B, H, W, C)             # (B, H, W, C)
-        return (self.gamma.to(compute) * out + x.to(compute)).to(x.dtype)
+        return (self.proj_drop(self.gamma.to(compute) * out) + x.to(compute)).to(x.dtype)
 
     def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int,
                      causal: bool) -> tuple[int, int]:
