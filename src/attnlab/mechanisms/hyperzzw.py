@@ -1,10 +1,16 @@
 """HyperZ·Z·W: slow-net hyper-kernels and the fast multi-branch layer of Terminator (`hyperzzw`).
 
 Paper: HyperZ·Z·W Operator Connects Slow-Fast Networks for Full Context Interaction (Harvie
-Zhang, HyperEvol AI Lab; arXiv 2401.17948, 2024). Official code: hyperevolnet/Terminator (most
-files later removed there); the complete module code survives in the fork lalalune/Terminator:
+Zhang, HyperEvol AI Lab; arXiv 2401.17948, 2024). Official code: hyperevolnet/Terminator, read in
+the fork lalalune/Terminator, which keeps the complete module code:
 `models/modules/fast_multi_branch.py::FastMultiBranchLayer` (commit 67e773a), `magnet.py`,
-`slow_net.py`, `local_conv.py`, `rgu.py`, `hyper_interact.py`, `hyperzzw.py`, `linear.py`.
+`slow_net.py`, `local_conv.py`, `rgu.py`, `hyper_interact.py`, `hyperzzw.py`, `linear.py`, with the
+sizes of `cfg/config.yaml`. Checked once against that code itself (run on CPU with its `.cuda()`
+calls stubbed, official weights loaded here, float64, square images of the configured size): with
+context="batch" equal to it to ~1e-6, which is the official run's float32 constants (its
+linspace coordinates and its beta = 0.1 are float32 tensors); with those constants rounded the
+same way the outputs agree bitwise and the gradients to 1e-12. context="sample" equals the
+official layer run on each sample alone to the same precision.
 
 Status: the official `FastMultiBranchLayer` (the attention replacement of an SFNE block), all ten
 branches, per sample by default (see `context`). A slow network, a coordinate MLP over
