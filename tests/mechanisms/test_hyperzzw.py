@@ -422,6 +422,17 @@ def test_useful_flops_match_the_flop_counter(context):
         m.useful_flops(3, 60, 16, 4, False)
 
 
+def test_proj_drop_only_in_training():
+    m = hyper(proj_drop=0.5)
+    x = image(1, 6, 6)
+    assert_close(m(x), m(x), rtol=0, atol=0)
+    m.train()
+    y = m(x)
+    assert torch.isfinite(y).all() and (y == 0).any() and not torch.equal(y, m(x))
+    with pytest.raises(ValueError, match=r"hyperzzw: proj_drop must be a number in \[0, 1\), got 1.0"):
+        hyper(proj_drop=1.0)
+
+
 def test_num_heads_is_accepted_and_unused():
     torch.manual_seed(0)
     a = attnlab.create("hyperzzw", 8, 1, **SMALL)

@@ -53,7 +53,8 @@ through fast_fc1 and GELU, and multiplies each hidden layer of the coordinate ML
   batch size 1 (tested).
 
 Layout: x (B, H, W, C) channels-last -> (B, H, W, C); everything runs in NCHW inside (one permute
-in, one out). num_heads is accepted for the shared interface and unused (there are no heads).
+in, one out). num_heads is accepted for the shared interface and unused (there are no heads);
+proj_drop (the house dropout on the output, default 0) is not in the official layer.
 H * W >= 2 (the standardisations need two pixels). The slow networks (coordinate MLPs and the
 local kernels' context path) run in float32 (float64 for float64 input) and their kernels are cast
 to x's dtype: sinusoids of large arguments are meaningless in bfloat16.
@@ -111,7 +112,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_features, check_positive
+from attnlab._checks import check_dropout, check_features, check_positive
 from attnlab.hooks import HookPoint
 from attnlab.registry import MechanismSpec, register
 
@@ -412,7 +413,7 @@ class HyperZZW2d(nn.Module):
                  "per channel (plane_matmul)" for name in ("hook_scores", "hook_probs")},
     }
 
-    def __init__(self, dim: int, num_heads: int = 8, *, global_size: int = 32,
+    def __init__(self, dim: int, num_heads: int = 8, *, proj_drop: float = 0.0, global_size: int = 32,
                  local_kernel_sizes: tuple[int, int, int, int] = (3, 9, 5, 7),
                  no_hidden: int | Mapping[str, int] | None = None, num_layers: int | Mapping[str, int] | None = None,
                  omega_0: float = 1.0, context: str = "sample", renorm_detach: bool = True,
@@ -429,6 +430,7 @@ class HyperZZW2d(nn.Module):
         hidden = _per_net("no_hidden", no_hidden, NO_HIDDEN)
         layers = _per_net("num_layers", num_layers, NUM_LAYERS)
         check_positive(NAME, "omega_0", omega_0)
+        check_dropout(NAME, proj_drop=proj_drop)
         if not isinstance(context, str) or context not in CONTEXTS:
             raise ValueError(f"{NAME}: context must be one of {CONTEXTS}, got {context!r}")
         if not isinstance(renorm_detach, bool):
@@ -458,6 +460,7 @@ class HyperZZW2d(nn.Module):
         self.channel_mixer_hci = HyperChannelInteract(C, hidden["gc"], layers["gc"], omega_0, factory)
         self.hyper_interact = HyperInteract(C, S, hidden["gc_hi"], hidden["gs_hi"], layers["gc_hi"],
                                             layers["gs_hi"], omega_0, factory)
+        self.proj_drop = nn.Dropout(proj_drop)     # attnlab's; the official layer has none (0 by default)
         # Identity hook points for probes; shapes in comments (NCHW inside; n = B, or 1 with context="batch").
         self.hook_global_hk = HookPoint()      # (1, C, H, W), the global hyper-kernel W_g
         self.hook_global_ctx_hk = HookPoint()  # (B, C, H, W), Z·W = x ⊙ W_g
@@ -526,7 +529,7 @@ class HyperZZW2d(nn.Module):
         cat = torch.cat([out, local[1], fast, out_x, local[0], out_glu, local[2], out_eca, local[3], x_hyper],
                         dim=1)                                                # (B, 10 C, H, W)
         y = _pointwise(self.bottleneck_layer, self.hook_out(cat))             # (B, C, H, W)
-        return y.permute(0, 2, 3, 1)                                          # (B, H, W, C)
+        return self.proj_drop(y.permute(0, 2, 3, 1))                          # (B, H, W, C)
 
     def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int,
                      causal: bool) -> tuple[int, int]:
