@@ -331,7 +331,7 @@ class RGU(nn.Module):
         out_k = _pointwise(self.fast_linear_k, z)
         out_v = _pointwise(self.fast_linear_v, z)
         out_q = F.gelu(F.instance_norm(out_k * _pointwise(self.fast_linear_q, out_v), eps=1e-5))
-        out_q = out_q + _resample(self.bias_p, tuple(z.shape[-2:])).to(z.dtype)
+        out_q = out_q + _resample(self.bias_p.to(z.dtype), tuple(z.shape[-2:]))
         return _pointwise(self.fast_linear_y, out_q)
 
 
@@ -373,7 +373,7 @@ class HyperInteract(nn.Module):
         score_c = y_c * hk_c * y_c                                            # (B, C)
         y_s = y.mean(dim=1, keepdim=True)                                     # (B, 1, H, W)
         kernel = self.slow_net_gs.Kernel
-        hk_s = kernel(_coords((H, W), slow_dtype, y.device), _resample(kernel.bias_p, (H, W)).to(slow_dtype))
+        hk_s = kernel(_coords((H, W), slow_dtype, y.device), _resample(kernel.bias_p.to(slow_dtype), (H, W)))
         score_s = y_s * hk_s.to(y.dtype) * y_s                                # (B, 1, H, W)
         return z * torch.sigmoid(score_s * score_c[:, :, None, None])         # (B, C, H, W)
 
@@ -503,7 +503,7 @@ class HyperZZW2d(nn.Module):
 
         # Global hyper-kernel over the H x W coordinate grid, then Z·W.
         kernel = self.slow_net_g.Kernel
-        global_hk = kernel(_coords((H, W), slow_dtype, x.device), _resample(kernel.bias_p, (H, W)).to(slow_dtype))
+        global_hk = kernel(_coords((H, W), slow_dtype, x.device), _resample(kernel.bias_p.to(slow_dtype), (H, W)))
         global_hk = self.hook_global_hk(global_hk.to(x.dtype))                # (1, C, H, W)
         global_ctx_hk = self.hook_global_ctx_hk(z * global_hk)                # (B, C, H, W)
 
