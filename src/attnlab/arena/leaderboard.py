@@ -110,6 +110,8 @@ FALLBACK_TASKS = {"fashion_mnist": "digits"}
 DEFAULT_MECHANISM_OPTIONS: dict[str, dict[str, Any]] = {
     "halo2d": {"block_size": 2, "halo_size": 1},
     "neighborhood2d": {"kernel_size": 3},
+    "lka": {"kernel_size": 5, "dilation": 2},                      # 3x3 + 3x3 dilated 2: field 7 covers the grid
+    "van": {"kernel_size": 5, "dilation": 2},
     "medusa": {"stride": 1},                                        # stride 2 would leave 2 x 2 tokens
     "convshare": {"kernel_size": 2, "padding": "valid"},            # 3 x 3 tokens attend
     "hyperzzw": {"global_size": 4, "local_kernel_sizes": (3, 3, 3, 3)},
