@@ -93,4 +93,5 @@ def test_every_suite_entry_builds(name):
     for e in suite.entries:
         m = build_module(e.name, suite.heads * suite.head_dim, suite.heads, dict(e.options))
         with torch.no_grad():
-            assert m(x).shape == x.shape, e.key
+            kwargs = {"is_causal": True} if suite.causal else {}
+            assert m(x, **kwargs).shape == x.shape, e.key

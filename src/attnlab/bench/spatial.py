@@ -17,10 +17,12 @@ interleaved in one fresh process, memory in a fresh process per entry and shape)
   values) through SDPA against the same module on the eager backend, which materialises the
   HW x HW probabilities as the official code does (the baseline), and the channel attention
   `danet_cam`; C = 64 at 32 x 32, 64 x 64 and 96 x 96. Memory should grow as HW, not (HW)^2.
-- `hyena`: the Hyena operator (O(N log N) FFT convolutions) against dense SDPA attention
-  (`sdpa`, the baseline: Linear -> SDPA -> Linear) at N = 1024 ... 16384, C = 256 (4 x 64);
-  reported: the N from which hyena's forward+backward is faster, and the speed-up at the largest N.
-- `hyena2d`: the same for the 2-D operator on square images of 32^2, 64^2 and 128^2 pixels.
+- `hyena`: the Hyena operator (O(N log N) FFT convolutions, causal as the official operator)
+  against causal dense SDPA attention (`sdpa`, the baseline: Linear -> SDPA -> Linear) at
+  N = 1024 ... 16384, C = 256 (4 x 64); reported: the N from which hyena's forward+backward is
+  faster, and the speed-up at the largest N.
+- `hyena2d`: the same for the 2-D operator (non-causal, exact 2-D convolution) against
+  non-causal dense SDPA over the pixels of square images of 32^2, 64^2 and 128^2.
 
 The load average is recorded because on a shared machine it moves every number.
 """
@@ -61,6 +63,7 @@ class Suite:
     baseline: str                               # the key of the entry ratios are taken against
     entries: tuple[Entry, ...]
     crossover: bool = False                     # report where each entry becomes faster than the baseline
+    causal: bool = False                        # forward(..., is_causal=True) for every entry
 
 
 SUITES: dict[str, Suite] = {
@@ -79,11 +82,11 @@ SUITES: dict[str, Suite] = {
     "hyena": Suite(
         "Hyena vs dense SDPA attention, C=256",
         (1024, 2048, 4096, 8192, 16384), heads=4, head_dim=64, baseline="sdpa",
-        entries=(Entry("sdpa"), Entry("hyena")), crossover=True),
+        entries=(Entry("sdpa"), Entry("hyena", {"l_max": 16384})), crossover=True, causal=True),
     "hyena2d": Suite(
         "Hyena-2D vs dense SDPA attention over the pixels, C=256",
         (32 * 32, 64 * 64, 128 * 128), heads=4, head_dim=64, baseline="sdpa",
-        entries=(Entry("sdpa"), Entry("hyena2d")), crossover=True),
+        entries=(Entry("sdpa"), Entry("hyena2d", {"l_max": 128})), crossover=True),
 }
 
 
@@ -107,13 +110,13 @@ def run_suite(name: str, *, budget_s: float, repeats: int | None, threads: int |
               timeout: int, log=lambda text: None) -> dict[str, Any]:
     suite = SUITES[name]
     job_common = {"heads": suite.heads, "head_dim": suite.head_dim, "batch": 1, "dtype": "float32",
-                  "causal": False, "device": "cpu", "threads": threads, "timeout": timeout}
+                  "causal": suite.causal, "device": "cpu", "threads": threads, "timeout": timeout}
     entries = [{"name": e.name, "options": dict(e.options), "label": e.key} for e in suite.entries]
     load_before = os.getloadavg()
     measured = measure(entries, list(suite.seq_lens), job_common, baseline=suite.baseline,
                        repeats=repeats, budget_s=budget_s, log=log)
     env = measured["env"] or environment(threads, "cpu")
-    common = {"baseline": suite.baseline, "dtype": "float32", "causal": False, "device": "cpu", "env": env}
+    common = {"baseline": suite.baseline, "dtype": "float32", "causal": suite.causal, "device": "cpu", "env": env}
     rows = []
     for n in suite.seq_lens:
         shape = {"batch": 1, "seq_len": n, "heads": suite.heads, "head_dim": suite.head_dim,
