@@ -19,7 +19,7 @@ interleaved in one fresh process, memory in a fresh process per entry and shape)
   `danet_cam`; C = 64 at 32 x 32, 64 x 64 and 96 x 96. Memory should grow as HW, not (HW)^2.
 - `hyena`: the Hyena operator (O(N log N) FFT convolutions, causal as the official operator)
   against causal dense SDPA attention (`sdpa`, the baseline: Linear -> SDPA -> Linear) at
-  N = 1024 ... 16384, C = 256 (4 x 64); reported: the N from which hyena's forward+backward is
+  N = 256 ... 16384, C = 256 (4 x 64); reported: the N from which hyena's forward+backward is
   faster, and the speed-up at the largest N.
 - `hyena2d`: the same for the 2-D operator (non-causal, exact 2-D convolution) against
   non-causal dense SDPA over the pixels of square images of 32^2, 64^2 and 128^2.
@@ -81,7 +81,7 @@ SUITES: dict[str, Suite] = {
                  Entry("danet_pam"), Entry("danet_cam"))),
     "hyena": Suite(
         "Hyena vs dense SDPA attention, C=256",
-        (1024, 2048, 4096, 8192, 16384), heads=4, head_dim=64, baseline="sdpa",
+        (256, 512, 1024, 2048, 4096, 8192, 16384), heads=4, head_dim=64, baseline="sdpa",
         entries=(Entry("sdpa"), Entry("hyena", {"l_max": 16384})), crossover=True, causal=True),
     "hyena2d": Suite(
         "Hyena-2D vs dense SDPA attention over the pixels, C=256",
