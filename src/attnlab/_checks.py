@@ -72,6 +72,30 @@ def check_tokens(name: str, x: Tensor, dim: int) -> None:
         raise TypeError(f"{name}: expected floating point x, got {x.dtype}")
 
 
+def check_positive_int(name: str, arg: str, value, *, allow_zero: bool = False) -> int:
+    """A constructor option that must be an int (not a bool) > 0 (>= 0 with allow_zero)."""
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a non-negative int" if allow_zero else "a positive int"
+        raise ValueError(f"{name}: {arg} must be {what}, got {value!r}")
+    return value
+
+
+def check_image(name: str, x: Tensor, dim: int | None, *, what: str = "x") -> None:
+    """`what` must be (B, H, W, C) floating point (channels-last), with C == dim unless dim is None."""
+    width = "C" if dim is None else f"C={dim}"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected {what} as a torch.Tensor (B, H, W, {width}), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected {what} of shape (B, H, W, {width}) (channels-last), "
+                         f"got {tuple(x.shape)} ({x.dim()}-D)")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"{name}: expected {what} of width C={dim} in the last dim (channels-last), "
+                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected floating point {what}, got {x.dtype}")
+
+
 def check_features(module, *, attn_mask=None, is_causal: bool = False, cache=None) -> None:
     """Raise NotImplementedError for a feature the module's spec does not claim."""
     spec = type(module).spec

@@ -65,27 +65,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dims, check_dropout, check_features, check_positive
+from attnlab._checks import (check_dims, check_dropout, check_features, check_image,
+                             check_positive)
 from attnlab.hooks import HookPoint
 from attnlab.ops.sdpa import PRIORITY, attention
 from attnlab.registry import MechanismSpec, register
 
 NAME = "convshare"
 PADDINGS = ("valid", "same")
-
-
-def check_image(x, dim: int) -> None:
-    """x must be (B, H, W, C) floating point with C == dim (channels-last)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{NAME}: expected x as a torch.Tensor (B, H, W, C), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{NAME}: expected x of shape (B, H, W, C={dim}) (channels-last), "
-                         f"got {tuple(x.shape)} ({x.dim()}-D)")
-    if x.shape[-1] != dim:
-        raise ValueError(f"{NAME}: expected x of width C={dim} in the last dim (channels-last), "
-                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{NAME}: expected floating point x, got {x.dtype}")
 
 
 @register(MechanismSpec(
@@ -184,7 +171,7 @@ class ConvShareAttention2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        check_image(x, self.dim)
+        check_image(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, H, W, C = x.shape
         k, h, d = self.kernel_size, self.num_heads, self.head_dim

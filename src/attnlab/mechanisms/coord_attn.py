@@ -49,31 +49,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dropout, check_features
+from attnlab._checks import check_dropout, check_features, check_image, check_positive_int
 from attnlab.hooks import HookPoint
 from attnlab.registry import MechanismSpec, register
 
 NAME = "coord_attn"
-
-
-def _positive_int(arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{NAME}: {arg} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_image(x, dim: int) -> None:
-    """x must be (B, H, W, C) floating point with C == dim (channels-last)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{NAME}: expected x as a torch.Tensor (B, H, W, C), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{NAME}: expected x of shape (B, H, W, C={dim}) (channels-last), "
-                         f"got {tuple(x.shape)} ({x.dim()}-D)")
-    if x.shape[-1] != dim:
-        raise ValueError(f"{NAME}: expected x of width C={dim} in the last dim (channels-last), "
-                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{NAME}: expected floating point x, got {x.dtype}")
 
 
 @register(MechanismSpec(
@@ -102,10 +82,10 @@ class CoordinateAttention2d(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, *, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  reduction: int = 32, min_channels: int = 8, device=None, dtype=None):
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("num_heads", num_heads)
-        _positive_int("reduction", reduction)
-        _positive_int("min_channels", min_channels)
+        check_positive_int(NAME, "dim", dim)
+        check_positive_int(NAME, "num_heads", num_heads)
+        check_positive_int(NAME, "reduction", reduction)
+        check_positive_int(NAME, "min_channels", min_channels)
         check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
@@ -126,7 +106,7 @@ class CoordinateAttention2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        _check_image(x, self.dim)
+        check_image(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, H, W, C = x.shape
         z_h = x.mean(2).transpose(1, 2)                                    # (B, C, H), mean over W

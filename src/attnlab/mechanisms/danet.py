@@ -76,7 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dropout, check_features
+from attnlab._checks import check_dropout, check_features, check_image, check_positive_int
 from attnlab.hooks import HookPoint
 from attnlab.ops import default_backend
 from attnlab.ops.sdpa import PRIORITY, attention
@@ -85,26 +85,6 @@ from attnlab.registry import MechanismSpec, register
 PAM, CAM = "danet_pam", "danet_cam"
 _PAPER = "Dual Attention Network for Scene Segmentation"
 _URL = "https://arxiv.org/abs/1809.02983"
-
-
-def _check_image(name: str, x, dim: int) -> None:
-    """x must be (B, H, W, C) floating point with C == dim (channels-last)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected x as a torch.Tensor (B, H, W, C), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected x of shape (B, H, W, C={dim}) (channels-last), "
-                         f"got {tuple(x.shape)} ({x.dim()}-D)")
-    if x.shape[-1] != dim:
-        raise ValueError(f"{name}: expected x of width C={dim} in the last dim (channels-last), "
-                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected floating point x, got {x.dtype}")
-
-
-def _positive_int(name: str, arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
-    return value
 
 
 def _finite(name: str, arg: str, value) -> float:
@@ -141,10 +121,10 @@ class DANetPositionAttention2d(nn.Module):
                  proj_drop: float = 0.0, heads: int = 1, reduction: int = 8, gamma_init: float = 0.0,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
-        _positive_int(PAM, "dim", dim)
-        _positive_int(PAM, "num_heads", num_heads)      # unused: see the module docstring
-        _positive_int(PAM, "heads", heads)
-        _positive_int(PAM, "reduction", reduction)
+        check_positive_int(PAM, "dim", dim)
+        check_positive_int(PAM, "num_heads", num_heads)      # unused: see the module docstring
+        check_positive_int(PAM, "heads", heads)
+        check_positive_int(PAM, "reduction", reduction)
         check_dropout(PAM, attn_drop=attn_drop, proj_drop=proj_drop)
         if not isinstance(qkv_bias, bool):
             raise TypeError(f"{PAM}: qkv_bias must be a bool, got {type(qkv_bias).__name__}")
@@ -193,7 +173,7 @@ class DANetPositionAttention2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        _check_image(PAM, x, self.dim)
+        check_image(PAM, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, H, W, C = x.shape
         N, h = H * W, self.heads
@@ -252,8 +232,8 @@ class DANetChannelAttention2d(nn.Module):
     def __init__(self, dim: int, num_heads: int = 1, *, proj_drop: float = 0.0, gamma_init: float = 0.0,
                  device=None, dtype=None):
         super().__init__()
-        _positive_int(CAM, "dim", dim)
-        _positive_int(CAM, "num_heads", num_heads)      # unused: one channel attention
+        check_positive_int(CAM, "dim", dim)
+        check_positive_int(CAM, "num_heads", num_heads)      # unused: one channel attention
         check_dropout(CAM, proj_drop=proj_drop)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dim, self.num_heads = dim, num_heads
@@ -271,7 +251,7 @@ class DANetChannelAttention2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        _check_image(CAM, x, self.dim)
+        check_image(CAM, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, H, W, C = x.shape
         N = H * W

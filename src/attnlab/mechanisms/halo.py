@@ -62,35 +62,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dims, check_dropout, check_features, check_positive
+from attnlab._checks import (check_dims, check_dropout, check_features, check_image,
+                             check_positive, check_positive_int)
 from attnlab.ops.sdpa import PRIORITY
 from attnlab.hooks import HookPoint
 from attnlab.ops.sdpa import attention
 from attnlab.registry import MechanismSpec, register
 
 NAME = "halo2d"
-
-
-def _positive_int(name: str, value, *, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        what = "a non-negative int" if allow_zero else "a positive int"
-        raise ValueError(f"{NAME}: {name} must be {what}, got {value!r}")
-    return value
-
-
-def check_image(x, dim: int) -> None:
-    """x must be (B, H, W, C) floating point with C == dim (channels-last)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{NAME}: expected x as a torch.Tensor (B, H, W, C), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{NAME}: expected x of shape (B, H, W, C={dim}) (channels-last), "
-                         f"got {tuple(x.shape)} ({x.dim()}-D)")
-    if x.shape[-1] != dim:
-        raise ValueError(f"{NAME}: expected x of width C={dim} in the last dim (channels-last), "
-                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{NAME}: expected floating point x, got {x.dtype}")
 
 
 @register(MechanismSpec(
@@ -125,11 +104,11 @@ class HaloAttention2d(nn.Module):
         if dim_head is None:
             dim_head = check_dims(NAME, dim, num_heads)
         else:
-            _positive_int("dim", dim)
-            _positive_int("num_heads", num_heads)
-            _positive_int("dim_head", dim_head)
-        self.block_size = _positive_int("block_size", block_size)
-        self.halo_size = _positive_int("halo_size", halo_size, allow_zero=True)
+            check_positive_int(NAME, "dim", dim)
+            check_positive_int(NAME, "num_heads", num_heads)
+            check_positive_int(NAME, "dim_head", dim_head)
+        self.block_size = check_positive_int(NAME, "block_size", block_size)
+        self.halo_size = check_positive_int(NAME, "halo_size", halo_size, allow_zero=True)
         check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
         if not isinstance(mask_padding, bool):
             raise TypeError(f"{NAME}: mask_padding must be a bool, got {type(mask_padding).__name__}")
@@ -215,7 +194,7 @@ class HaloAttention2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        check_image(x, self.dim)
+        check_image(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, H, W, C = x.shape
         b, p, w = self.block_size, self.halo_size, self.window

@@ -80,10 +80,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dropout, check_features
+from attnlab._checks import check_dropout, check_features, check_image
 from attnlab.hooks import HookPoint
 from attnlab.mechanisms._hyena_filter import (ExponentialModulation, PositionalEmbedding, Sin, compute_dtype,
                                               implicit_mlp, run_mlp)
@@ -112,20 +111,6 @@ def _choice(arg: str, value, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{NAME}: {arg} must be one of {allowed}, got {value!r}")
     return value
-
-
-def check_image(x, dim: int) -> None:
-    """x must be (B, H, W, C) floating point with C == dim (channels-last)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{NAME}: expected x as a torch.Tensor (B, H, W, C), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{NAME}: expected x of shape (B, H, W, C={dim}) (channels-last), "
-                         f"got {tuple(x.shape)} ({x.dim()}-D)")
-    if x.shape[-1] != dim:
-        raise ValueError(f"{NAME}: expected x of width C={dim} in the last dim (channels-last), "
-                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{NAME}: expected floating point x, got {x.dtype}")
 
 
 def long_conv2d(u: Tensor, h: Tensor, bias: Tensor, *, full: bool, scale: float = 1.0) -> Tensor:
@@ -322,7 +307,7 @@ class HyenaOperator2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        check_image(x, self.dim)
+        check_image(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, H, W, C = x.shape
         if H > self.l_max or W > self.l_max:

@@ -112,7 +112,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dropout, check_features, check_positive
+from attnlab._checks import (check_dropout, check_features, check_image, check_positive,
+                             check_positive_int)
 from attnlab.hooks import HookPoint
 from attnlab.registry import MechanismSpec, register
 
@@ -123,26 +124,6 @@ NETS = ("g", "l", "gc", "gc_hi", "gs_hi")
 NO_HIDDEN = dict(g=64, l=32, gc=32, gc_hi=16, gs_hi=64)
 NUM_LAYERS = dict(g=2, l=2, gc=2, gc_hi=2, gs_hi=2)
 RENORM_ALPHA, RENORM_BETA = 1.0, 0.1     # MAGNet_L's unregistered alphas / betas (constants)
-
-
-def check_image(x, dim: int) -> None:
-    """x must be (B, H, W, C) floating point with C == dim (channels-last)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{NAME}: expected x as a torch.Tensor (B, H, W, C), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{NAME}: expected x of shape (B, H, W, C={dim}) (channels-last), "
-                         f"got {tuple(x.shape)} ({x.dim()}-D)")
-    if x.shape[-1] != dim:
-        raise ValueError(f"{NAME}: expected x of width C={dim} in the last dim (channels-last), "
-                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{NAME}: expected floating point x, got {x.dtype}")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{NAME}: {name} must be a positive int, got {value!r}")
-    return value
 
 
 def _per_net(name: str, value, default: Mapping[str, int]) -> dict[str, int]:
@@ -157,7 +138,7 @@ def _per_net(name: str, value, default: Mapping[str, int]) -> dict[str, int]:
     else:
         out = dict.fromkeys(NETS, value)
     for net, v in out.items():
-        _positive_int(f"{name}[{net!r}]", v)
+        check_positive_int(NAME, f"{name}[{net!r}]", v)
     return out
 
 
@@ -419,9 +400,9 @@ class HyperZZW2d(nn.Module):
                  omega_0: float = 1.0, context: str = "sample", renorm_detach: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("num_heads", num_heads)
-        self.global_size = _positive_int("global_size", global_size)
+        check_positive_int(NAME, "dim", dim)
+        check_positive_int(NAME, "num_heads", num_heads)
+        self.global_size = check_positive_int(NAME, "global_size", global_size)
         sizes = tuple(local_kernel_sizes) if isinstance(local_kernel_sizes, (tuple, list)) else None
         if sizes is None or len(sizes) != 4 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0
                                                     for k in sizes):
@@ -490,7 +471,7 @@ class HyperZZW2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        check_image(x, self.dim)
+        check_image(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, H, W, C = x.shape
         if H * W < 2:

@@ -71,10 +71,9 @@ from __future__ import annotations
 import math
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dropout, check_features
+from attnlab._checks import check_dropout, check_features, check_image, check_positive_int
 from attnlab.hooks import HookPoint
 from attnlab.registry import MechanismSpec, register
 
@@ -83,33 +82,13 @@ URL = "https://arxiv.org/abs/2202.09741"
 SOURCE = "Visual-Attention-Network/VAN-Classification models/van.py"
 
 
-def _positive_int(name: str, arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_image(name: str, x, dim: int) -> None:
-    """x must be (B, H, W, C) floating point with C == dim (channels-last)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected x as a torch.Tensor (B, H, W, C), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected x of shape (B, H, W, C={dim}) (channels-last), "
-                         f"got {tuple(x.shape)} ({x.dim()}-D)")
-    if x.shape[-1] != dim:
-        raise ValueError(f"{name}: expected x of width C={dim} in the last dim (channels-last), "
-                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected floating point x, got {x.dtype}")
-
-
 def decomposition(kernel_size: int, dilation: int, *, name: str = "lka") -> tuple[int, int]:
     """(DW kernel, DW-dilated kernel) of the paper's decomposition: (2d - 1, ceil(K / d)).
 
     The dilated kernel must be odd ("same" padding); a ValueError says which K, d give one.
     """
-    _positive_int(name, "kernel_size", kernel_size)
-    _positive_int(name, "dilation", dilation)
+    check_positive_int(name, "kernel_size", kernel_size)
+    check_positive_int(name, "dilation", dilation)
     dw = 2 * dilation - 1
     dwd = math.ceil(kernel_size / dilation)
     if dwd % 2 == 0:
@@ -160,8 +139,8 @@ class LargeKernelAttention2d(nn.Module):
                  kernel_size: int = 21, dilation: int = 3, device=None, dtype=None):
         super().__init__()
         name = self.NAME
-        _positive_int(name, "dim", dim)
-        _positive_int(name, "num_heads", num_heads)
+        check_positive_int(name, "dim", dim)
+        check_positive_int(name, "num_heads", num_heads)
         check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
         dw, dwd = decomposition(kernel_size, dilation, name=name)
         factory = dict(device=device, dtype=dtype)
@@ -195,7 +174,7 @@ class LargeKernelAttention2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        _check_image(self.NAME, x, self.dim)
+        check_image(self.NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         out = self.attend(x.permute(0, 3, 1, 2))                           # (B, C, H, W)
         return self.proj_drop(out.permute(0, 2, 3, 1))                     # (B, H, W, C)
@@ -240,8 +219,8 @@ class VANAttention2d(nn.Module):
                  kernel_size: int = 21, dilation: int = 3, shortcut: bool = True, device=None, dtype=None):
         super().__init__()
         name = self.NAME
-        _positive_int(name, "dim", dim)
-        _positive_int(name, "num_heads", num_heads)
+        check_positive_int(name, "dim", dim)
+        check_positive_int(name, "num_heads", num_heads)
         check_dropout(name, attn_drop=attn_drop, proj_drop=proj_drop)
         decomposition(kernel_size, dilation, name=name)
         if not isinstance(shortcut, bool):
@@ -268,7 +247,7 @@ class VANAttention2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        _check_image(self.NAME, x, self.dim)
+        check_image(self.NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         u = x.permute(0, 3, 1, 2)                                          # (B, C, H, W)
         y = self.activation(self.proj_1(u))                                # (B, C, H, W)

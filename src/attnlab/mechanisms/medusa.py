@@ -67,33 +67,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dims, check_dropout, check_features
+from attnlab._checks import (check_dims, check_dropout, check_features, check_image,
+                             check_positive_int)
 from attnlab.hooks import HookPoint
 from attnlab.ops.sdpa import PRIORITY, attention
 from attnlab.registry import MechanismSpec, register
 
 NAME = "medusa"
-
-
-def _check_map(what: str, x, dim: int | None) -> None:
-    """x must be (B, H, W, C) floating point, C == dim where given (channels-last)."""
-    width = f"C={dim}" if dim is not None else "C"
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{NAME}: expected {what} as a torch.Tensor (B, H, W, {width}), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{NAME}: expected {what} of shape (B, H, W, {width}) (channels-last), "
-                         f"got {tuple(x.shape)} ({x.dim()}-D)")
-    if dim is not None and x.shape[-1] != dim:
-        raise ValueError(f"{NAME}: expected {what} of width C={dim} in the last dim (channels-last), "
-                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{NAME}: expected floating point {what}, got {x.dtype}")
-
-
-def _positive_int(arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{NAME}: {arg} must be a positive int, got {value!r}")
-    return value
 
 
 class MedusaGate(nn.Module):
@@ -115,14 +95,14 @@ class MedusaGate(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0, residual: bool = False,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
-        _positive_int("source_dim", source_dim)
+        check_positive_int(NAME, "source_dim", source_dim)
         if isinstance(scale_dims, (int, str)) or not isinstance(scale_dims, Sequence) or not scale_dims:
             raise ValueError(f"{NAME}: scale_dims must be a non-empty sequence of positive ints "
                              f"(one width per scale), got {scale_dims!r}")
-        scale_dims = tuple(_positive_int("scale_dims[%d]" % i, c) for i, c in enumerate(scale_dims))
-        body_dim = source_dim if body_dim is None else _positive_int("body_dim", body_dim)
+        scale_dims = tuple(check_positive_int(NAME, "scale_dims[%d]" % i, c) for i, c in enumerate(scale_dims))
+        body_dim = source_dim if body_dim is None else check_positive_int(NAME, "body_dim", body_dim)
         self.head_dim = check_dims(NAME, body_dim, num_heads)
-        self.stride = _positive_int("stride", stride)
+        self.stride = check_positive_int(NAME, "stride", stride)
         check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
         for arg, value in (("qkv_bias", qkv_bias), ("residual", residual)):
             if not isinstance(value, bool):
@@ -192,9 +172,9 @@ class MedusaGate(nn.Module):
             raise ValueError(f"{NAME}: expected {len(self.scale_dims)} feature maps (scale_dims="
                              f"{self.scale_dims}), got {len(features)}")
         for s, (x, c) in enumerate(zip(features, self.scale_dims)):
-            _check_map(f"features[{s}]", x, c)
+            check_image(NAME, x, c, what=f"features[{s}]")
         source = features[0] if source is None else source
-        _check_map("source", source, self.source_dim)
+        check_image(NAME, source, self.source_dim, what="source")
         B = source.shape[0]
         bad = [s for s, x in enumerate(features) if x.shape[0] != B]
         if bad:
@@ -229,7 +209,7 @@ class MedusaAttention2d(MedusaGate):
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, body_dim: int | None = None, stride: int = 2, residual: bool = False,
                  backend: str | None = None, device=None, dtype=None):
-        _positive_int("dim", dim)
+        check_positive_int(NAME, "dim", dim)
         super().__init__(dim, (dim,), num_heads, body_dim=body_dim, stride=stride, qkv_bias=qkv_bias,
                          attn_drop=attn_drop, proj_drop=proj_drop, residual=residual, backend=backend,
                          device=device, dtype=dtype)
@@ -237,7 +217,7 @@ class MedusaAttention2d(MedusaGate):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        _check_map("x", x, self.dim)
+        check_image(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         t = self.body(x)                                                    # (B, H/p, W/p, D)
         return self._gate_one(t, x, 0)                                      # (B, H, W, C)

@@ -60,31 +60,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._checks import check_dropout, check_features
+from attnlab._checks import check_dropout, check_features, check_image, check_positive_int
 from attnlab.hooks import HookPoint
 from attnlab.registry import MechanismSpec, register
 
 NAME = "ulsam"
-
-
-def _positive_int(arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{NAME}: {arg} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_image(x, dim: int) -> None:
-    """x must be (B, H, W, C) floating point with C == dim (channels-last)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{NAME}: expected x as a torch.Tensor (B, H, W, C), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{NAME}: expected x of shape (B, H, W, C={dim}) (channels-last), "
-                         f"got {tuple(x.shape)} ({x.dim()}-D)")
-    if x.shape[-1] != dim:
-        raise ValueError(f"{NAME}: expected x of width C={dim} in the last dim (channels-last), "
-                         f"got {x.shape[-1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{NAME}: expected floating point x, got {x.dtype}")
 
 
 _OFFICIAL_KEY = re.compile(r"^(?P<prefix>.*?)subspaces\.(?P<i>\d+)\.(?P<rest>(conv_dws|bn_dws|conv_point|bn_point)\..+)$")
@@ -144,10 +124,10 @@ class ULSAMAttention2d(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, *, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  groups: int | None = None, device=None, dtype=None):
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("num_heads", num_heads)
+        check_positive_int(NAME, "dim", dim)
+        check_positive_int(NAME, "num_heads", num_heads)
         check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
-        groups = num_heads if groups is None else _positive_int("groups", groups)
+        groups = num_heads if groups is None else check_positive_int(NAME, "groups", groups)
         if dim % groups:
             what = "num_heads (the default groups)" if groups == num_heads else "groups"
             raise ValueError(f"{NAME}: dim ({dim}) must be divisible by {what} ({groups})")
@@ -168,7 +148,7 @@ class ULSAMAttention2d(nn.Module):
 
     def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 cache=None) -> Tensor:
-        _check_image(x, self.dim)
+        check_image(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         B, H, W, C = x.shape
         g = self.groups
