@@ -23,6 +23,8 @@ interleaved in one fresh process, memory in a fresh process per entry and shape)
   faster, and the speed-up at the largest N.
 - `hyena2d`: the same for the 2-D operator (non-causal, exact 2-D convolution) against
   non-causal dense SDPA over the pixels of square images of 32^2, 64^2 and 128^2.
+- `all2d`: every 2-D mechanism of the seed papers with its default options, and halo2d and
+  neighborhood2d, against dense SDPA over the pixels (`sdpa`), at 32 x 32 and 56 x 56, C = 64.
 
 The load average is recorded because on a shared machine it moves every number.
 """
@@ -87,6 +89,12 @@ SUITES: dict[str, Suite] = {
         "Hyena-2D vs dense SDPA attention over the pixels, C=256",
         (32 * 32, 64 * 64, 128 * 128), heads=4, head_dim=64, baseline="sdpa",
         entries=(Entry("sdpa"), Entry("hyena2d", {"l_max": 128})), crossover=True),
+    "all2d": Suite(
+        "every 2-D mechanism of the seed papers, defaults, vs dense SDPA over the pixels, C=64",
+        (32 * 32, 56 * 56), heads=4, head_dim=16, baseline="sdpa",
+        entries=(Entry("sdpa"), *(Entry(n) for n in (
+            "lka", "van", "ulsam", "coord_attn", "danet_pam", "danet_cam", "hyena2d", "convshare",
+            "hyperzzw", "medusa", "halo2d", "neighborhood2d")))),
 }
 
 
