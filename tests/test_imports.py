@@ -244,3 +244,16 @@ def test_library_imports_with_only_torch_and_numpy():
     assert proc.returncode == 0, f"import attnlab with {BLOCKED} unimportable failed:\n{proc.stderr[-3000:]}"
     extra = proc.stdout.split("EXTRA", 1)[1].strip()
     assert extra == "[]", f"import attnlab pulled in packages beyond torch and numpy: {extra}"
+
+
+def test_mechanism_files_never_import_each_other():
+    """One paper = one file: deleting a mechanism file breaks no other. What several share lives
+    in ops/, _checks, or a private mechanisms/_<name>.py (never a registered mechanism's file)."""
+    def is_mechanism_file(name: str) -> bool:
+        parts = name.split(".")
+        return len(parts) == 3 and parts[1] == "mechanisms" and not parts[2].startswith("_")
+
+    files = [m for m in MODULES if is_mechanism_file(m)]
+    assert "attnlab.mechanisms.mhsa" in files and len(files) > 10
+    bad = [(m, t) for m in files for t in EDGES.get(m, ()) if t != m and is_mechanism_file(t)]
+    assert not bad, f"mechanism files importing other mechanism files: {bad}"
