@@ -183,6 +183,21 @@ def test_image_task_gives_rows_to_2d_and_non_causal_mechanisms(tmp_path):
     assert doc["skipped"] == []
 
 
+def test_2d_mechanisms_are_timed_on_square_token_counts(tmp_path):
+    """A 2-D row gets timing like a sequence row, its N tokens as an s x s image; a non-square N
+    is a skipped timing entry that says why, not a failed row."""
+    argv = ["arena", "--tasks", "digits", "--mechanisms", f"neighborhood2d,{NON_CAUSAL}", "--layers", "1",
+            "--dim", "16", "--heads", "2", "--steps", "2", "--batch-size", "8", "--warmup", "1", "--eval-batches", "1",
+            "--seq-lens", "16,12", "--timing-budget", "0.05", "--no-plot", "--jobs", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    doc = json.loads((tmp_path / "arena.json").read_text())
+    rows = {r["mechanism"]: r for r in doc["rows"]}
+    timing = {t["seq_len"]: t for t in rows["neighborhood2d"]["timing"]}
+    assert timing[16]["status"] == "ok" and timing[16]["fwd_bwd_ms"] > 0 and timing[16]["peak_mem_mb"] >= 0
+    assert timing[12]["status"] == "skipped" and "perfect square" in timing[12]["reason"]
+    assert {t["seq_len"]: t["status"] for t in rows[NON_CAUSAL]["timing"]} == {16: "ok", 12: "ok"}
+
+
 def test_quick_run_sweeps_mqar_difficulty_in_seconds(tmp_path):
     argv = ["arena", "--quick", "--mechanisms", "mhsa,neighborhood1d", "--jobs", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 0

@@ -9,10 +9,11 @@ For each task, mechanism and seed, a model of `--layers` blocks of that one mech
 with `attnlab.train.train` for `--steps` AdamW steps (nothing written to disk), `--jobs`
 models at a time in worker processes of one thread each; its quality is the task's headline metric
 (`task.quality`) on the task's validation batches after the last step, and its learning curve (six
-evaluations) is kept. Then one layer of each sequence mechanism is timed in fresh processes by the
+evaluations) is kept. Then one layer of each mechanism is timed in fresh processes by the
 measuring code of `attnlab bench` (`bench.measure`): forward and forward+backward at every N in
-`--seq-lens` (B=1, width `--dim`, `--heads` heads, causal when the task is), and the peak memory of
-one forward+backward. A mechanism runs on every task it can: causal tasks take the mechanisms with
+`--seq-lens` (B=1, width `--dim`, `--heads` heads, causal when the task is; a 2-D mechanism on an
+s x s image of N = s^2 pixels, so its N must be a perfect square), and the peak memory of one
+forward+backward. A mechanism runs on every task it can: causal tasks take the mechanisms with
 a causal mode, image tasks also take the 2-D mechanisms (on the patch grid, `Block(grid=...)`);
 the rest are listed as skipped with the reason. A mechanism that raises while training is a
 "failed" row with its error, never the end of the arena.
@@ -444,8 +445,9 @@ def run(config: ArenaConfig, *, log=None) -> dict[str, Any]:
     timing_env = None
     if config.timing:
         for causal in sorted({t.causal for t in tasks}):
+            # The timing layer takes (B, N, C) tokens; a 2-D one sees them as a square image.
             timed = list(dict.fromkeys(n for t, n in jobs if t.causal == causal
-                                       and get_spec(n).layout == "seq"))   # the timing layer is (B, N, C)
+                                       and get_spec(n).layout in ("seq", "2d")))
             if not timed:
                 continue
             log(f"[{time.perf_counter() - started:6.1f} s] timing one layer of {len(timed)} mechanism(s) at "
