@@ -176,7 +176,9 @@ class LargeKernelAttention2d(nn.Module):
                 cache=None) -> Tensor:
         check_image(self.NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
-        out = self.attend(x.permute(0, 3, 1, 2))                           # (B, C, H, W)
+        # Contiguous NCHW: on CPU the depthwise convs' forward+backward ran 1.7x faster than on the
+        # channels-last view (lka, 56 x 56 x 64, one thread; attnlab bench --spatial lka).
+        out = self.attend(x.permute(0, 3, 1, 2).contiguous())              # (B, C, H, W)
         return self.proj_drop(out.permute(0, 2, 3, 1))                     # (B, H, W, C)
 
     def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int,
@@ -249,7 +251,7 @@ class VANAttention2d(nn.Module):
                 cache=None) -> Tensor:
         check_image(self.NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
-        u = x.permute(0, 3, 1, 2)                                          # (B, C, H, W)
+        u = x.permute(0, 3, 1, 2).contiguous()                             # (B, C, H, W), contiguous as in LargeKernelAttention2d
         y = self.activation(self.proj_1(u))                                # (B, C, H, W)
         y = self.hook_out(self.spatial_gating_unit.attend(y))              # (B, C, H, W)
         y = self.proj_drop(self.proj_2(y)).permute(0, 2, 3, 1)             # (B, H, W, C)
