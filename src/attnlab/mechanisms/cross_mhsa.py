@@ -18,10 +18,10 @@ cache=None) -> (B, N, C)`.
   shape, dtype or device raises ValueError until `cache.reset()`. A `KVCache` is refused
   (TypeError): there is nothing to append to.
 
-Parameters (timm's naming, as `timm.layers.AttentionPoolLatent` and the cross-attention blocks
-built on it): `q = Linear(C, h d)`, `kv = Linear(C_ctx, 2 h_kv d)` whose output reshapes as
-(B, M, 2, h_kv, d), i.e. the rows of `kv.weight` are [k heads | v heads], and
-`proj = Linear(h d, C)`; h d = C. `context_dim=None` means C_ctx = C. `qkv_bias` gives q and kv
+Parameters (timm's naming, as `timm/layers/attention_pool.py::AttentionPoolLatent`, whose
+latent queries attend to the tokens): `q = Linear(C, h d)`, `kv = Linear(C_ctx, 2 h_kv d)` whose
+output reshapes as (B, M, 2, h_kv, d), i.e. the rows of `kv.weight` are [k heads | v heads],
+and `proj = Linear(h d, C)`; h d = C. `context_dim=None` means C_ctx = C. `qkv_bias` gives q and kv
 biases, `proj_bias` the output projection's.
 
 Checkpoint key map (C = dim, C_ctx = context_dim, h_kv = h):
@@ -39,7 +39,8 @@ Checkpoint key map (C = dim, C_ctx = context_dim, h_kv = h):
   proj.weight/bias = output.dense.weight/bias. BERT's `output.LayerNorm` and residual belong to
   the block around the attention and are not part of this module. BERT's encoder_attention_mask
   (1 = attend, as an additive mask after HF's extension) is the (B, M) key-padding mask here.
-- timm-style modules with fused `kv` (e.g. AttentionPoolLatent's q / kv / proj): the same names.
+- timm's AttentionPoolLatent (C_ctx = C): its q.*, kv.* and proj.* keys load as they are (its
+  latent, q/k norms and MLP are not part of this module).
 
 Deviations: none in the formula. No relative position bias and no q/k normalisation; keys and
 values share one context tensor (torch's MultiheadAttention can take different key and value
