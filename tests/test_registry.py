@@ -1,4 +1,4 @@
-"""The registry (MechanismSpec, register, create, get_spec, list_specs) and the KVCache."""
+"""The registry (MechanismSpec, register, create, get_spec, list_specs), the KVCache and the ContextCache."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import attnlab
-from attnlab import KVCache, MechanismSpec
+from attnlab import ContextCache, KVCache, MechanismSpec
 from attnlab.registry import register
 
 BASE = dict(paper="test paper", year=2024, family="test", layout="seq", time="O(N)", memory="O(N)",
@@ -345,6 +345,66 @@ def test_cache_repr_mentions_length():
     cache = KVCache(max_len=10)
     cache.update(*kv(n=3))
     assert "length=3" in repr(cache) and "max_len=10" in repr(cache)
+
+
+
+# --- ContextCache ------------------------------------------------------------------------------
+
+class _Projector:
+    """project(context) -> (k, v) of shape (B, 2, M, 3), counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+        self.w = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+
+    def __call__(self, context):
+        self.calls += 1
+        B, M, _ = context.shape
+        k, v = (context @ self.w).reshape(B, M, 2, 2, 3).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+
+def test_context_cache_projects_once_and_reuses():
+    cache, project = ContextCache(), _Projector()
+    assert not cache.full and len(cache) == 0 and cache.keys is None and "empty" in repr(cache)
+    ctx = torch.randn(2, 5, 4, dtype=torch.float64)
+    k, v = cache.fetch(ctx, project)
+    assert k.requires_grad                                   # the filling call keeps its graph
+    k2, v2 = cache.fetch(ctx, project)
+    assert project.calls == 1 and cache.full and len(cache) == 5
+    assert torch.equal(k2, k) and torch.equal(v2, v) and not k2.requires_grad
+    assert cache.keys.shape == cache.values.shape == (2, 2, 5, 3)
+    assert "(2, 5, 4)" in repr(cache)
+
+
+@pytest.mark.parametrize("change", ["batch", "length", "width", "dtype"])
+def test_context_cache_refuses_another_context_until_reset(change):
+    cache, project = ContextCache(), _Projector()
+    ctx = torch.randn(2, 5, 4, dtype=torch.float64)
+    cache.fetch(ctx, project)
+    other = {"batch": ctx[:1], "length": ctx[:, :3], "width": torch.randn(2, 5, 3, dtype=torch.float64),
+             "dtype": ctx.float()}[change]
+    with pytest.raises(ValueError, match=r"reset\(\)") as info:
+        cache.fetch(other, project)
+    assert "(2, 5, 4)" in str(info.value) and str(tuple(other.shape)) in str(info.value)
+    assert project.calls == 1
+    cache.reset()
+    assert not cache.full and len(cache) == 0
+    if change != "width" and change != "dtype":
+        cache.fetch(other, project)
+        assert project.calls == 2 and len(cache) == other.shape[1]
+
+
+def test_context_cache_serves_one_owner():
+    cache, project = ContextCache(), _Projector()
+    a, b = nn.Linear(1, 1), nn.Linear(1, 1)
+    ctx = torch.randn(2, 5, 4, dtype=torch.float64)
+    cache.fetch(ctx, project, owner=a)
+    cache.fetch(ctx, project, owner=a)
+    with pytest.raises(ValueError, match="one cache per layer"):
+        cache.fetch(ctx, project, owner=b)
+    with pytest.raises(TypeError, match="Tensor"):
+        cache.fetch(None, project)
 
 
 def test_test_configs_are_frozen_mappings():

@@ -1,11 +1,12 @@
-"""The modules the bench times: the hand-written baseline and the wrappers that give spatial and
-pooling mechanisms the bench's (B, N, C) tokens."""
+"""The modules the bench times: the hand-written baseline and the wrappers that give spatial,
+pooling and cross-attention mechanisms the bench's (B, N, C) tokens."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attnlab.bench.adapters import PoolAsSequence, SDPABaseline, SpatialAsSequence, build_module
+from attnlab.bench.adapters import (CrossAsSequence, PoolAsSequence, SDPABaseline, SpatialAsSequence,
+                                    build_module)
 
 
 def test_baseline_matches_mhsa():
@@ -41,3 +42,23 @@ def test_pooling_mechanisms_are_timed_through_a_broadcast():
     torch.testing.assert_close(out[:, 0, 0], m.inner(x).mean(-1))
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_cross_mechanisms_take_the_tokens_as_their_context():
+    torch.manual_seed(0)
+    m = build_module("cross_mhsa", 32, 4, {})
+    assert isinstance(m, CrossAsSequence)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    out = m(x)
+    torch.testing.assert_close(out, m.inner(x, x))
+    assert m.useful_flops(2, 9, 32, 4, False) == m.inner.useful_flops(2, 9, 32, 4, False, context_len=9)
+    out.sum().backward()
+    assert x.grad is not None and m.inner.kv.weight.grad.abs().sum() > 0
+    with pytest.raises(NotImplementedError, match="no causal mode"):
+        m(x, is_causal=True)
+    # Given the same weights, cross-attention over its own tokens is mhsa's self-attention.
+    mhsa = build_module("mhsa", 32, 4, {})
+    with torch.no_grad():
+        mhsa.qkv.weight.copy_(torch.cat([m.inner.q.weight, m.inner.kv.weight]))
+        mhsa.proj.load_state_dict(m.inner.proj.state_dict())
+    torch.testing.assert_close(mhsa(x), out)

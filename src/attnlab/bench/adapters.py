@@ -9,7 +9,8 @@ layout is not a sequence are wrapped so that they take the same tokens:
 
 - seq: as built;
 - 2d, 3d: `SpatialAsSequence`, N a perfect square or cube reshaped to the image or volume;
-- pool: `PoolAsSequence`, the pooled vector broadcast back to the tokens.
+- pool: `PoolAsSequence`, the pooled vector broadcast back to the tokens;
+- cross: `CrossAsSequence`, the tokens are both the queries and the context (M = N).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from attnlab.registry import create, get_spec
 BASELINE = "sdpa"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 SPATIAL_AXES = {"2d": 2, "3d": 3}
-BENCH_LAYOUTS = ("seq", "pool", *SPATIAL_AXES)
+BENCH_LAYOUTS = ("seq", "pool", "cross", *SPATIAL_AXES)
 
 
 class SDPABaseline(nn.Module):
@@ -143,6 +144,25 @@ class PoolAsSequence(nn.Module):
         return pooled.mean(-1)[:, None, None].expand_as(x)               # (B, N, C)
 
 
+class CrossAsSequence(nn.Module):
+    """Times a cross-attention mechanism (x (B, N, C), context (B, M, C)) on the bench's tokens:
+    the tokens are both x and the context, so M = N and the work is that of self-attention with
+    the context's projection done separately. Its `useful_flops` counts M = N context tokens.
+    `is_causal` is refused: a context has no causal order.
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        if hasattr(inner, "useful_flops"):
+            self.useful_flops = inner.useful_flops
+
+    def forward(self, x: Tensor, *, is_causal: bool = False) -> Tensor:
+        if is_causal:
+            raise NotImplementedError(f"{type(self.inner).spec.name} is cross-attention and has no causal mode")
+        return self.inner(x, x)                                          # context = the tokens
+
+
 def module_class(name: str) -> type:
     """The class `name` builds: a plain baseline (`PLAIN`) or a registry mechanism."""
     return PLAIN[name] if name in PLAIN else get_spec(name).cls
@@ -156,6 +176,8 @@ def build_module(name: str, dim: int, num_heads: int, options: dict[str, Any]) -
     layout = get_spec(name).layout
     if layout == "pool":
         return PoolAsSequence(module)
+    if layout == "cross":
+        return CrossAsSequence(module)
     axes = SPATIAL_AXES.get(layout)
     return SpatialAsSequence(module, axes) if axes else module
 

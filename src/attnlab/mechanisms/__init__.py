@@ -1,6 +1,6 @@
 """Every built-in mechanism, one paper per file; importing this package registers them all.
 
-The layout (seq, 2d, 3d, pool) lives on each class's spec, not in folder names. Every module
+The layout (seq, 2d, 3d, cross, pool) lives on each class's spec, not in folder names. Every module
 here is imported, so adding a mechanism is adding one file and removing it is deleting one.
 """
 import importlib

@@ -46,3 +46,32 @@ def spec_param_list(specs, *, empty_reason: str):
     if not specs:
         return [pytest.param(None, id="none", marks=pytest.mark.skip(reason=empty_reason))]
     return [pytest.param(s, id=s.name) for s in specs]
+
+
+def cross_mhsa_oracle(m, num_heads: int = NUM_HEADS):
+    """`cross_mhsa` carrying `m`'s weights, the oracle of the cross suite, or None with the reason
+    where m's parameters are not cross_mhsa's (timm names: q (C, C), kv (2 h_kv d, C_ctx), proj).
+
+    A cross mechanism that claims `exact=True` and keeps these names must equal it; one that
+    computes something else (or names its weights otherwise) is not compared.
+    """
+    import attnlab  # the suites import attnlab anyway; here only the oracle needs it
+
+    state = m.state_dict()
+    need = ("q.weight", "kv.weight", "proj.weight")
+    if not all(k in state for k in need):
+        return None, f"no {'/'.join(need)} parameters"
+    dim, context_dim = state["q.weight"].shape[1], state["kv.weight"].shape[1]
+    head_dim = dim // num_heads
+    if state["q.weight"].shape[0] != dim or state["kv.weight"].shape[0] % (2 * head_dim):
+        return None, f"q {tuple(state['q.weight'].shape)} / kv {tuple(state['kv.weight'].shape)} are not (C, C) / (2 h_kv d, C_ctx)"
+    num_kv_heads = state["kv.weight"].shape[0] // (2 * head_dim)
+    scale = getattr(m, "scale", None)
+    try:
+        oracle = attnlab.create("cross_mhsa", dim, num_heads, context_dim=context_dim, num_kv_heads=num_kv_heads,
+                                qkv_bias="q.bias" in state, proj_bias="proj.bias" in state,
+                                scale=scale if isinstance(scale, float) else None)
+        oracle.load_state_dict({k: state[k] for k in oracle.state_dict()}, strict=True)
+    except (KeyError, RuntimeError, ValueError) as err:
+        return None, f"its weights do not load into cross_mhsa ({type(err).__name__}: {err})"
+    return oracle.to(state["q.weight"].dtype).eval(), ""
