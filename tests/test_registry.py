@@ -417,3 +417,10 @@ def test_test_configs_are_frozen_mappings():
         spec.test_configs[0]["qkv_bias"] = False
     for config in spec.test_configs:   # each one builds
         attnlab.create("mhsa", 32, 4, **config)
+
+
+def test_a_context_cache_given_to_a_sequence_layer_says_what_it_is():
+    import torch
+    m = attnlab.create("mhsa", 16, 2)
+    with pytest.raises(TypeError, match="KVCache"):
+        m(torch.randn(1, 3, 16), cache=attnlab.ContextCache())

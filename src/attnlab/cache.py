@@ -152,6 +152,12 @@ class ContextCache:
         """Forget the context (and the layer it was filled by): the next call fills it again."""
         self._tensors = self._context = self._owner = None
 
+    def update(self, k: Tensor, v: Tensor):
+        """Sequence decoding appends keys and values to a `KVCache`; a ContextCache holds one fixed
+        context of a cross-attention layer. Passing it to a sequence layer ends here, clearly."""
+        raise TypeError("a ContextCache holds the fixed context of a cross-attention layer (layout 'cross'); "
+                        "incremental decoding of a sequence layer takes an attnlab.KVCache")
+
     def fetch(self, context: Tensor, project: Callable[[Tensor], tuple[Tensor, ...]], *,
               owner: object | None = None) -> tuple[Tensor, ...]:
         """`project(context)`, computed on the first call and kept for the later ones."""
