@@ -32,7 +32,8 @@ under `attn_pool.` (strip it); a timm SigLIP "map" head is `norm="layernorm", no
 act="gelu_tanh"`. HF `SiglipMultiheadAttentionPoolingHead` (`vision_model.head.`): `probe` ->
 `latent`; `attention.in_proj_weight` / `in_proj_bias` rows [0, C) -> `q`, rows [C, 3C) -> `kv`
 (k then v, the order `kv` reshapes in); `attention.out_proj` -> `proj`; `layernorm` -> `norm`;
-`mlp.fc1`, `mlp.fc2` unchanged (its act is gelu_tanh, layer_norm_eps 1e-6).
+`mlp.fc1`, `mlp.fc2` unchanged; build with norm="layernorm", norm_eps=layer_norm_eps,
+act="gelu_tanh", mlp_ratio=intermediate_size / hidden_size (checked once: 3.6e-15 in float64).
 Deviations (from timm's class):
 - `embed_dim` is always `dim` (timm's forward reshapes the heads back to the input width, so a
   different embed_dim does not run there either); `norm` is a name ("layernorm" or None, timm's
