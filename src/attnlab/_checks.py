@@ -60,16 +60,29 @@ def check_number(arg: str, value, low: float, *, strict: bool = False, high: flo
     return value
 
 
-def check_tokens(name: str, x: Tensor, dim: int) -> None:
-    """x must be (B, N, C) floating point with C == dim."""
+def check_tokens(name: str, x: Tensor, dim: int, *, what: str = "x", length: str = "N") -> None:
+    """`what` must be (B, N, C) floating point with C == dim (`length` names the token axis)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected x as a torch.Tensor (B, N, C), got {type(x).__name__}")
+        raise TypeError(f"{name}: expected {what} as a torch.Tensor (B, {length}, C), got {type(x).__name__}")
     if x.dim() != 3:
-        raise ValueError(f"{name}: expected x of shape (B, N, C={dim}), got {tuple(x.shape)} ({x.dim()}-D)")
+        raise ValueError(f"{name}: expected {what} of shape (B, {length}, C={dim}), got {tuple(x.shape)} ({x.dim()}-D)")
     if x.shape[-1] != dim:
-        raise ValueError(f"{name}: expected x of width C={dim}, got {x.shape[-1]} (shape {tuple(x.shape)})")
+        raise ValueError(f"{name}: expected {what} of width C={dim}, got {x.shape[-1]} (shape {tuple(x.shape)})")
     if not x.is_floating_point():
-        raise TypeError(f"{name}: expected floating point x, got {x.dtype}")
+        raise TypeError(f"{name}: expected floating point {what}, got {x.dtype}")
+
+
+def check_context(name: str, x: Tensor, context: Tensor, dim: int, context_dim: int) -> None:
+    """The cross layout's inputs: queries x (B, N, dim) and a context (B, M, context_dim), both
+    floating point, with one batch size and one dtype."""
+    check_tokens(name, x, dim)
+    check_tokens(name, context, context_dim, what="context", length="M")
+    if context.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: x and context must share the batch size, got x {shape_text(x)} "
+                         f"and context {shape_text(context)}")
+    if context.dtype != x.dtype or context.device != x.device:
+        raise TypeError(f"{name}: x and context must share dtype and device, got x {x.dtype} on {x.device} "
+                        f"and context {context.dtype} on {context.device}")
 
 
 def check_positive_int(name: str, arg: str, value, *, allow_zero: bool = False) -> int:
