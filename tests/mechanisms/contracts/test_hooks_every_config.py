@@ -16,7 +16,9 @@ import attnlab
 from attnlab.hooks import HookPoint
 
 DIM, HEADS = 32, 4
-INPUT_SHAPE = {"seq": (2, 8, DIM), "pool": (2, 8, DIM), "2d": (2, 8, 8, DIM), "3d": (2, 4, 4, 4, DIM)}
+INPUT_SHAPE = {"seq": (2, 8, DIM), "pool": (2, 8, DIM), "cross": (2, 8, DIM), "2d": (2, 8, 8, DIM),
+               "3d": (2, 4, 4, 4, DIM)}
+CONTEXT_SHAPE = (2, 5, DIM)   # the cross layout's second input
 
 CASES, IDS = [], []
 for _spec in attnlab.list_specs():
@@ -28,7 +30,10 @@ for _spec in attnlab.list_specs():
 def build(spec):
     torch.manual_seed(0)
     m = attnlab.create(spec.name, DIM, HEADS, **spec.test_kwargs).double().eval()
-    return m, torch.randn(*INPUT_SHAPE[spec.layout], dtype=torch.float64)
+    x = (torch.randn(*INPUT_SHAPE[spec.layout], dtype=torch.float64),)       # the positional inputs
+    if spec.layout == "cross":
+        x += (torch.randn(*CONTEXT_SHAPE, dtype=torch.float64),)
+    return m, x
 
 
 def eager(m):
@@ -47,7 +52,7 @@ def run_counting(m, x, names):
         handles.append(getattr(m, name).register_forward_hook(record))
     try:
         with torch.no_grad():
-            y = m(x)
+            y = m(*x)
     finally:
         for h in handles:
             h.remove()
@@ -76,7 +81,7 @@ def test_hooks_fire_on_the_eager_path_and_change_nothing(spec):
     eager(m)
     names = m.hook_names
     with torch.no_grad():
-        plain = m(x)
+        plain = m(*x)
     y, counts = run_counting(m, x, names)
     assert counts == dict.fromkeys(names, 1), counts
     assert torch.equal(y, plain)
@@ -89,7 +94,7 @@ def test_fast_path_hooks_fire_and_eager_equals_default(spec):
     y, counts = run_counting(m, x, fast)
     assert counts == dict.fromkeys(fast, 1), counts
     with torch.no_grad():
-        slow = eager(m)(x)
+        slow = eager(m)(*x)
     assert_close(slow, y, rtol=1e-9, atol=1e-9)
 
 
@@ -99,10 +104,10 @@ def test_use_backend_reference_also_reaches_the_eager_hooks(name):
     seen = []
     m.hook_probs.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
     with torch.no_grad():
-        m(x)
+        m(*x)
         assert seen == []                      # the fused path never forms probs
         with attnlab.use_backend("reference"):
-            m(x)
+            m(*x)
     assert len(seen) == 1
 
 
@@ -114,5 +119,5 @@ def test_a_hook_can_edit_the_probs():
     m.hook_probs.register_forward_hook(lambda mod, inp, out: torch.zeros_like(out))
     m.hook_out.register_forward_hook(lambda mod, inp, out: v_seen.setdefault("out", out))
     with torch.no_grad():
-        m(x)
+        m(*x)
     assert torch.equal(v_seen["out"], torch.zeros_like(v_seen["out"]))
