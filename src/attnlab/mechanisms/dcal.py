@@ -3,6 +3,8 @@
 Paper: Dual Cross-Attention Learning for Fine-Grained Visual Categorization and Object
 Re-Identification (Haowei Zhu, Wenjing Ke, Dong Li, Ji Liu, Lu Tian, Yi Shan; CVPR 2022,
 arXiv 2205.02151). No code was released: both are written from the paper's equations.
+Status: Eqs. (3) and (4) as stated, multi-head, through `attnlab.ops.attention` (SDPA by default;
+hook_scores / hook_probs on the eager path). Not supported: causal, KV cache (both), attn_mask (pwca).
 The networks around them (attention rollout, query selection, the SA / GLCA / PWCA stack and the
 uncertainty-weighted loss) are in `attnlab.models.dcal`.
 
