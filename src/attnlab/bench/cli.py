@@ -20,7 +20,7 @@ import torch
 
 from attnlab._args import float_above, int_at_least, int_list
 from attnlab._io import default_out
-from attnlab.bench import harness, neighborhood, numerics, report, spatial
+from attnlab.bench import capture, harness, neighborhood, numerics, report, spatial
 from attnlab.bench.adapters import BASELINE, BENCH_LAYOUTS, DTYPES, PLAIN, parse_options
 from attnlab.bench.harness import DEFAULT_BUDGET_S, MAX_REPEATS, MIN_REPEATS
 from attnlab.bench.worker import environment
@@ -101,9 +101,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "attention), pam (DANet position attention via SDPA vs materialised), hyena and "
                              "hyena2d (vs dense SDPA: the crossover N); SUITES a subset (default: all); uses "
                              "--budget, --repeats, --threads, --timeout, --out, --json")
+    parser.add_argument("--capture", nargs="?", const=",".join(capture.MODELS), default=None, metavar="MODELS",
+                        help="instead of mechanisms, the cost of attnlab.probes.capture: a forward of llama, bert, "
+                             "dinov2 (random weights in the real models' shapes) and attnlab's causal_lm, plain eager "
+                             "vs SDPA vs inside capture (recording nothing, the patterns, everything); MODELS a "
+                             "subset (default: all); uses --budget, --threads, --out, --json")
     parser.add_argument("--numerics", action="store_true",
                         help="instead of mechanisms, time the Edge-MoE softmax/GELU approximations against "
                              "the exact ops on (rows, M) = (N*h, N) score rows, with their max errors")
+
+
+def _ignored_flags(args: argparse.Namespace) -> list[str]:
+    """The mechanism-mode flags given with a mode that fixes its own shapes, dtype and device."""
+    defaults = {"mechanisms": None, "seq_lens": list(DEFAULT_SEQ_LENS), "heads": 8, "head_dim": 64, "batch": 1,
+                "dtype": "float32", "causal": False, "device": "auto", "warmup": None, "baseline": BASELINE,
+                "options": None}
+    given = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k) != v]
+    return [g for g in given if not (g == "--device" and args.device == "cpu")]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -118,15 +132,22 @@ def main(args: argparse.Namespace) -> int:
         argv += ["--threads", str(args.threads)] if args.threads else []
         argv += ["--json"] if args.json else []
         return neighborhood.main(argv)
+    if args.capture is not None:
+        given = _ignored_flags(args) + (["--repeats"] if args.repeats else []) + \
+            (["--timeout"] if args.timeout != 900 else [])
+        if given:
+            print(f"attnlab bench: --capture times its own models, float32 on the CPU; it does not take "
+                  f"{', '.join(given)}", file=sys.stderr)
+            return 2
+        argv = ["--models", args.capture, "--budget", str(args.budget)]
+        argv += ["--threads", str(args.threads)] if args.threads else []
+        argv += ["--out", str(args.out)] if args.out is not None else []
+        argv += ["--json"] if args.json else []
+        return capture.main(argv)
     if args.spatial is not None:
         # The suites fix their own shapes, dtype (float32) and device (CPU); a flag they would
         # not honour is refused rather than ignored.
-        defaults = {"mechanisms": None, "seq_lens": list(DEFAULT_SEQ_LENS), "heads": 8, "head_dim": 64, "batch": 1,
-                    "dtype": "float32", "causal": False, "device": "auto", "warmup": None, "baseline": BASELINE,
-                    "options": None}
-        given = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k) != v]
-        if args.device == "cpu":
-            given = [g for g in given if g != "--device"]
+        given = _ignored_flags(args)
         if given:
             print(f"attnlab bench: --spatial runs its suites' own shapes, float32 on the CPU; it does not take "
                   f"{', '.join(given)}", file=sys.stderr)
