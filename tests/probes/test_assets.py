@@ -276,6 +276,9 @@ def test_smollm2_loads_and_reloads_from_the_cache(cache):
     again, _ = assets.load_smollm2()
     print(f"\nload_smollm2: first (GGUF) {first:.1f} s, cached {time.perf_counter() - t0:.2f} s")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config._attn_implementation == "eager"
+    # a plain float32 model: no GGUF quantizer carried into the cache
+    assert getattr(again, "hf_quantizer", None) is None and getattr(again.config, "quantization_config", None) is None
+    assert next(again.parameters()).dtype == torch.float32
     assert (model.config.num_hidden_layers, model.config.num_attention_heads,
             model.config.num_key_value_heads) == (30, 9, 3)
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]

