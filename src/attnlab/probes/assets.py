@@ -107,9 +107,11 @@ def _asset_file(name: str, pattern: str) -> Path:
 
 # --------------------------------------------------------------------------- cache folders
 
-def _source_key(source: Path, extra: str = "") -> str:
+def _source_key(source: Path) -> str:
+    """Changes with the source file (path, size, mtime) and the converters; reading 100 MB to hash
+    the content would cost more than the cached load it guards."""
     st = source.stat()
-    text = f"{CONVERTER_VERSION}:{source.resolve()}:{st.st_size}:{st.st_mtime_ns}:{extra}"
+    text = f"{CONVERTER_VERSION}:{source.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
