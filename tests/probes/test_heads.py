@@ -256,6 +256,9 @@ def test_rings_and_mean_distance_match_naive_loops_on_random_patterns():
     uniform[..., prefix:] = 1 / 12
     np.testing.assert_allclose(H.distance_mass(uniform, bins, 4, queries)[0].numpy() * 12,
                                H.ring_sizes(grid).numpy(), rtol=1e-6)
+    ref_mass, ref_dist = H.uniform_reference(layout, N, 4)
+    np.testing.assert_allclose(ref_mass.numpy() * 12, H.ring_sizes(grid).numpy(), rtol=1e-6)
+    assert ref_dist == pytest.approx(naive_profiles(uniform.expand(1, 1, N, N), grid, prefix, patch)[2][0])
 
 
 def test_token_distance_bins():
@@ -268,7 +271,7 @@ def test_token_distance_bins():
 
 def planted_pattern_edit(p, hook):
     """Layer 1 head 2: every patch query attends uniformly to the patches at Chebyshev distance 2.
-    Layer 0 head 1: 0.9 on CLS, 0.1 on itself."""
+    Layer 0 head 1: 0.9 on CLS, 0.1 on itself. Layer 0 head 3: half CLS only, half a neighbour."""
     rings = H.grid_distances((4, 4))
     p = p.clone()
     if hook.layer == 1:
@@ -279,6 +282,11 @@ def planted_pattern_edit(p, hook):
         p[:, 1, 1:, :] = 0
         p[:, 1, 1:, 0] = 0.9
         p[:, 1, 1:, 1:] = 0.1 * torch.eye(16)
+        # head 3: the top two patch rows look only at CLS, the others at the next patch in their row
+        p[:, 3, 1:, :] = 0
+        p[:, 3, 1:9, 0] = 1
+        for q in range(8, 16):
+            p[:, 3, 1 + q, 1 + (q + 1 if q % 4 < 3 else q - 1)] = 1
     return p
 
 
@@ -293,13 +301,19 @@ def test_planted_ring_and_cls_heads_are_found_exactly_through_capture():
     torch.testing.assert_close(prof.mass[1, 2], torch.tensor([0, 0, 1.0, 0], dtype=torch.float64))
     torch.testing.assert_close(prof.mass[0, 1], torch.tensor([0.1, 0, 0, 0], dtype=torch.float64))
     assert prof.prefix_mass[0, 1] == pytest.approx(0.9) and prof.mean_distance[0, 1] == pytest.approx(0.0)
+    # queries with no patch attention have no distance: the mean is over the others (one patch, 4 px)
+    assert prof.prefix_mass[0, 3] == pytest.approx(0.5) and prof.mean_distance[0, 3] == pytest.approx(4.0)
+    all_cls = torch.zeros(1, 1, 17, 17)
+    all_cls[..., 0] = 1
+    _, dist, keys, queries = layout(17, 17)
+    assert torch.isnan(H.mean_attention_distance(all_cls, dist, queries, keys)).all()
     # the mean distance of the ring-2 head: each query's mean over its ring-2 keys, in pixels
     c = H.grid_coordinates((4, 4)).double()
     rings = H.grid_distances((4, 4))
     expect = np.mean([float(torch.linalg.norm(c[rings[q] == 2] - c[q], dim=-1).mean()) * 4 for q in range(16)])
     assert prof.mean_distance[1, 2] == pytest.approx(expect)
     # nothing else looks like the planted heads, and the clustering puts each alone or with its kind
-    others = [(l, h) for l in range(2) for h in range(4) if (l, h) not in [(1, 2), (0, 1)]]
+    others = [(l, h) for l in range(2) for h in range(4) if (l, h) not in [(1, 2), (0, 1), (0, 3)]]
     assert all(prof.mass[l, h].max() < 0.9 and prof.prefix_mass[l, h] < 0.5 for l, h in others)
     labels_, info = H.cluster_heads(prof.normalized().reshape(8, -1).numpy(), k=3)
     assert labels_[0 * 4 + 1] == 0                            # all its patch attention on itself: the most local
@@ -390,12 +404,20 @@ def test_run_on_an_attnlab_model_with_its_task_loss(tmp_path):
 
     def task_loss(m, tokens):
         return m(tokens[:, :-1], tokens[:, 1:])[1]
-    doc = H.run(model, out=tmp_path, objective=task_loss, batches=batches, config=H.HeadsConfig(modes=("zero",)))
-    check_outputs(doc, tmp_path, 2, 4)
-    # causal: no mass at negative distances, so the profile of the first query is all at distance 0
+    doc = H.run(model, out=tmp_path / "lm", objective=task_loss, batches=batches, config=H.HeadsConfig(modes=("zero",)))
+    check_outputs(doc, tmp_path / "lm", 2, 4)
     assert doc["base"]["loss"] > 0 and doc["agreement"][0]["objective"] == "loss"
     with pytest.raises(ValueError, match="needs objective="):
         H.run(model, out=tmp_path / "x")
+    # an attnlab body on a 4 x 4 patch grid with a CLS token first: the spatial layout is the grid
+    from attnlab.models import Transformer
+    body = Transformer(32, 4, 2).eval()
+    tokens = [torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cfg = H.HeadsConfig(modes=("mean",), grid=(4, 4), prefix_tokens=1, patch_size=4)
+    doc = H.run(body, out=tmp_path / "grid", objective=lambda m, x: m(x).pow(2).mean(), batches=tokens, config=cfg)
+    check_outputs(doc, tmp_path / "grid", 2, 4)
+    assert doc["spatial"]["bins"] == ["0", "1", "2", "3"] and doc["spatial"]["unit"] == "px"
+    assert doc["spatial"]["uniform_distance"] == pytest.approx(H.uniform_reference(H.grid_layout((4, 4), patch_size=4)[0], 17, 4)[1])
 
 
 # ------------------------------------------------------------------------------ real models
@@ -409,8 +431,10 @@ def real(name):
 
 
 @pytest.mark.hf
-def test_dinov2_has_local_heads_early_and_global_heads_late():
-    # ViT (Dosovitskiy et al. 2021) Fig. 7: some early heads attend locally, late heads globally.
+def test_dinov2_has_local_heads_in_early_layers_and_global_heads_late():
+    # ViT (Dosovitskiy et al. 2021) Fig. 7: lower layers hold local heads, the last layers attend
+    # globally. Measured on DINOv2-S (docs/probes.md): layer 0 is global too (79-109 px), layers 1-5
+    # hold heads at 22-41 px, the last three layers 60-106 px; uniform attention gives 117 px.
     model = real("dinov2")
     assets = pytest.importorskip("attnlab.probes.assets")
     images, _ = H.sample_images(2)
@@ -418,9 +442,12 @@ def test_dinov2_has_local_heads_early_and_global_heads_late():
     layout, labels = H.grid_layout((16, 16), prefix=1, patch_size=14)
     prof = H.attention_profiles(model, lambda m, x: m(pixel_values=x), [pixels], layout, labels, unit="px",
                                 distance_name="ring")
+    _, uniform = H.uniform_reference(layout, 257, len(labels))
     d = prof.mean_distance
-    assert d.shape == (12, 6)
-    assert float(d[0].min()) < 40 and float(d[-3:].median()) > float(d[:2].median())
+    assert d.shape == (12, 6) and 110 < uniform < 125
+    assert float(d[1:6].min()) < 0.35 * uniform                     # local heads
+    assert float(d[-3:].median()) > float(d[1:6].median()) + 10     # later layers look further
+    assert float(d[-3:].min()) > 0.4 * uniform
 
 
 @pytest.mark.hf

@@ -383,10 +383,10 @@ def mean_attention_distance(pattern: Tensor, distances: Tensor, query_weights: T
     distances (N, M) (pixels for ViT's figure: patch-centre distances times the patch size);
     key_mask (M,) bool: the keys that count (patches, not CLS); renormalize: weights divided by
     their sum over the kept keys, so the result is a distance (otherwise mass on left-out keys
-    counts as distance 0).
+    counts as distance 0). NaN for a head whose queries put no mass on the kept keys.
     """
     num, den = mean_attention_distance_sums(pattern, distances, query_weights, key_mask, renormalize=renormalize)
-    return num / den.clamp_min(1e-300)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), float("nan"))      # NaN: no query had kept mass
 
 
 # --------------------------------------------------------------------------- profiles over a model
@@ -405,6 +405,8 @@ class Profiles:
     bin_labels: list[str]
     unit: str
     distance_name: str
+    uniform_mass: Tensor | None = None          # (R,) what attention spread evenly over the kept keys gives
+    uniform_distance: float | None = None
 
     def normalized(self) -> Tensor:
         """The distance profiles renormalised to sum to 1 per head: (L, h, R), what clustering uses."""
@@ -594,29 +596,40 @@ def _figure(w: float, h: float):
 
 
 def plot_importance_grids(panels: list[tuple[str, np.ndarray, bool]], path: Path, title: str) -> None:
-    """One heatmap per (title, (L, h) scores, signed) panel: layers down, heads across."""
+    """One heatmap per (title, (L, h) scores, signed) panel, layers down and heads across; signed
+    scores on a diverging scale centred on 0, up to three panels a row."""
     from matplotlib.colors import TwoSlopeNorm
     L, h = panels[0][1].shape
-    fig = _figure(min(4.2 * len(panels), 26), max(3.5, 0.32 * L + 1.8))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (name, s, signed) in zip(axes, panels):
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    pw, ph = 0.42 * h + 2.2, 0.3 * L + 1.6
+    fig = _figure(min(cols * pw, 24), min(rows * ph + 0.6, 30))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i in range(rows * cols):
+        ax = axes[i // cols][i % cols]
+        if i >= len(panels):
+            ax.set_visible(False)
+            continue
+        name, s, signed = panels[i]
         finite = s[np.isfinite(s)]
         if signed and finite.size:
-            m = max(float(np.abs(finite).max()), 1e-12)
-            im = ax.imshow(s, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -m, m), aspect="auto")
+            m = max(float(np.abs(finite).max()), 1e-30)
+            im = ax.imshow(s, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -m, m), aspect="auto", interpolation="nearest")
         else:
-            im = ax.imshow(s, cmap="viridis", aspect="auto")
+            im = ax.imshow(s, cmap="viridis", aspect="auto", interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_xticks(range(h))
-        ax.set_yticks(range(L))
+        ax.set_xticks(range(0, h, max(1, h // 12)))
+        ax.set_yticks(range(0, L, max(1, L // 15)))
         ax.tick_params(labelsize=7)
-        if L * h <= 200 and finite.size:
-            for (i, j), v in np.ndenumerate(s):
+        if h <= 8 and L <= 12 and finite.size:           # numbers only where they fit in the cells
+            for (r, c), v in np.ndenumerate(s):
                 if np.isfinite(v):
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=5.5, color="black" if signed else "white")
-        fig.colorbar(im, ax=ax, shrink=0.85)
+                    ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=6,
+                            color="black" if signed else "white")
+        bar = fig.colorbar(im, ax=ax, shrink=0.9)
+        bar.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -641,6 +654,8 @@ def plot_distance_curves(prof: Profiles, path: Path, title: str) -> None:
             if torch.isfinite(prof.mass[l, j]).all():
                 ax.plot(x, prof.mass[l, j].numpy(), marker=".", ms=3, lw=1, color=colors[j % len(colors)],
                         label=f"head {j}")
+        if prof.uniform_mass is not None:
+            ax.plot(x, prof.uniform_mass.numpy(), color="gray", ls="--", lw=1, label="uniform attention")
         ax.set_title(f"layer {l}", fontsize=8)
         ax.grid(True, alpha=0.3)
         if l % cols == 0:
@@ -667,6 +682,9 @@ def plot_mean_distance(prof: Profiles, labels: np.ndarray, path: Path, title: st
     for c in range(int(labels.max()) + 1):
         ls, hs = np.nonzero(lab == c)
         ax.scatter(ls, prof.mean_distance.numpy()[ls, hs], color=colors[c % 10], s=22, label=f"cluster {c}")
+    if prof.uniform_distance is not None:
+        ax.axhline(prof.uniform_distance, color="gray", ls="--", lw=1,
+                   label=f"uniform attention ({prof.uniform_distance:.0f} {prof.unit})")
     ax.set_xlabel("layer")
     ax.set_ylabel(f"mean attention distance ({prof.unit})")
     ax.set_xticks(range(L))
@@ -770,6 +788,16 @@ def token_layout(max_tokens: int) -> tuple[Layout, list[str]]:
     return layout, labels
 
 
+def uniform_reference(layout: Layout, num_tokens: int, num_bins: int) -> tuple[Tensor, float]:
+    """(mass by bin (num_bins,), mean distance) of a pattern spread evenly over the layout's kept
+    keys: the curve a head without any spatial preference draws (ring sizes set its shape)."""
+    bins, dist, keys, queries = layout(num_tokens, num_tokens)
+    keep = torch.ones(num_tokens, dtype=torch.bool) if keys is None else keys
+    pattern = (keep.to(torch.float64) / keep.sum()).expand(1, 1, num_tokens, num_tokens)
+    mass = distance_mass(pattern, bins, num_bins, queries)[0]
+    return mass, float(mean_attention_distance(pattern, dist, queries, keys)[0])
+
+
 def attention_profiles(model: nn.Module, objective: Objective, batches: Iterable[Any], layout: Layout,
                          bin_labels: Sequence[str], *, unit: str, distance_name: str,
                          query_mask: Callable[[Any], Tensor | None] | None = None,
@@ -809,7 +837,7 @@ def attention_profiles(model: nn.Module, objective: Objective, batches: Iterable
     dist = torch.full((L, h), float("nan"), dtype=torch.float64)
     for l, (ms, mt, ds, dt) in acc.items():
         mass[l, :ms.shape[0]] = ms / max(mt, 1e-300)
-        dist[l, :ds.shape[0]] = ds / dt.clamp_min(1e-300)
+        dist[l, :ds.shape[0]] = torch.where(dt > 0, ds / dt.clamp_min(1e-300), float("nan"))
     return Profiles(mass, (1 - mass.sum(-1)).clamp_min(0), dist, list(bin_labels), unit, distance_name)
 
 
@@ -821,8 +849,10 @@ class HeadsConfig:
 
     modes: ablation modes; gradient: also Michel et al.'s gradient importance; clusters: k for
     the head clustering (None: by silhouette); images/image_size: DINOv2 inputs; text_path,
-    seq_len, sequences: the causal-LM objective's data (tinyshakespeare); max_heads_per_layer:
-    ablate only the first heads of each layer (None: all), for large models.
+    seq_len, sequences: the causal-LM objective's data (tinyshakespeare); max_tokens: the text
+    layout's longest sequence; grid, prefix_tokens, patch_size: for a model given with its own
+    objective whose tokens are a patch grid (prefix tokens first), the spatial layout to use
+    instead of token distances.
     """
 
     modes: tuple[str, ...] = ("zero", "mean")
@@ -835,6 +865,9 @@ class HeadsConfig:
     seq_len: int = 64
     sequences: int = 4
     max_tokens: int = 512
+    grid: tuple[int, int] | None = None
+    prefix_tokens: int = 0
+    patch_size: int = 1
     seed: int = 0
 
 
@@ -855,6 +888,7 @@ class _Setup:
     inputs: str
     token_mask: Callable[[Any], Tensor | None] | None = None
     notes: list[str] = field(default_factory=list)
+    uniform_tokens: int | None = None            # vision: tokens of the uniform-attention reference
 
 
 def _assets():
@@ -933,7 +967,9 @@ def _vision_setup(model, name, images, cfg: HeadsConfig) -> _Setup:
                   "Chebyshev distance (patches)",
                   f"{B} images at {H}x{W} ({grid[0]}x{grid[1]} patches of {p} px) and their flipped 0.8 crops; {source}",
                   notes=["drift = 1 - cos(CLS, unablated CLS); invariance = 1 - cos(CLS(image), CLS(view))",
-                         "the gradient importance uses invariance: drift's gradient at the unablated gates is 0"])
+                         "the gradient importance uses invariance: drift's gradient at the unablated gates is 0",
+                         "one image and its view per batch"],
+                  uniform_tokens=prefix + grid[0] * grid[1])
 
 
 def _encoder_setup(model, name, tokenizer, texts, cfg: HeadsConfig) -> _Setup:
@@ -985,8 +1021,14 @@ def _custom_setup(model, name, objective, batches, grad_key, cfg: HeadsConfig) -
     if objective is None or batches is None:
         raise ValueError(f"{name}: a model that is not dinov2/minilm/a HuggingFace LM needs objective=(model, batch) "
                          "-> loss and batches= (e.g. an attnlab task's loss and batches)")
-    layout, labels = token_layout(cfg.max_tokens)
     batches = list(batches)
+    if cfg.grid is not None:
+        layout, labels = grid_layout(cfg.grid, prefix=cfg.prefix_tokens, patch_size=cfg.patch_size)
+        return _Setup(name, "custom", model, objective, batches, grad_key, layout, labels,
+                      "px" if cfg.patch_size > 1 else "patches", "Chebyshev distance (patches)",
+                      f"{len(batches)} batches given", notes=["objective given by the caller"],
+                      uniform_tokens=cfg.prefix_tokens + cfg.grid[0] * cfg.grid[1])
+    layout, labels = token_layout(cfg.max_tokens)
     return _Setup(name, "custom", model, objective, batches, grad_key, layout, labels, "tokens",
                   "token distance |i - j|", f"{len(batches)} batches given", notes=["objective given by the caller"])
 
@@ -997,7 +1039,8 @@ def _trim_labels(prof: Profiles) -> Profiles:
     used = np.nonzero((m.abs() > 0).any(0).any(0).numpy())[0]
     R = int(used.max()) + 1 if used.size else 1
     return Profiles(prof.mass[..., :R], prof.prefix_mass, prof.mean_distance, prof.bin_labels[:R], prof.unit,
-                    prof.distance_name)
+                    prof.distance_name, None if prof.uniform_mass is None else prof.uniform_mass[:R],
+                    prof.uniform_distance)
 
 
 def _fmt(v: float, spec: str = ".4g") -> str:
@@ -1069,6 +1112,9 @@ def run(model_name_or_model, *, out: Path, config: HeadsConfig | None = None, to
     prof = _trim_labels(attention_profiles(model, setup.objective, setup.batches, setup.layout, setup.bin_labels,
                                              unit=setup.unit, distance_name=setup.distance_name,
                                              query_mask=setup.token_mask))
+    if setup.uniform_tokens is not None:
+        prof.uniform_mass, prof.uniform_distance = uniform_reference(setup.layout, setup.uniform_tokens,
+                                                                     len(prof.bin_labels))
     L, h = prof.mean_distance.shape
     X = prof.normalized().reshape(L * h, -1).numpy()
     valid = np.isfinite(X).all(1)
@@ -1123,7 +1169,8 @@ def run(model_name_or_model, *, out: Path, config: HeadsConfig | None = None, to
                                                "base": grad.base[gk]},
         "agreement": agreement,
         "spatial": {"distance": setup.distance_name, "unit": setup.unit, "bins": prof.bin_labels,
-                    "mass": prof.mass, "prefix_mass": prof.prefix_mass, "mean_distance": prof.mean_distance},
+                    "mass": prof.mass, "prefix_mass": prof.prefix_mass, "mean_distance": prof.mean_distance,
+                    "uniform_mass": prof.uniform_mass, "uniform_distance": prof.uniform_distance},
         "clusters": {"labels": labels.reshape(L, h), "k": info["k"], "method": info["method"],
                      "silhouette": info["silhouette"], "centroids": info["centroids"],
                      "source": "k-means/Ward on distance profiles (a stand-in for Li et al. 2023's autoencoder)"},
@@ -1178,7 +1225,9 @@ def _markdown(doc: dict) -> str:
     c = doc["clusters"]
     lines += ["", f"Clusters: {c['method']}, k={c['k']} ({c['source']}); silhouette by k: "
               + (", ".join(f"{k}: {v:.3f}" for k, v in c["silhouette"].items()) or "k given"),
-              "Distance bins: " + ", ".join(sp["bins"]) + f" ({sp['distance']}).", ""]
+              "Distance bins: " + ", ".join(sp["bins"]) + f" ({sp['distance']})."
+              + (f" Attention spread evenly over the patches would give a mean distance of "
+                 f"{sp['uniform_distance']:.1f} {sp['unit']}." if sp.get("uniform_distance") is not None else ""), ""]
     lines += ["Files: " + ", ".join(Path(f).name for f in doc["files"]), ""]
     return "\n".join(lines)
 
@@ -1186,6 +1235,6 @@ def _markdown(doc: dict) -> str:
 __all__ = ["HeadScores", "Profiles", "HeadsConfig", "ablation_importance", "gradient_importance", "head_outputs",
            "rank_correlation", "top_overlap", "grid_coordinates", "grid_distances", "with_prefix", "token_distance_bins",
            "distance_mass", "distance_mass_sums", "ring_sizes", "mean_attention_distance",
-           "mean_attention_distance_sums", "attention_profiles", "grid_layout", "token_layout",
+           "mean_attention_distance_sums", "attention_profiles", "uniform_reference", "grid_layout", "token_layout",
            "cluster_heads", "nll_objective", "encoder_objective", "vision_objective", "mean_pool", "sample_images",
            "image_views", "shakespeare_text", "PARAPHRASES", "run"]
