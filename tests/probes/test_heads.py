@@ -433,7 +433,7 @@ def real(name):
 @pytest.mark.hf
 def test_dinov2_has_local_heads_in_early_layers_and_global_heads_late():
     # ViT (Dosovitskiy et al. 2021) Fig. 7: lower layers hold local heads, the last layers attend
-    # globally. Measured on DINOv2-S (docs/probes.md): layer 0 is global too (79-109 px), layers 1-5
+    # globally. Measured on DINOv2-S (docs/probes.md, head importance section): layer 0 is global too (79-109 px), layers 1-5
     # hold heads at 22-41 px, the last three layers 60-106 px; uniform attention gives 117 px.
     model = real("dinov2")
     assets = pytest.importorskip("attnlab.probes.assets")
