@@ -151,15 +151,25 @@ def _forward(model: nn.Module, inputs):
     return model(inputs)
 
 
+def _chain(first, then):
+    """An edit that runs `first` and hands its result to `then` (a reduction returning None)."""
+    def fn(x: Tensor, hook):
+        out = first(x, hook)
+        then(x if out is None else out, hook)
+        return out
+    return fn
+
+
 @torch.no_grad()
 def measure(model: nn.Module, inputs, *, eps: float = EPS, query_mask: Tensor | None = None,
-            states: bool = True) -> tuple[SinkScores, States | None]:
+            states: bool = True, edits: dict | None = None) -> tuple[SinkScores, States | None]:
     """One forward of `model` on `inputs` (a dict of keyword arguments, a tensor or a tuple).
 
     The attention patterns are reduced to alpha layer by layer while the model runs (nothing of
     size N x N is kept), with the mask read from each layer's scores. With `states`, the
     residual stream (hook_resid_post) and MLP outputs (hook_mlp_out) of every layer are kept.
-    query_mask defaults to inputs["attention_mask"] when there is one.
+    query_mask defaults to inputs["attention_mask"] when there is one. edits: capture edits
+    ({name: fn(tensor, hook)}) applied first, so that the scores describe the edited model.
     """
     if query_mask is None and isinstance(inputs, dict) and inputs.get("attention_mask") is not None:
         query_mask = inputs["attention_mask"].bool()
@@ -176,12 +186,14 @@ def measure(model: nn.Module, inputs, *, eps: float = EPS, query_mask: Tensor | 
         alpha[hook.layer] = received_attention(pattern, visible.pop(hook.layer), query_mask)
 
     num_layers = Capture(model).num_layers
-    edits = {}
+    probe: dict = {}
     for l in range(num_layers):
-        edits[f"blocks.{l}.attn.hook_scores"] = on_scores
-        edits[f"blocks.{l}.attn.hook_pattern"] = on_pattern
+        probe[f"blocks.{l}.attn.hook_scores"] = on_scores
+        probe[f"blocks.{l}.attn.hook_pattern"] = on_pattern
+    for name, first in (edits or {}).items():                          # the caller's edit, then ours
+        probe[name] = first if name not in probe else _chain(first, probe[name])
     wanted = ["blocks.*.hook_resid_post", "blocks.*.hook_mlp_out"] if states else []
-    with capture(model, names=wanted, edits=edits) as cap:
+    with capture(model, names=wanted, edits=probe) as cap:
         _forward(model, inputs)
     missing = [l for l in range(num_layers) if l not in alpha]
     if len(missing) == num_layers:
