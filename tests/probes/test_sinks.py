@@ -374,10 +374,62 @@ def test_run_writes_the_table_json_and_plots(tmp_path):
 def test_run_on_the_attnlab_causal_lm_reads_the_text_path(tmp_path):
     text = tmp_path / "input.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 4)
-    summary = run("causallm", out=tmp_path / "out", text_path=text, tokens=64)
-    assert summary["tokens"] == 64 and summary["layers"] == 4
+    summary = run("causallm", out=tmp_path / "out", text_path=text, tokens=64, windows=2, train_steps=20)
+    assert summary["tokens"] == 64 and summary["layers"] == 4 and summary["sequences"] == ["window0", "window1"]
+    assert "trained 20 steps" in summary["note"]
     assert (tmp_path / "out" / "sinks-causallm.md").is_file()
     with pytest.raises(FileNotFoundError, match="tinyshakespeare.*text_path"):
         run("causallm", out=tmp_path / "out", text_path=tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="unknown model"):
         run("gpt5", out=tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------ real models
+
+def _real(name, **kw):
+    """prepare + analyse on a real model, or skip when its loader or package is missing."""
+    pytest.importorskip("attnlab.probes.assets")
+    from attnlab.probes.assets import MissingAsset
+    from attnlab.probes.sinks import analyse, default_text_path, prepare
+    if not default_text_path().is_file():
+        pytest.skip(f"no {default_text_path()}")
+    try:
+        prepared = prepare(name, **kw)
+    except MissingAsset as e:
+        pytest.skip(str(e))
+    return analyse(prepared)
+
+
+@pytest.mark.hf
+def test_smollm2_with_bos_at_512_tokens():
+    # Measured on tinyshakespeare's first 511 tokens after <|im_start|>: 129 of 270 heads give the
+    # BOS alpha > 0.3 (0.478; the issue's 0.39 came from another text: this score moves between
+    # 0.42 and 0.70 with the text, see docs); inside the clipper (layers 11-27, around the jump of
+    # ||h_BOS|| from 181 to 25,102) no token passes |cos| 0.73; with every layer searched, four
+    # tokens are sinks in layers 2-8, where ||h_BOS|| is ~800 before a first fall.
+    rep = _real("smollm2")
+    assert rep.scores.alpha.shape == (1, 30, 9, 512)
+    assert abs(rep.scores.model_score() - 129 / 270) <= 2 / 270
+    r, u = rep.found[0], rep.unclipped[0]
+    assert r.clip == (11, 28)
+    assert 0.70 < r.max_abs_cos() < 0.73
+    assert [s.kind for s in r.sinks] == ["bos"]
+    early = [s for s in u.sinks if s.kind == "secondary"]
+    assert {(s.creation_layer, s.lifetime) for s in early} == {(2, 7)}
+    assert 72 in {s.position for s in early}
+    s72 = next(s for s in early if s.position == 72)
+    assert s72.mlp_cos > 0.99 and s72.norm_ratio > 8
+
+
+@pytest.mark.hf
+def test_minilm_cls_and_dinov2_have_no_secondary_sinks():
+    rep = _real("minilm")
+    assert rep.scores.alpha.shape == (1, 6, 12, 256)
+    assert 0.1 < rep.scores.model_score() < 0.3                           # [CLS]: 14 of 72 heads measured
+    assert not [s for r in rep.unclipped for s in r.sinks if s.kind != "bos"]
+    rep = _real("dinov2")
+    assert rep.scores.alpha.shape[1:3] == (12, 6)
+    # DINOv2-S/14 at 224 px: no patch token reaches 3x the median norm in any layer (Darcet et al.'s
+    # high-norm artifacts are a property of the larger DINOv2 models)
+    assert all(float(r.norm_ratio[:, 1:].max()) < 3 for r in rep.found)
+    assert not [s for r in rep.unclipped for s in r.sinks if s.kind != "bos"]

@@ -517,46 +517,95 @@ class Prepared:
     note: str = ""
 
 
-def prepare(name: str, *, text_path=None, tokens: int = 512, device: str = "cpu", seed: int = 0) -> Prepared:
-    """Load a named model (see MODELS) and build its inputs."""
+def _train_char_lm(model: nn.Module, data: Tensor, *, steps: int, seq: int, batch: int, seed: int) -> float:
+    """A few AdamW steps of next-character prediction on `data` (1-D ids); returns the last loss."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=g)
+        x = torch.stack([data[s:s + seq] for s in starts])                         # (batch, seq)
+        y = torch.stack([data[s + 1:s + seq + 1] for s in starts])
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def prepare(name: str, *, text_path=None, tokens: int = 512, windows: int = 1, device: str = "cpu",
+            seed: int = 0, train_steps: int = 0) -> Prepared:
+    """Load a named model (see MODELS) and build its inputs: `windows` consecutive windows of the
+    text of `tokens` tokens each (the special tokens included), or the sample images (dinov2).
+    causallm: an attnlab CausalLM trained for `train_steps` steps on the text's first 90%."""
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
+    names = [f"window{w}" for w in range(windows)] if windows > 1 else ["text"]
     if name == "smollm2":
         assets = _assets()
         model, tok = assets.load_smollm2()
-        ids = tok(read_text(text_path)[: 20 * tokens], return_tensors="pt")["input_ids"][:, : tokens - 1]
-        ids = torch.cat([torch.tensor([[assets.SMOLLM2_BOS]]), ids], 1)          # (1, tokens): BOS prepended
-        labels = [[_token_label(tok, i) for i in ids[0]]]
-        return Prepared(name, model.to(device), dict(input_ids=ids.to(device), use_cache=False), labels, ["text"],
-                        note=f"tinyshakespeare's first {ids.shape[1] - 1} tokens after <|im_start|> (id 1) as BOS")
+        n = tokens - 1
+        ids = tok(read_text(text_path)[: 12 * tokens * windows], return_tensors="pt")["input_ids"][0]
+        if ids.numel() < n * windows:
+            raise ValueError(f"sinks: the text gives {ids.numel()} tokens, fewer than {windows} x {n}")
+        bos = torch.full((windows, 1), assets.SMOLLM2_BOS)
+        ids = torch.cat([bos, ids[: n * windows].view(windows, n)], 1)             # (windows, tokens): BOS first
+        labels = [[_token_label(tok, i) for i in row] for row in ids]
+        return Prepared(name, model.to(device), dict(input_ids=ids.to(device), use_cache=False), labels, names,
+                        note=f"{windows} window(s) of tinyshakespeare's first {n * windows} tokens, <|im_start|> "
+                             "(id 1) prepended as BOS")
     if name == "minilm":
         assets = _assets()
         model, tok = assets.load_minilm()
-        n = min(tokens, assets.MINILM_MAX_LENGTH)
-        batch = tok([read_text(text_path)[: 20 * n]], truncation=True, max_length=n, return_tensors="pt")
-        labels = [[_token_label(tok, i) for i in batch["input_ids"][0]]]
-        return Prepared(name, model.to(device), {k: v.to(device) for k, v in batch.items()}, labels, ["text"],
-                        note=f"tinyshakespeare's first {batch['input_ids'].shape[1]} tokens, [CLS] first, [SEP] last")
+        n = min(tokens, assets.MINILM_MAX_LENGTH) - 2
+        ids = tok(read_text(text_path)[: 12 * (n + 2) * windows], add_special_tokens=False, verbose=False,
+                  return_tensors="pt")["input_ids"][0]
+        if ids.numel() < n * windows:
+            raise ValueError(f"sinks: the text gives {ids.numel()} tokens, fewer than {windows} x {n}")
+        cls, sep = torch.full((windows, 1), tok.cls_token_id), torch.full((windows, 1), tok.sep_token_id)
+        ids = torch.cat([cls, ids[: n * windows].view(windows, n), sep], 1)        # [CLS] ... [SEP]
+        labels = [[_token_label(tok, i) for i in row] for row in ids]
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+        return Prepared(name, model.to(device), {k: v.to(device) for k, v in inputs.items()}, labels, names,
+                        note=f"{windows} window(s) of tinyshakespeare's first {n * windows} tokens, [CLS] first, "
+                             "[SEP] last")
     if name == "dinov2":
         assets = _assets()
         model = assets.load_dinov2()
-        images, names = sample_images()
+        images, image_names = sample_images()
         pixels = assets.dinov2_preprocess(images, 224)
         side = pixels.shape[-1] // assets.DINOV2_PATCH
-        labels = [["CLS"] + [f"p{r},{c}" for r in range(side) for c in range(side)] for _ in names]
-        src = "skimage sample images" if names != ["synthetic"] else "a synthetic image (scikit-image is not installed)"
-        return Prepared(name, model.to(device), dict(pixel_values=pixels.to(device)), labels, names, criterion="norm",
+        labels = [["CLS"] + [f"p{r},{c}" for r in range(side) for c in range(side)] for _ in image_names]
+        src = ("skimage sample images" if image_names != ["synthetic"]
+               else "a synthetic image (scikit-image is not installed)")
+        return Prepared(name, model.to(device), dict(pixel_values=pixels.to(device)), labels, image_names,
+                        criterion="norm",
                         note=f"{src} at 224 x 224: CLS + {side * side} patch tokens; high-norm criterion")
     if name == "causallm":
         from attnlab.models import CausalLM
         text = read_text(text_path)
         vocab = sorted(set(text))
         index = {ch: i for i, ch in enumerate(vocab)}
-        ids = torch.tensor([[index[ch] for ch in text[:tokens]]])
+        data = torch.tensor([index[ch] for ch in text])
+        if data.numel() < tokens * windows:
+            raise ValueError(f"sinks: the text has {data.numel()} characters, fewer than {windows} x {tokens}")
         torch.manual_seed(seed)
-        model = CausalLM(len(vocab), 64, 4, 4, max_len=max(tokens, 16)).eval()
-        labels = [[repr(ch)[1:-1] for ch in text[:tokens]]]
-        return Prepared(name, model.to(device), ids.to(device), labels, ["text"],
-                        note=f"attnlab CausalLM (4 x 4 heads, width 64, random init, seed {seed}) on "
-                             f"tinyshakespeare's first {tokens} characters: a control with no trained sink")
+        model = CausalLM(len(vocab), 64, 4, 4, max_len=max(tokens, 128))
+        loss = None
+        if train_steps > 0:
+            train = data[: int(0.9 * data.numel())]
+            seq = min(tokens, train.numel() - 2)                 # train at the length it is probed at
+            loss = _train_char_lm(model, train, steps=train_steps, seq=seq, batch=8, seed=seed)
+        model.eval()
+        ids = data[: tokens * windows].view(windows, tokens)
+        labels = [[repr(vocab[i])[1:-1] for i in row] for row in ids]
+        trained = (f"trained {train_steps} steps of 8 x {tokens} characters (last loss {loss:.2f})" if loss is not None
+                   else "random init")
+        return Prepared(name, model.to(device), ids.to(device), labels, names,
+                        note=f"attnlab CausalLM (4 layers x 4 heads, width 64, seed {seed}, {trained}) on "
+                             f"{windows} window(s) of tinyshakespeare's first {tokens * windows} characters")
     raise ValueError(f"sinks: unknown model {name!r}; known: {', '.join(MODELS)} (or pass a model and inputs)")
 
 
@@ -625,76 +674,89 @@ def _mlp_contrast(r: SecondarySinks) -> tuple[float, float]:
     return float(torch.stack(at).mean()), float(rest.mean()) if rest.numel() else float("nan")
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
+        "| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+
+
+_CRITERION = {"auto": "the official cosine test; in a layer where more than {crowd_frac:.0%} of the tokens pass it, "
+                      "also norm > {norm_ratio} x the layer's median token norm",
+              "cos": "the official cosine test alone",
+              "norm": "instead of the cosine: norm > {norm_ratio} x the layer's median token norm",
+              "cos+norm": "the cosine test and norm > {norm_ratio} x the layer's median token norm"}
+
+
 def markdown(rep: Report, eps: float) -> str:
     p, sc = rep.prepared, rep.scores
     L, h, N = sc.alpha.shape[1:]
     per_token = sc.per_token(eps)
+    heads0 = int((sc.alpha[0, :, :, p.bos] > eps).sum())
     lines = [f"# Attention sinks: {p.name}", "",
              f"{type(p.model).__name__}, {L} layers x {h} heads; {len(p.sequences)} sequence(s) of {N} tokens "
              f"({', '.join(p.sequences)}). {p.note}.", "",
              "## Sink^eps (Gu et al. 2025, arXiv 2410.10781, Sec. 3)", "",
-             f"alpha^(l,h)_k: mean attention key k receives over the queries that can see it; Sink^{eps}_k: the "
+             f"alpha^(l,h)_k: the mean attention key k receives over the queries that can see it; Sink^{eps}_k: the "
              f"fraction of the {L * h} (layer, head) pairs with alpha > {eps}, averaged over the sequences.", "",
-             f"**Model score: Sink^{eps}(first token) = {per_token[0]:.3f}** "
-             f"({int(round(float(per_token[0]) * L * h))} of {L * h} heads in the first sequence's count).", "",
-             f"| position | token | Sink^{eps} | mean alpha over (l, h) |", "| --- | --- | --- | --- |"]
+             f"**Model score: Sink^{eps}(first token) = {per_token[0]:.3f}** ({heads0} of {L * h} heads in "
+             f"{p.sequences[0]}).", ""]
     mean_alpha = sc.alpha.nanmean(0).mean((0, 1))                                   # (N,)
     key = torch.nan_to_num(per_token, nan=-1.0).double() * 10 + torch.nan_to_num(mean_alpha, nan=0.0).double()
-    for k in torch.argsort(key, descending=True)[:8].tolist():            # by Sink^eps, then by mean alpha
-        lines.append(f"| {k} | {_md(p.labels[0][k]) if p.labels else ''} | {per_token[k]:.3f} | {mean_alpha[k]:.3f} |")
+    top = torch.argsort(key, descending=True)[:8].tolist()                         # by Sink^eps, then mean alpha
+    lines += _table(["position", "token", f"Sink^{eps}", "mean alpha over (l, h)"],
+                    [[k, p.labels[0][k] if p.labels else "", _f(float(per_token[k])), _f(float(mean_alpha[k]))]
+                     for k in top])
     r0, u0 = rep.found[0], rep.unclipped[0]
-    lines += ["", "Per layer (first sequence): alpha of the first token (mean and max over heads), heads with "
-              f"alpha > {eps}; ||h_BOS||; the largest |cos(h_t, h_BOS)| and norm ratio of the tokens after it; "
-              "tokens that are sinks there (criterion, every layer).", "",
-              "| layer | alpha_0 mean | alpha_0 max | heads > eps | norm(h_BOS) | max abs cos | max norm ratio | sinks | in clipper |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    after = slice(p.bos + 1, None)
+    has_after = N > p.bos + 1
     a0 = sc.alpha[0, :, :, p.bos]                                                   # (L, h)
-    for l in range(L):
-        after = slice(p.bos + 1, None)
-        lines.append(f"| {l} | {a0[l].mean():.3f} | {a0[l].max():.3f} | {int((a0[l] > eps).sum())} | "
-                     f"{float(r0.bos_norm[l]):.1f} | {_f(float(r0.cos[l, after].abs().max()) if N > p.bos + 1 else None)} | "
-                     f"{_f(float(r0.norm_ratio[l, after].max()) if N > p.bos + 1 else None, '.2f')} | "
-                     f"{int(u0.sink[l].sum())} | {'yes' if r0.clip[0] <= l < r0.clip[1] else ''} |")
+    lines += ["", f"Per layer ({p.sequences[0]}): alpha of the first token (mean and max over heads) and its heads "
+              f"with alpha > {eps}; ||h_BOS||; the largest |cos(h_t, h_BOS)| and norm ratio of the tokens after it; "
+              "the tokens that are sinks there (every layer searched).", ""]
+    lines += _table(["layer", "alpha_0 mean", "alpha_0 max", "heads > eps", "norm(h_BOS)", "max abs cos",
+                     "max norm ratio", "sinks", "in clipper"],
+                    [[l, _f(float(a0[l].mean())), _f(float(a0[l].max())), int((a0[l] > eps).sum()),
+                      _f(float(r0.bos_norm[l]), ".1f"),
+                      _f(float(r0.cos[l, after].abs().max()) if has_after else None),
+                      _f(float(r0.norm_ratio[l, after].max()) if has_after else None, ".2f"),
+                      int(u0.sink[l].sum()), "yes" if r0.clip[0] <= l < r0.clip[1] else ""] for l in range(L)])
     th = r0.thresholds
-    lines += ["", "## Secondary sinks (Wong et al. 2025, arXiv 2512.22213; official JeffreyWong20/Secondary-Attention-Sinks)", "",
-              f"A token is a sink in a layer when |cos(h_t, h_BOS)| > {th['cos']} (criterion `{r0.criterion}`: "
-              + {"auto": f"in a layer where more than {th['crowd_frac']:.0%} of the tokens align, also norm > "
-                         f"{th['norm_ratio']} x the median", "cos": "alignment alone", "norm": f"here instead: norm > "
-                         f"{th['norm_ratio']} x the layer's median token norm", "cos+norm": f"and norm > "
-                         f"{th['norm_ratio']} x the median"}[r0.criterion]
-              + f"). Kinds by lifetime, relative to depth: noise <= {th['noise_max']}, secondary "
-              f"{th['noise_max'] + 1}..{th['primary_min'] - 1}, primary >= {th['primary_min']} layers "
-              f"(noise_frac {th['noise_frac']}, primary_frac {th['primary_frac']}; official 4 and L - 15).", ""]
-    lines += ["| sequence | clipper (BOS norm) | crowded layers | max abs cos in clipper | primary | secondary | noise | "
-              "every layer: primary | secondary | noise |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Secondary sinks (Wong et al. 2025, arXiv 2512.22213; official "
+              "JeffreyWong20/Secondary-Attention-Sinks)", "",
+              f"The official test: a token is a sink in a layer when |cos(h_t, h_BOS)| > {th['cos']}. Criterion "
+              f"`{r0.criterion}`: {_CRITERION[r0.criterion].format(**th)}. Kinds by lifetime, relative to depth: "
+              f"noise <= {th['noise_max']}, secondary {th['noise_max'] + 1}..{th['primary_min'] - 1}, primary >= "
+              f"{th['primary_min']} layers (noise_frac {th['noise_frac']}, primary_frac {th['primary_frac']}; the "
+              "official constants 4 and L - 15 are these at L = 30).", ""]
+    rows = []
     for name, r, u in zip(p.sequences, rep.found, rep.unclipped):
         k, ku = _kinds([r]), _kinds([u])
-        lines.append(f"| {name} | {r.clip[0]}..{r.clip[1] - 1} | {', '.join(map(str, r.crowded_layers)) or '-'} | "
-                     f"{_f(r.max_abs_cos())} | {k['primary']} | {k['secondary']} | {k['noise']} | {ku['primary']} | "
-                     f"{ku['secondary']} | {ku['noise']} |")
-    for title, results in (("inside the clipper (official)", rep.found), ("every layer searched (clip=False)", rep.unclipped)):
-        rows = [(name, s) for name, r in zip(p.sequences, results) for s in r.sinks if s.kind != "noise"]
-        rows.sort(key=lambda x: (x[1].kind != "bos", -x[1].lifetime, x[1].position))
-        lines += ["", f"### Sinks {title}", "",
-                  "| sequence | position | token | kind | creation layer | lifetime | mean abs cos | norm ratio | "
-                  "MLP cos (BOS MLP) | MLP cos (h_BOS) | MLP norm ratio | sink score | Sink^eps |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name, s in rows[:25]:
-            lines.append(f"| {name} | {s.position} | {_md(s.token or '')} | {s.kind} | {s.creation_layer} | {s.lifetime} | "
-                         f"{_f(s.mean_abs_cos)} | {_f(s.norm_ratio, '.2f')} | {_f(s.mlp_cos)} | {_f(s.mlp_cos_hidden)} | "
-                         f"{_f(s.mlp_norm_ratio, '.2f')} | {_f(s.sink_score)} | {_f(float(per_token[s.position]))} |")
-        if len(rows) > 25:
-            lines.append(f"| ... {len(rows) - 25} more in the JSON | | | | | | | | | | | | |")
-        contrast = [_mlp_contrast(r) for r in results]
-        shown = [(a, b) for a, b in contrast if not math.isnan(a)]
-        if shown:
-            a = sum(x for x, _ in shown) / len(shown)
-            b = [y for _, y in shown if not math.isnan(y)]
-            lines += ["", f"MLP alignment: at their creation layers the sinks' MLP outputs have cos {a:.3f} with the "
-                      f"BOS's MLP output (mean), the other tokens' |cos| {_f(sum(b) / len(b) if b else None)} in the "
-                      "same layers."]
-    lines += ["", "Sink score: alpha over heads and the sink's layers. Norm ratio: ||h_t|| over the layer's median "
-              "token norm (max over its layers). MLP columns at the creation layer.", ""]
+        rows.append([name, f"{r.clip[0]}..{r.clip[1] - 1}", ", ".join(map(str, r.crowded_layers)) or "-",
+                     _f(r.max_abs_cos()), k["primary"], k["secondary"], k["noise"], ku["primary"], ku["secondary"],
+                     ku["noise"]])
+    lines += _table(["sequence", "clipper (layers)", "crowded layers", "max abs cos in clipper", "primary",
+                     "secondary", "noise", "every layer: primary", "secondary", "noise"], rows)
+    for title, results in (("inside the clipper (official)", rep.found),
+                           ("with every layer searched (clip=False)", rep.unclipped)):
+        found = [(name, s) for name, r in zip(p.sequences, results) for s in r.sinks if s.kind != "noise"]
+        found.sort(key=lambda x: (x[1].kind != "bos", -x[1].lifetime, x[1].position))
+        rows = [[name, s.position, s.token or "", s.kind, s.creation_layer, s.lifetime, _f(s.mean_abs_cos),
+                 _f(s.norm_ratio, ".2f"), _f(s.mlp_cos), _f(s.mlp_cos_hidden), _f(s.mlp_norm_ratio, ".2f"),
+                 _f(s.sink_score), _f(float(per_token[s.position]))] for name, s in found[:25]]
+        lines += ["", f"### Sinks {title}", ""]
+        lines += _table(["sequence", "position", "token", "kind", "creation layer", "lifetime", "mean abs cos",
+                         "norm ratio", "MLP cos (BOS MLP)", "MLP cos (h_BOS)", "MLP norm ratio", "sink score",
+                         f"Sink^{eps}"], rows)
+        if len(found) > 25:
+            lines.append(f"\n{len(found) - 25} more in the JSON.")
+        contrast = [c for c in (_mlp_contrast(r) for r in results) if not math.isnan(c[0])]
+        if contrast:
+            mean_sink = sum(a for a, _ in contrast) / len(contrast)
+            rest = [b for _, b in contrast if not math.isnan(b)]
+            lines += ["", f"MLP alignment: at their creation layers the primary and secondary sinks' MLP outputs have "
+                      f"cos {mean_sink:.3f} (mean) with the BOS's MLP output; the other tokens' |cos| in the same "
+                      f"layers: {_f(sum(rest) / len(rest) if rest else None)}."]
+    lines += ["", "Sink score: alpha averaged over the heads and the sink's layers. Norm ratio: ||h_t|| over the "
+              "layer's median token norm (the max over its layers). MLP columns: at the creation layer.", ""]
     return "\n".join(lines)
 
 
@@ -814,21 +876,25 @@ def to_json(rep: Report, eps: float) -> dict:
 
 
 def run(model: str | nn.Module, *, out: Path, inputs=None, name: str | None = None, labels=None,
-        text_path=None, tokens: int = 512, eps: float = EPS, cos_threshold: float = COS_THRESHOLD,
-        criterion: str | None = None, norm_ratio: float = NORM_RATIO, primary_frac: float = PRIMARY_FRAC,
-        noise_frac: float = NOISE_FRAC, bos: int = 0, device: str = "cpu",
+        text_path=None, tokens: int = 512, windows: int = 1, train_steps: int = 0, eps: float = EPS,
+        cos_threshold: float = COS_THRESHOLD, criterion: str | None = None, norm_ratio: float = NORM_RATIO,
+        primary_frac: float = PRIMARY_FRAC, noise_frac: float = NOISE_FRAC, bos: int = 0, device: str = "cpu",
         progress: Callable[[str], None] | None = None) -> dict:
     """The sinks probe on one model: writes sinks-<name>.md, .json, -levels.png and -overview.png in `out`.
 
     model: a name in MODELS (the real models need attnlab.probes.assets and their packages; text
-    from `text_path`, default ../shared/data/tinyshakespeare/input.txt) or an nn.Module with
-    `inputs` (a dict of keyword arguments, or a tensor) and optional `labels` (per sequence, per
-    token). Returns the JSON summary with the paths written under "files".
+    from `text_path`, default ../shared/data/tinyshakespeare/input.txt, cut into `windows`
+    windows of `tokens` tokens; causallm trains `train_steps` steps first, 0: random init) or an
+    nn.Module with `inputs` (a dict of keyword arguments, or a tensor), optional `labels` (per
+    sequence, per token) and `bos` (the primary sink's position). criterion: None takes the
+    model's default ("norm" for dinov2, "auto" otherwise). progress(stage) is called before each
+    stage. Returns the JSON summary, with the paths written under "files".
     """
     say = progress or (lambda stage: None)
     if isinstance(model, str):
         say(f"loading {model}")
-        prepared = prepare(model, text_path=text_path, tokens=tokens, device=device)
+        prepared = prepare(model, text_path=text_path, tokens=tokens, windows=windows, device=device,
+                           train_steps=train_steps)
     else:
         if inputs is None:
             raise ValueError("sinks.run: a model object needs inputs=")
