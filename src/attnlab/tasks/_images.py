@@ -34,7 +34,7 @@ def patchify(images: Tensor, patch: int) -> Tensor:
     return x.reshape(B, (H // patch) * (W // patch), patch * patch)   # (B, N, p*p)
 
 
-def _pixel_statistics(images: np.ndarray, pixel_max: float) -> tuple[float, float]:
+def pixel_statistics(images: np.ndarray, pixel_max: float) -> tuple[float, float]:
     """Mean and std of images / pixel_max, exactly, from a histogram of the uint8 pixel values."""
     if images.dtype != np.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
@@ -92,7 +92,7 @@ class ImageClassTask(Task):
                        "val": torch.from_numpy(np.ascontiguousarray(val_x))}
         self.labels = {"train": torch.from_numpy(train_y.astype(np.int64)),        # (n,)
                        "val": torch.from_numpy(val_y.astype(np.int64))}
-        self.mean, self.std = _pixel_statistics(train_x, self.pixel_max)          # train-set statistics
+        self.mean, self.std = pixel_statistics(train_x, self.pixel_max)          # train-set statistics
 
     def _load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError

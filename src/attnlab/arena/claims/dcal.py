@@ -34,7 +34,7 @@ from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
 from attnlab.arena.claims._images import difference_spread, mean_spread
 from attnlab.models.dcal import DCALClassifier
-from attnlab.tasks._images import _pixel_statistics, patchify
+from attnlab.tasks._images import pixel_statistics, patchify
 
 CLASSES = (0, 2, 4, 6)                       # Fashion-MNIST labels: T-shirt/top, Pullover, Coat, Shirt
 CLASS_NAMES = ("T-shirt/top", "pullover", "coat", "shirt")
@@ -58,7 +58,7 @@ def load_split(patch: int, root: str | None = None, *, quick: bool = False) -> d
         if quick:
             images, labels = images[:512 if split == "train" else 256], labels[:512 if split == "train" else 256]
         if mean is None:
-            mean, std = _pixel_statistics(images, 255.0)                          # train statistics
+            mean, std = pixel_statistics(images, 255.0)                          # train statistics
         unit = torch.from_numpy(images).float() / 255.0                           # (n, 28, 28)
         out[f"{split}_x"] = patchify((unit - mean) / std, patch)                  # (n, N, p*p)
         remap = torch.full((10,), -1, dtype=torch.long)

