@@ -433,3 +433,13 @@ def test_minilm_cls_and_dinov2_have_no_secondary_sinks():
     # high-norm artifacts are a property of the larger DINOv2 models)
     assert all(float(r.norm_ratio[:, 1:].max()) < 3 for r in rep.found)
     assert not [s for r in rep.unclipped for s in r.sinks if s.kind != "bos"]
+
+
+def test_spearman_against_a_hand_count():
+    from attnlab.probes.sinks import spearman
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1, 2, 3, 4) and (2, 1, 4, 3): d^2 sums to 4, rho = 1 - 6 * 4 / (4 * 15) = 0.6
+    assert spearman([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(0.6)
+    assert spearman([1, 1, 2], [3, 3, 4]) == pytest.approx(1.0)           # ties share a rank
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))

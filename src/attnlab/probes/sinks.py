@@ -674,6 +674,23 @@ def _mlp_contrast(r: SecondarySinks) -> tuple[float, float]:
     return float(torch.stack(at).mean()), float(rest.mean()) if rest.numel() else float("nan")
 
 
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(v):
+        v = torch.tensor(v, dtype=torch.float64)
+        order = torch.argsort(v)
+        r = torch.empty_like(v)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in torch.unique(v):                                 # ties share their mean rank
+            tie = v == value
+            r[tie] = r[tie].mean()
+        return r
+    a, b = ranks(x), ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(a.norm() * b.norm())
+    return float("nan") if den == 0 else float((a * b).sum()) / den
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
         "| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
@@ -755,6 +772,12 @@ def markdown(rep: Report, eps: float) -> str:
             lines += ["", f"MLP alignment: at their creation layers the primary and secondary sinks' MLP outputs have "
                       f"cos {mean_sink:.3f} (mean) with the BOS's MLP output; the other tokens' |cos| in the same "
                       f"layers: {_f(sum(rest) / len(rest) if rest else None)}."]
+        secondary = [s for _, s in found if s.kind == "secondary" and s.sink_score is not None
+                     and s.mlp_norm_ratio is not None]
+        if len(secondary) >= 3:
+            rho = spearman([s.mlp_norm_ratio for s in secondary], [s.sink_score for s in secondary])
+            lines += ["", f"Norm and score (Wong et al.'s finding 2): Spearman rho {rho:.2f} between the MLP output "
+                      f"norm at creation and the sink score, over the {len(secondary)} secondary sinks."]
     lines += ["", "Sink score: alpha averaged over the heads and the sink's layers. Norm ratio: ||h_t|| over the "
               "layer's median token norm (the max over its layers). MLP columns: at the creation layer.", ""]
     return "\n".join(lines)
@@ -926,5 +949,5 @@ def run(model: str | nn.Module, *, out: Path, inputs=None, name: str | None = No
 
 __all__ = ["EPS", "COS_THRESHOLD", "CRITERIA", "MODELS", "SinkScores", "States", "Sink", "SecondarySinks",
            "Prepared", "Report", "visible_from_scores", "received_attention", "measure", "sink_clipper",
-           "kind_thresholds", "sink_kind", "pick_bos", "secondary_sinks", "merge_levels", "default_text_path",
-           "read_text", "sample_images", "prepare", "analyse", "markdown", "to_json", "run"]
+           "kind_thresholds", "sink_kind", "pick_bos", "secondary_sinks", "merge_levels", "spearman",
+           "default_text_path", "read_text", "sample_images", "prepare", "analyse", "markdown", "to_json", "run"]
