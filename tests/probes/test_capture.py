@@ -259,3 +259,43 @@ def test_real_smollm2_capture_equals_eager_and_stays_causal():
     N = ids.shape[1]
     p = cap["blocks.29.attn.hook_pattern"]
     assert p.shape == (1, 9, N, N) and torch.all(p[..., torch.ones(N, N, dtype=torch.bool).triu(1)] == 0)
+
+
+def test_any_list_of_blocks_with_attn_and_mlp_is_captured():
+    """Not only attnlab's Block: a .blocks ModuleList whose items have .attn (a mechanism) and .mlp."""
+    import attnlab
+
+    class MyBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attnlab.create("mhsa", 16, 2)
+            self.mlp = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            return x + self.mlp(x)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([MyBlock(), MyBlock()])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(2, 5, 16)
+    with capture(net) as cap:
+        out = net(x)
+    assert cap.num_layers == 2 and set(cap.keys()) == set(hook_names(2))
+    assert cap["blocks.1.attn.hook_pattern"].shape == (2, 2, 5, 5)
+    assert torch.equal(cap["blocks.1.hook_resid_post"], out)
+    torch.testing.assert_close(cap["blocks.0.hook_resid_post"],
+                               x + cap["blocks.0.hook_attn_out"] + cap["blocks.0.hook_mlp_out"])
+    # a list whose items lack .attn is not a block list
+    net.blocks.append(torch.nn.Linear(16, 16))
+    with pytest.raises(TypeError, match="neither a HuggingFace"):
+        with capture(net):
+            pass

@@ -36,10 +36,13 @@ the outputs equal the eager model's; for float32 models exactly (BERT's and DINO
 softmax runs in the input dtype, so a bfloat16 one can differ by rounding; a float64 model's
 softmax runs in float64 here where Llama's and Gemma's eager code drop it to float32).
 
-attnlab models (a `Transformer` or a model with `.body` / `.blocks` of `Block`s): through their
+attnlab models (a model whose `.blocks`, or `.body.blocks`, is an nn.ModuleList of blocks that
+each have `.attn` and `.mlp`: a `Transformer`, `CausalLM`, `Classifier`, `DiT`, ...): through their
 mechanisms' hook points (`attnlab.hooks`), with the eager path (`backend="reference"`) switched
 on for the duration so that scores and pattern exist. A mechanism without some hook (a
-convolution has no pattern) simply does not produce that name.
+convolution has no pattern) simply does not produce that name. hook_attn_out / hook_mlp_out are
+the block's own `hook_attn_out` / `hook_mlp_out` hook points where it has them (DiT's gated
+branches: gate * attn(...)), else the outputs of `.attn` and `.mlp`.
 """
 from __future__ import annotations
 
@@ -253,7 +256,8 @@ def _adapter_for(model: nn.Module) -> _Adapter:
     if blocks is not None:
         return _AttnlabAdapter(model, blocks)
     raise TypeError(f"capture: {type(model).__name__} is neither a HuggingFace PreTrainedModel (needs the "
-                    "attnlab[hf] extra) nor an attnlab model with Blocks (a Transformer, or .body / .blocks)")
+                    "attnlab[hf] extra) nor an attnlab model with blocks (.blocks or .body.blocks: an nn.ModuleList "
+                    "of blocks with .attn and .mlp)")
 
 
 def _output(out):
@@ -408,13 +412,25 @@ class _HFAdapter(_Adapter):
 
 # attnlab --------------------------------------------------------------------------------------------
 
+def _is_block(block: nn.Module) -> bool:
+    """A residual block capture can read: an attention module `.attn` and an `.mlp` (None allowed)."""
+    mlp = getattr(block, "mlp", False)
+    return isinstance(getattr(block, "attn", None), nn.Module) and (mlp is None or isinstance(mlp, nn.Module))
+
+
 def _attnlab_blocks(model: nn.Module) -> nn.ModuleList | None:
-    from attnlab.models.transformer import Block
     for candidate in (model, getattr(model, "body", None)):
         blocks = getattr(candidate, "blocks", None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) and all(isinstance(b, Block) for b in blocks):
+        if isinstance(blocks, nn.ModuleList) and len(blocks) and all(_is_block(b) for b in blocks):
             return blocks
     return None
+
+
+def _branch(block: nn.Module, hook: str, fallback: nn.Module | None) -> nn.Module | None:
+    """The module whose output is what a branch adds to the residual: the block's own hook point
+    (e.g. DiT's gated branches) where it has one, else the branch module itself."""
+    point = getattr(block, hook, None)
+    return point if isinstance(point, nn.Module) else fallback
 
 
 # attnlab hook point -> capture name, and whether it carries (B, h, N, d) to show as (B, N, h, d)
@@ -440,7 +456,9 @@ class _AttnlabAdapter(_Adapter):
                 hp = getattr(attn, point, None)
                 if isinstance(hp, nn.Module):
                     self.handles.append(hp.register_forward_hook(self._point_hook(cap, l, kind, heads)))
-            for kind, module in (("hook_attn_out", attn), ("hook_mlp_out", block.mlp), ("hook_resid_post", block)):
+            for kind, module in (("hook_attn_out", _branch(block, "hook_attn_out", attn)),
+                                 ("hook_mlp_out", _branch(block, "hook_mlp_out", block.mlp)),
+                                 ("hook_resid_post", block)):
                 if module is not None:
                     self.handles.append(module.register_forward_hook(_block_hook(cap, l, kind)))
 
