@@ -14,23 +14,35 @@ def _cmd_list(args) -> int:
     filters = {}
     if args.layout:
         filters["layout"] = args.layout
-    # One line per mechanism at any width: every column but the paper's title keeps its cells
-    # whole; the title takes what is left, cut with an ellipsis, or is left out below 8
-    # characters (`attnlab info NAME` shows it all).
+    # One line per mechanism at any width: every column shown keeps its cells whole; the paper's
+    # title takes what is left, cut with an ellipsis, or is left out below 8 characters; on a
+    # terminal too narrow for the rest, "exact" and then "year" go too (`attnlab info NAME`
+    # shows everything).
     yes = lambda b: "yes" if b else "-"  # noqa: E731
-    heads = ("name", "layout", "year", "exact", "causal", "mask", "cache", "provenance")
-    rows = [(s.name, s.layout, str(s.year), yes(s.exact), causal_cell(s), yes(s.attn_mask),
-             yes(s.kv_cache), s.provenance or "-", s.paper) for s in list_specs(**filters)]
+    heads = ["name", "layout", "year", "exact", "causal", "mask", "cache", "provenance"]
+    rows = [[s.name, s.layout, str(s.year), yes(s.exact), causal_cell(s), yes(s.attn_mask),
+             yes(s.kv_cache), s.provenance or "-"] for s in list_specs(**filters)]
+    papers = [s.paper for s in list_specs(**filters)]
     console = Console()
-    used = sum(max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(heads)) if rows else 0
-    room = console.width - used - 1
+
+    def width() -> int:
+        return sum(max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(heads)) if rows else 0
+
+    for optional in ("exact", "year"):
+        if width() < console.width:
+            break
+        i = heads.index(optional)
+        heads.pop(i)
+        for r in rows:
+            r.pop(i)
+    room = console.width - width() - 1
     table = Table(title="attnlab mechanisms", box=None, pad_edge=False, padding=(0, 1))
     for col in heads:
         table.add_column(col, no_wrap=True)
     if room >= 8:
         table.add_column("paper", no_wrap=True, overflow="ellipsis", max_width=room)
-    for row in rows:
-        table.add_row(*(row if room >= 8 else row[:-1]))
+    for row, paper in zip(rows, papers):
+        table.add_row(*(row + [paper] if room >= 8 else row))
     console.print(table)
     return 0
 

@@ -95,3 +95,10 @@ def test_every_suite_entry_builds(name):
         with torch.no_grad():
             kwargs = {"is_causal": True} if suite.causal else {}
             assert m(x, **kwargs).shape == x.shape, e.key
+
+
+@pytest.mark.parametrize("flag", [["--device", "cuda"], ["--dtype", "bfloat16"], ["--causal"], ["--batch", "2"],
+                                  ["--options", '{"lka": {}}'], ["--seq-lens", "64"]])
+def test_spatial_mode_refuses_flags_it_would_ignore(flag, capsys):
+    assert main(["bench", "--spatial", "lka", *flag]) == 2
+    assert flag[0] in capsys.readouterr().err

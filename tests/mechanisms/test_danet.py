@@ -258,7 +258,8 @@ def test_cam_hooks_carry_the_official_tensors():
     m(x)
     X = x.reshape(2, 12, DIM).transpose(1, 2)[:, None]                 # (B, 1, C, N)
     E = X @ X.transpose(-2, -1)
-    assert_close(seen["hook_q"], X) and assert_close(seen["hook_v"], X)
+    for name in ("hook_q", "hook_k", "hook_v"):                        # CAM: X plays all three
+        assert_close(seen[name], X)
     assert_close(seen["hook_scores"], E.amax(-1, keepdim=True) - E)
     assert (seen["hook_scores"].amin(-1) == 0).all()
     assert_close(seen["hook_probs"], explicit_softmax(E.amax(-1, keepdim=True) - E))
@@ -363,3 +364,21 @@ def test_useful_flops():
     assert cam(dim=64).useful_flops(2, 100, 64, 4, False) == (4 * 2 * 100 * 64 ** 2, 8 * 2 * 100 * 64 ** 2)
     with pytest.raises(NotImplementedError, match="danet_pam.*causal"):
         m.useful_flops(2, 100, 64, 4, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim, dtype, heads", [(32, torch.bfloat16, 1), (16, torch.float16, 1),
+                                               (64, torch.float32, 2), (256, torch.bfloat16, 1)])
+def test_pam_on_cuda_never_takes_the_math_path(dim, dtype, heads):
+    """On CUDA q, k are padded only to a multiple of 8 (C/8 of 4 or 2 would otherwise send SDPA
+    to its math kernel, which forms the N x N matrix); outputs match the float64 reference."""
+    m = pam(dim=dim, heads=heads, dtype=torch.float64)
+    x = image(1, 24, 24, dim, dtype=torch.float64)
+    ref = m(x)
+    m = m.to("cuda", dtype)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = m(x.to("cuda", dtype))
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in ops, sorted(ops)
+    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    assert_close(y.double().cpu(), ref, rtol=tol, atol=tol * ref.abs().max().item())

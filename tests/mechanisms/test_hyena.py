@@ -328,3 +328,25 @@ def test_matches_the_official_module_with_copied_weights(options):
     for L in (24, 13):
         x = torch.randn(2, L, DIM, dtype=torch.float64)
         assert_close(m(x, is_causal=True), official(x), rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_keys_and_shapes_are_the_official_ones():
+    """safari's HyenaOperator(d_model=32, l_max=1024, order=2, filter_order=64) state_dict, pinned
+    (the official-module comparison above skips without a safari checkout): the filter MLP is
+    Linear(3, 64), Sin, Linear(64, 64), Sin, Linear(64, 64), Sin, Linear(64, 32, bias=False),
+    one Sin module shared by the three activation slots."""
+    m = attnlab.create("hyena", 32, 4)
+    expected = {
+        "in_proj.weight": (96, 32), "in_proj.bias": (96,), "out_proj.weight": (32, 32), "out_proj.bias": (32,),
+        "short_filter.weight": (96, 1, 3), "short_filter.bias": (96,), "filter_fn.bias": (32,),
+        "filter_fn.pos_emb.z": (1, 1024, 3), "filter_fn.pos_emb.t": (1, 1024, 1),
+        "filter_fn.implicit_filter.0.weight": (64, 3), "filter_fn.implicit_filter.0.bias": (64,),
+        "filter_fn.implicit_filter.1.freq": (1, 64),
+        "filter_fn.implicit_filter.2.weight": (64, 64), "filter_fn.implicit_filter.2.bias": (64,),
+        "filter_fn.implicit_filter.3.freq": (1, 64),
+        "filter_fn.implicit_filter.4.weight": (64, 64), "filter_fn.implicit_filter.4.bias": (64,),
+        "filter_fn.implicit_filter.5.freq": (1, 64),
+        "filter_fn.implicit_filter.6.weight": (32, 64), "filter_fn.modulation.deltas": (1, 1, 32)}
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == expected
+    f = m.filter_fn.implicit_filter
+    assert f[1] is f[3] is f[5], "the official filter shares one Sin module"

@@ -119,6 +119,18 @@ def main(args: argparse.Namespace) -> int:
         argv += ["--json"] if args.json else []
         return neighborhood.main(argv)
     if args.spatial is not None:
+        # The suites fix their own shapes, dtype (float32) and device (CPU); a flag they would
+        # not honour is refused rather than ignored.
+        defaults = {"mechanisms": None, "seq_lens": list(DEFAULT_SEQ_LENS), "heads": 8, "head_dim": 64, "batch": 1,
+                    "dtype": "float32", "causal": False, "device": "auto", "warmup": None, "baseline": BASELINE,
+                    "options": None}
+        given = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k) != v]
+        if args.device == "cpu":
+            given = [g for g in given if g != "--device"]
+        if given:
+            print(f"attnlab bench: --spatial runs its suites' own shapes, float32 on the CPU; it does not take "
+                  f"{', '.join(given)}", file=sys.stderr)
+            return 2
         argv = ["--suites", args.spatial, "--budget", str(args.budget), "--timeout", str(args.timeout)]
         argv += ["--repeats", str(args.repeats)] if args.repeats else []
         argv += ["--threads", str(args.threads)] if args.threads else []

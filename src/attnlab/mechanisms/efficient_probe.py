@@ -33,7 +33,8 @@ Deviations:
 - `attn_mask`: a (B, N) key-padding mask (bool, True = token present; or float, added to the
   logits) that the official forward does not take; a sample with no valid token (or N = 0)
   pools to zeros. The official `cls=` argument (queries given at call time) is not offered.
-- Optional `attn_drop` (dropout on A; the official has none, default 0). The softmax runs in
+- Optional `attn_drop` (dropout on A) and `proj_drop` (on the pooled output); the official has
+  neither, default 0. The softmax runs in
   float32 (float64 for float64 input); the official runs it in the input dtype.
 - `qk_scale=None` means C^-1/2; the official's `qk_scale or head_dim ** -0.5` also turns an
   explicit 0 into the default, here 0 is refused.
@@ -79,7 +80,7 @@ class EfficientProbing(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 1, *, num_queries: int = 32, d_out: int = 1,
                  qkv_bias: bool = False, qk_scale: float | None = None, attn_drop: float = 0.0,
-                 backend: str | None = None, device=None, dtype=None):
+                 proj_drop: float = 0.0, backend: str | None = None, device=None, dtype=None):
         super().__init__()
         check_positive_int(NAME, "dim", dim)
         check_positive_int(NAME, "num_heads", num_heads)   # accepted, unused (see the docstring)
@@ -91,7 +92,7 @@ class EfficientProbing(nn.Module):
                              f"dim / (d_out * num_queries) wide chunk of the values")
         if qk_scale is not None:
             qk_scale = check_positive(NAME, "qk_scale", qk_scale)
-        check_dropout(NAME, attn_drop=attn_drop)
+        check_dropout(NAME, attn_drop=attn_drop, proj_drop=proj_drop)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
         self.num_queries, self.d_out = num_queries, d_out
@@ -99,6 +100,7 @@ class EfficientProbing(nn.Module):
         self.chunk = dim // (d_out * num_queries)                    # c, one query's value width
         self.scale = dim ** -0.5 if qk_scale is None else qk_scale
         self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)         # on the pooled output (the official has none)
         self.backend = backend
         self.v = nn.Linear(dim, self.out_dim, bias=qkv_bias, **factory)
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, num_queries, dim, **factory))
@@ -134,7 +136,7 @@ class EfficientProbing(nn.Module):
                         attn_mask=attn_mask, scale=self.scale,
                         dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         out = self.hook_out(out)                                           # (B, M, 1, c)
-        return out.reshape(B, M * c)                                       # (B, C / d_out), query-major
+        return self.proj_drop(out.reshape(B, M * c))                      # (B, C / d_out), query-major
 
     def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int,
                      causal: bool) -> tuple[int, int]:
