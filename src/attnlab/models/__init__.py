@@ -1,8 +1,9 @@
-"""Networks built from registered mechanisms: Block, Transformer and its LM/classifier heads; DCAL."""
+"""Networks built from registered mechanisms: Block, Transformer and its LM/classifier heads; DCAL; VISOR."""
 from attnlab.models.dcal import (DCALBlock, DCALClassifier, DCALOutput, DCALTransformer, GLCABlock,
                                  UncertaintyWeightedLoss, attention_rollout, select_local_queries)
 from attnlab.models.transformer import Block, CausalLM, Classifier, Mlp, Transformer, parse_layer
+from attnlab.models.visor import Visor, VisorClassifier
 
 __all__ = ["Block", "Transformer", "CausalLM", "Classifier", "Mlp", "parse_layer",
            "DCALBlock", "GLCABlock", "DCALTransformer", "DCALOutput", "DCALClassifier", "UncertaintyWeightedLoss",
-           "attention_rollout", "select_local_queries"]
+           "attention_rollout", "select_local_queries", "Visor", "VisorClassifier"]
