@@ -24,7 +24,7 @@ def test_defaults_are_the_documented_run():
     parser = argparse.ArgumentParser()
     get_claim("visor").add_arguments(parser)
     args = parser.parse_args([])
-    assert (args.grid, args.patch, args.seeds) == (2, 2, 3) and args.refine == [[0], [0, 1]]
+    assert (args.grid, args.patch, args.seeds) == (2, 2, 3) and args.refine == [[0]] and args.steps == 1600
     assert parser.parse_args(["--refine", "0", "1,2", "--cross-layers", "1,3"]).refine == [[0], [1, 2]]
 
 
