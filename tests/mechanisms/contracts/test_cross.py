@@ -15,7 +15,10 @@ Decisions recorded here:
   equals the same sample with its masked context tokens dropped.
 - A query with no allowed context token gets a zero attention output (attnlab.masks): through
   a module, no NaN or inf anywhere, gradients finite, nothing depends on the context, and
-  hook_out (where declared: per-head outputs before the projection) is zero there.
+  hook_out (where declared: per-head outputs before the projection) is zero there. A mechanism
+  whose queries also attend their own tokens (class attribute `attends_own_tokens = True`: one
+  softmax over [context; x], as visor's text stream) has no empty row: there a fully masked
+  context must instead equal an empty one (context[:, :0]), output and hook_out alike.
 - The context cache: several decoding steps with new queries and the same context equal the
   uncached calls; a context of another batch or length while the cache is full is a ValueError
   naming `reset()`; after `reset()` a new context works.
@@ -136,6 +139,17 @@ def check_fully_masked_rows_are_finite_and_zero(spec):
     y = m(x, ctx, attn_mask=valid)
     if handle is not None:
         handle.remove()
+    if getattr(type(m), "attends_own_tokens", False):     # no empty row: fully masked = no context
+        with torch.no_grad():
+            empty = {}
+            handle = hook.register_forward_hook(lambda mod, i, out: empty.setdefault("out", out)) \
+                if hook is not None else None
+            assert_close(y[1:2], m(x[1:2], ctx[1:2, :0]), **TIGHT,
+                         msg=lambda s: f"{spec.name}: a fully masked context != an empty one: {s}")
+            if handle is not None:
+                handle.remove()
+                assert_close(seen["out"][1:2], empty["out"], **TIGHT)
+    elif handle is not None:
         assert torch.equal(seen["out"][1], torch.zeros_like(seen["out"][1])), \
             f"{spec.name}: hook_out is not zero for a query with no context token"
     assert torch.isfinite(y).all(), f"{spec.name}: NaN/inf for a query with no context token"
@@ -248,17 +262,20 @@ def test_cross_contract(spec, check):
 
 # --- the checks themselves, on throwaway naive cross-attentions -------------------------------
 
-def _register_naive(registry, *, ignore_context=False, features=False, bug=None):
+def _register_naive(registry, *, ignore_context=False, features=False, bug=None, own_tokens=False):
     """A naive cross-attention (q / kv / proj as timm). features=True: it supports a (B, M)
-    key-padding mask and a ContextCache; bug names a flaw the checks must catch."""
+    key-padding mask and a ContextCache; own_tokens=True: the queries attend [context; x] in one
+    softmax (attends_own_tokens); bug names a flaw the checks must catch."""
     from attnlab._checks import check_features, check_tokens
 
     spec = attnlab.MechanismSpec(name="_test_cross", paper="test", year=2024, family="test", layout="cross",
-                                 time="O(N M d)", memory="O(N M)", exact=True, cross=True,
+                                 time="O(N M d)", memory="O(N M)", exact=not own_tokens, cross=True,
                                  attn_mask=features, kv_cache=features)
 
     @attnlab.register(spec)
     class NaiveCross(torch.nn.Module):
+        attends_own_tokens = own_tokens
+
         def __init__(self, dim, num_heads=8):
             super().__init__()
             self.dim, self.h = dim, num_heads
@@ -283,9 +300,16 @@ def _register_naive(registry, *, ignore_context=False, features=False, bug=None)
                 raise ValueError(f"_test_cross: attn_mask must be (B, M) = ({B}, {M}), got {tuple(attn_mask.shape)}")
             q = self.q(x).view(B, N, self.h, -1).transpose(1, 2)                         # (B, h, N, d)
             k, v = self.project(context) if cache is None else cache.fetch(context, self.project, owner=self)
-            scores = q @ k.transpose(-2, -1) / (C // self.h) ** 0.5                      # (B, h, N, M)
+            if own_tokens:                                         # keys [context; x]
+                k_x, v_x = self.project(x)
+                k, v = torch.cat([k, k_x], 2), torch.cat([v, v_x], 2)                   # (B, h, M + N, d)
+                if attn_mask is not None:
+                    attn_mask = torch.cat([attn_mask, attn_mask.new_ones(B, N)], 1)     # (B, M + N)
+            scores = q @ k.transpose(-2, -1) / (C // self.h) ** 0.5                      # (B, h, N, M [+ N])
             if attn_mask is not None and bug != "mask_ignored":
                 scores = scores.masked_fill(~attn_mask[:, None, None, :], float("-inf"))
+            if attn_mask is not None and bug == "empty_context_zero":   # own tokens dropped for such rows
+                scores = scores.masked_fill(~attn_mask[:, None, None, :M].any(-1, keepdim=True), float("-inf"))
             probs = scores.to(torch.promote_types(x.dtype, torch.float32)).softmax(-1).to(x.dtype)
             if attn_mask is not None and bug != "nan_rows":
                 probs = probs.nan_to_num(0.0)                      # empty rows: softmax of all -inf
@@ -338,4 +362,16 @@ def test_checks_fail_on_a_mechanism_that_ignores_the_mask(registry_snapshot):
 def test_checks_fail_on_nan_for_an_empty_context_row(registry_snapshot):
     spec = _register_naive(registry_snapshot, features=True, bug="nan_rows")
     with pytest.raises(AssertionError, match="NaN"):
+        check_fully_masked_rows_are_finite_and_zero(spec)
+
+
+def test_checks_pass_on_a_naive_joint_attention(registry_snapshot):
+    """Queries over [context; x] (attends_own_tokens): a fully masked context equals an empty one."""
+    spec = _register_naive(registry_snapshot, features=True, own_tokens=True)
+    assert _run_all(spec) == [c for c in CHECKS if c is not check_matches_cross_mhsa]   # not exact
+
+
+def test_checks_fail_on_a_joint_attention_that_zeroes_rows_without_context(registry_snapshot):
+    spec = _register_naive(registry_snapshot, features=True, own_tokens=True, bug="empty_context_zero")
+    with pytest.raises(AssertionError, match="fully masked context != an empty one"):
         check_fully_masked_rows_are_finite_and_zero(spec)
