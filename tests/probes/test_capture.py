@@ -222,7 +222,8 @@ def _real(name: str):
     import importlib.util
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"needs the {assets.ASSETS[name][1]} package ({assets.ASSETS[name][2]})")
-    loader = {"dinov2": assets.load_dinov2, "minilm": assets.load_minilm, "smollm2": assets.load_smollm2}[name]
+    loader = {"dinov2": assets.load_dinov2, "minilm": assets.load_minilm, "smollm2": assets.load_smollm2,
+              "gemma3": assets.load_gemma3}[name]
     return loader()
 
 
@@ -259,6 +260,26 @@ def test_real_smollm2_capture_equals_eager_and_stays_causal():
     N = ids.shape[1]
     p = cap["blocks.29.attn.hook_pattern"]
     assert p.shape == (1, 9, N, N) and torch.all(p[..., torch.ones(N, N, dtype=torch.bool).triu(1)] == 0)
+
+
+def test_real_gemma3_capture_equals_eager_with_its_sliding_windows():
+    """600 tokens, past the 512-token window: the sliding layers' captured patterns must be zero
+    beyond the window (and the full layers' not), and equal eager's exactly. The decoder stack
+    (model.model) skips the 262k-vocab head, which only the logits need."""
+    model, tokenizer = _real("gemma3")
+    ids = torch.randint(3, 20000, (1, 600), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = tokenizer.bos_token_id
+    cap = _check_real(model.model, {"input_ids": ids, "use_cache": False}, "last_hidden_state")
+    N, W = ids.shape[1], model.config.sliding_window
+    i, j = torch.arange(N).view(-1, 1), torch.arange(N).view(1, -1)
+    future, far = j > i, (i - j) >= W
+    for l, kind in enumerate(model.config.layer_types):
+        p = cap[f"blocks.{l}.attn.hook_pattern"]
+        assert p.shape == (1, 4, N, N) and torch.all(p[..., future] == 0)
+        if kind == "sliding_attention":
+            assert torch.all(p[..., far] == 0), l
+        else:
+            assert p[..., far].sum() > 0, l
 
 
 def test_any_list_of_blocks_with_attn_and_mlp_is_captured():

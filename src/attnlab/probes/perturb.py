@@ -384,7 +384,7 @@ def run(model_name_or_model="smollm2", *, out: Path, tokenizer=None, ids: Tensor
         per_layer: bool = True, progress: Callable[..., None] | None = None) -> dict:
     """SoftPAG's NLL vs u on a causal LM; writes perturb.md, perturb.json and perturb_nll.png into `out`.
 
-    model_name_or_model: "smollm2" (attnlab.probes.assets), a HuggingFace causal-LM folder, or a
+    model_name_or_model: "smollm2" or "gemma3" (attnlab.probes.assets), a HuggingFace causal-LM folder, or a
     model (a HuggingFace causal LM with tokenizer=, or any causal LM with ids= given). The text is
     tinyshakespeare (../shared/data, or text_path): BOS (where the tokenizer has one) + the first
     `tokens` tokens. Sweeps u over `us` on head `head` of every layer and on every head; with
@@ -401,6 +401,10 @@ def run(model_name_or_model="smollm2", *, out: Path, tokenizer=None, ids: Tensor
             from attnlab.probes import assets
             model, tokenizer = assets.load_smollm2()
             bos, name = assets.SMOLLM2_BOS, "SmolLM2-135M-Instruct"
+        elif str(model_name_or_model) == "gemma3":
+            from attnlab.probes import assets
+            model, tokenizer = assets.load_gemma3()          # the tokenizer adds <bos> (id 2)
+            name = "Gemma-3-270M"
         else:
             from attnlab._extras import require
             require("hf", "transformers", what="attnlab.probes.perturb.run on a HuggingFace folder")

@@ -451,43 +451,36 @@ def merge_levels(results: Sequence[SecondarySinks]) -> dict[tuple[int, int], int
 
 # ------------------------------------------------------------------------------------------ run: the report
 
-MODELS = ("smollm2", "minilm", "dinov2", "causallm")
-TEXT_FILE = ("tinyshakespeare", "input.txt")
+MODELS = ("smollm2", "gemma3", "minilm", "dinov2", "causallm")
 
 
 def default_text_path() -> Path:
-    """../shared/data/tinyshakespeare/input.txt relative to the repository root."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / TEXT_FILE[0] / TEXT_FILE[1]
+    """The tinyshakespeare file the probes read when given none: the tinyshakespeare task's lookup
+    ($ATTNLAB_TINYSHAKESPEARE, then ../shared/data/tinyshakespeare/input.txt from the current
+    directory or the repository root); the repository-relative path when none exists."""
+    from attnlab.tasks.tinyshakespeare import DEFAULT_RELATIVE, REPO_ROOT, find_corpus
+    try:
+        return find_corpus(None)
+    except FileNotFoundError:
+        return (REPO_ROOT / DEFAULT_RELATIVE).resolve()
 
 
 def read_text(path: str | Path | None = None) -> str:
-    path = Path(path) if path is not None else default_text_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"sinks: the text input {path} does not exist. It is tinyshakespeare's input.txt (1,115,394 "
-            "characters, the char-rnn corpus), found at ../shared/data/tinyshakespeare/input.txt beside a "
-            "checkout; pass text_path= (the CLI's --text) to use another file")
-    return path.read_text(encoding="utf-8")
-
-
-def sample_images() -> tuple[list, list[str]]:
-    """skimage's astronaut, chelsea, coffee and rocket (RGB uint8) when scikit-image is installed,
-    else one synthetic 224 x 224 image (smooth gradients, a disc and stripes, seeded)."""
+    """The probes' text: `path`, else tinyshakespeare found as the tinyshakespeare task finds it."""
+    from attnlab.tasks.tinyshakespeare import find_corpus
     try:
-        from skimage import data
-    except ImportError:
-        data = None
-    if data is not None:
-        names = ["astronaut", "chelsea", "coffee", "rocket"]
-        return [getattr(data, n)() for n in names], names
-    import numpy as np
-    yy, xx = np.mgrid[0:224, 0:224] / 223.0
-    img = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * np.pi * xx * yy)], -1)
-    disc = (xx - 0.6) ** 2 + (yy - 0.4) ** 2 < 0.04
-    img[disc] = [0.9, 0.2, 0.1]
-    img[(yy > 0.75) & ((xx * 20).astype(int) % 2 == 0)] = [0.1, 0.1, 0.8]
-    img = img + np.random.default_rng(0).normal(0, 0.02, img.shape)
-    return [(np.clip(img, 0, 1) * 255).astype(np.uint8)], ["synthetic"]
+        found = find_corpus(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (the probes: pass text_path=, the CLI's --text, to read another file)") from None
+    return found.read_text(encoding="utf-8")
+
+
+def sample_images(n: int = 4) -> tuple[list, list[str], str]:
+    """The probes' photographs (attnlab.probes.heads.sample_images_named): skimage's astronaut,
+    chelsea, coffee and rocket when scikit-image is installed, else the ones bundled with
+    scikit-learn and matplotlib, else synthetic images. Returns (images, names, source)."""
+    from attnlab.probes.heads import sample_images_named
+    return sample_images_named(n)
 
 
 def _assets():
@@ -543,19 +536,23 @@ def prepare(name: str, *, text_path=None, tokens: int = 512, windows: int = 1, d
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
     names = [f"window{w}" for w in range(windows)] if windows > 1 else ["text"]
-    if name == "smollm2":
+    if name in ("smollm2", "gemma3"):
         assets = _assets()
-        model, tok = assets.load_smollm2()
+        model, tok = assets.load_smollm2() if name == "smollm2" else assets.load_gemma3()
+        bos_id = assets.SMOLLM2_BOS if name == "smollm2" else tok.bos_token_id
         n = tokens - 1
-        ids = tok(read_text(text_path)[: 12 * tokens * windows], return_tensors="pt")["input_ids"][0]
+        ids = tok(read_text(text_path)[: 12 * tokens * windows], add_special_tokens=False,
+                  return_tensors="pt")["input_ids"][0]
         if ids.numel() < n * windows:
             raise ValueError(f"sinks: the text gives {ids.numel()} tokens, fewer than {windows} x {n}")
-        bos = torch.full((windows, 1), assets.SMOLLM2_BOS)
+        bos = torch.full((windows, 1), bos_id)
         ids = torch.cat([bos, ids[: n * windows].view(windows, n)], 1)             # (windows, tokens): BOS first
         labels = [[_token_label(tok, i) for i in row] for row in ids]
-        return Prepared(name, model.to(device), dict(input_ids=ids.to(device), use_cache=False), labels, names,
-                        note=f"{windows} window(s) of tinyshakespeare's first {n * windows} tokens, <|im_start|> "
-                             "(id 1) prepended as BOS")
+        bos_name = "<|im_start|> (id 1) prepended as BOS" if name == "smollm2" else f"<bos> (id {bos_id}) first"
+        # Gemma-3: the decoder stack alone (model.model): the 262k-vocab head is not needed for attention
+        body = model if name == "smollm2" else model.model
+        return Prepared(name, body.to(device), dict(input_ids=ids.to(device), use_cache=False), labels, names,
+                        note=f"{windows} window(s) of tinyshakespeare's first {n * windows} tokens, {bos_name}")
     if name == "minilm":
         assets = _assets()
         model, tok = assets.load_minilm()
@@ -574,12 +571,10 @@ def prepare(name: str, *, text_path=None, tokens: int = 512, windows: int = 1, d
     if name == "dinov2":
         assets = _assets()
         model = assets.load_dinov2()
-        images, image_names = sample_images()
+        images, image_names, src = sample_images()
         pixels = assets.dinov2_preprocess(images, 224)
         side = pixels.shape[-1] // assets.DINOV2_PATCH
         labels = [["CLS"] + [f"p{r},{c}" for r in range(side) for c in range(side)] for _ in image_names]
-        src = ("skimage sample images" if image_names != ["synthetic"]
-               else "a synthetic image (scikit-image is not installed)")
         return Prepared(name, model.to(device), dict(pixel_values=pixels.to(device)), labels, image_names,
                         criterion="norm",
                         note=f"{src} at 224 x 224: CLS + {side * side} patch tokens; high-norm criterion")
