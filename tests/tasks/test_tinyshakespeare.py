@@ -73,7 +73,7 @@ def test_missing_file_errors(tmp_path, monkeypatch):
         create_task("tinyshakespeare")
     monkeypatch.delenv(ts.ENV_VAR)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ts, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr("attnlab._data.REPO_ROOT", tmp_path / "repo")
     with pytest.raises(FileNotFoundError, match=f"set {ts.ENV_VAR}=") as info:
         create_task("tinyshakespeare")
     assert "shared/data/tinyshakespeare/input.txt" in str(info.value)

@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from attnlab._extras import optional_import
 from attnlab._io import write_text
 from attnlab.probes.capture import ablate_heads, capture, scale_heads
+from attnlab.probes import inputs
 
 Objective = Callable[[nn.Module, Any], "Tensor | dict[str, Tensor]"]
 Progress = Callable[[int, int, str], None]
@@ -525,53 +526,6 @@ PARAPHRASES = [
 ]
 
 
-def sample_images_named(n: int = 4, *, seed: int = 0) -> tuple[list[np.ndarray], list[str], str]:
-    """Up to n RGB uint8 images, their names and where they came from: skimage.data (astronaut, chelsea,
-    coffee, rocket) when installed; else the photographs shipped inside scikit-learn (china,
-    flower) and matplotlib (grace_hopper); else synthetic images (smooth blobs and stripes)."""
-    import importlib.util
-    if importlib.util.find_spec("skimage") is not None:
-        from skimage import data
-        names = ["astronaut", "chelsea", "coffee", "rocket"][:n]
-        return [np.asarray(getattr(data, k)())[..., :3] for k in names], names, "skimage.data: " + ", ".join(names)
-    images, names = [], []
-    try:
-        from sklearn.datasets import load_sample_images
-        bunch = load_sample_images()
-        images += [np.asarray(im) for im in bunch.images]
-        names += [Path(f).stem for f in bunch.filenames]
-    except Exception:                                               # scikit-learn or Pillow absent
-        pass
-    try:
-        import matplotlib
-        import matplotlib.image
-        path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-        if path.is_file():
-            images.append(np.asarray(matplotlib.image.imread(path))[..., :3])
-            names.append("grace_hopper")
-    except Exception:
-        pass
-    if images:
-        return images[:n], names[:n], "photographs bundled with scikit-learn/matplotlib: " + ", ".join(names[:n])
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:224, 0:224] / 224.0
-    out = []
-    for _ in range(n):
-        img = np.zeros((224, 224, 3))
-        for _ in range(6):
-            cy, cx, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.3)
-            img += rng.uniform(0, 1, 3) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2)[..., None]
-        img += 0.3 * np.sin(2 * np.pi * rng.uniform(2, 8) * (xx + rng.uniform(0, 1) * yy))[..., None]
-        out.append((255 * (img - img.min()) / (np.ptp(img) + 1e-9)).astype(np.uint8))
-    return out, [f"synthetic{i}" for i in range(n)], f"synthetic (seed {seed}): install scikit-image for its sample photographs"
-
-
-def sample_images(n: int = 4, *, seed: int = 0) -> tuple[list[np.ndarray], str]:
-    """`sample_images_named` without the names: (images, where they came from)."""
-    images, _, source = sample_images_named(n, seed=seed)
-    return images, source
-
-
 def image_views(pixel_values: Tensor, *, scale: float = 0.8) -> Tensor:
     """A second view of each image: the central `scale` crop, resized back and flipped left-right."""
     B, C, H, W = pixel_values.shape
@@ -581,11 +535,16 @@ def image_views(pixel_values: Tensor, *, scale: float = 0.8) -> Tensor:
     return F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False).flip(-1)
 
 
+def sample_images(n: int = 4, *, seed: int = 0) -> tuple[list[np.ndarray], str]:
+    """Up to n RGB uint8 photographs and where they came from (attnlab.probes.inputs.sample_images)."""
+    images, _, source = inputs.sample_images(n, seed=seed)
+    return images, source
+
+
 def shakespeare_text(path: str | os.PathLike | None) -> str:
     """The tinyshakespeare corpus: `path`, else where the tinyshakespeare task finds it
     ($ATTNLAB_TINYSHAKESPEARE, then ../shared/data/tinyshakespeare/input.txt)."""
-    from attnlab.probes.sinks import read_text
-    return read_text(path)
+    return inputs.read_text(path)
 
 
 # --------------------------------------------------------------------------- plots
@@ -1242,5 +1201,5 @@ __all__ = ["HeadScores", "Profiles", "HeadsConfig", "ablation_importance", "grad
            "rank_correlation", "top_overlap", "grid_coordinates", "grid_distances", "with_prefix", "token_distance_bins",
            "distance_mass", "distance_mass_sums", "ring_sizes", "mean_attention_distance",
            "mean_attention_distance_sums", "attention_profiles", "uniform_reference", "grid_layout", "token_layout",
-           "cluster_heads", "nll_objective", "encoder_objective", "vision_objective", "mean_pool", "sample_images", "sample_images_named",
+           "cluster_heads", "nll_objective", "encoder_objective", "vision_objective", "mean_pool", "sample_images",
            "image_views", "shakespeare_text", "PARAPHRASES", "run"]

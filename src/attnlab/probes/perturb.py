@@ -419,7 +419,7 @@ def run(model_name_or_model="smollm2", *, out: Path, tokenizer=None, ids: Tensor
     if ids is None:
         if tokenizer is None:
             raise ValueError("perturb.run: give tokenizer= (or ids=) with a model object")
-        from attnlab.probes.sinks import default_text_path, read_text
+        from attnlab.probes.inputs import default_text_path, read_text
         text = read_text(text_path)
         text_name = Path(text_path or default_text_path()).name
         ids = tokenizer(text[:tokens * 12], return_tensors="pt")["input_ids"]

@@ -69,6 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.probes.capture import Capture, capture
+from attnlab.probes.inputs import default_text_path, read_text, sample_images  # noqa: F401  (re-exported)
 
 EPS = 0.3                  # Gu et al.'s threshold
 COS_THRESHOLD = 0.9        # Wong et al.'s |cos(h_t, h_BOS)| threshold
@@ -454,35 +455,6 @@ def merge_levels(results: Sequence[SecondarySinks]) -> dict[tuple[int, int], int
 MODELS = ("smollm2", "gemma3", "minilm", "dinov2", "causallm")
 
 
-def default_text_path() -> Path:
-    """The tinyshakespeare file the probes read when given none: the tinyshakespeare task's lookup
-    ($ATTNLAB_TINYSHAKESPEARE, then ../shared/data/tinyshakespeare/input.txt from the current
-    directory or the repository root); the repository-relative path when none exists."""
-    from attnlab.tasks.tinyshakespeare import DEFAULT_RELATIVE, REPO_ROOT, find_corpus
-    try:
-        return find_corpus(None)
-    except FileNotFoundError:
-        return (REPO_ROOT / DEFAULT_RELATIVE).resolve()
-
-
-def read_text(path: str | Path | None = None) -> str:
-    """The probes' text: `path`, else tinyshakespeare found as the tinyshakespeare task finds it."""
-    from attnlab.tasks.tinyshakespeare import find_corpus
-    try:
-        found = find_corpus(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (the probes: pass text_path=, the CLI's --text, to read another file)") from None
-    return found.read_text(encoding="utf-8")
-
-
-def sample_images(n: int = 4) -> tuple[list, list[str], str]:
-    """The probes' photographs (attnlab.probes.heads.sample_images_named): skimage's astronaut,
-    chelsea, coffee and rocket when scikit-image is installed, else the ones bundled with
-    scikit-learn and matplotlib, else synthetic images. Returns (images, names, source)."""
-    from attnlab.probes.heads import sample_images_named
-    return sample_images_named(n)
-
-
 def _assets():
     try:
         from attnlab.probes import assets
@@ -571,7 +543,7 @@ def prepare(name: str, *, text_path=None, tokens: int = 512, windows: int = 1, d
     if name == "dinov2":
         assets = _assets()
         model = assets.load_dinov2()
-        images, image_names, src = sample_images()
+        images, image_names, src = sample_images(4)
         pixels = assets.dinov2_preprocess(images, 224)
         side = pixels.shape[-1] // assets.DINOV2_PATCH
         labels = [["CLS"] + [f"p{r},{c}" for r in range(side) for c in range(side)] for _ in image_names]

@@ -21,39 +21,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from attnlab._data import DEFAULT_RELATIVE, ENV_VAR, REPO_ROOT, find_corpus  # noqa: F401  (re-exported)
 from attnlab.tasks import Batch, register_task
 from attnlab.tasks._token import TokenTask, token_loss
 
-ENV_VAR = "ATTNLAB_TINYSHAKESPEARE"
-DEFAULT_RELATIVE = Path("..") / "shared" / "data" / "tinyshakespeare" / "input.txt"
-REPO_ROOT = Path(__file__).resolve().parents[3]          # src/attnlab/tasks/<file> -> repo
 TRAIN_FRACTION = 0.9
 
 # Per-process cache: resolved path -> (sorted characters, ids of the whole file (N,) int64).
 _CORPORA: dict[str, tuple[str, Tensor]] = {}
-
-
-def find_corpus(path: str | os.PathLike | None = None) -> Path:
-    """The tiny-shakespeare file to read, or a FileNotFoundError saying where to put it."""
-    if path is not None:
-        candidate = Path(path).expanduser()
-        if not candidate.is_file():
-            raise FileNotFoundError(f"tinyshakespeare: path={str(path)!r} is not a file")
-        return candidate
-    if os.environ.get(ENV_VAR):
-        candidate = Path(os.environ[ENV_VAR]).expanduser()
-        if not candidate.is_file():
-            raise FileNotFoundError(f"tinyshakespeare: {ENV_VAR}={str(candidate)!r} is not a file")
-        return candidate
-    tried = [Path.cwd() / DEFAULT_RELATIVE, REPO_ROOT / DEFAULT_RELATIVE]
-    for candidate in tried:
-        if candidate.is_file():
-            return candidate.resolve()
-    raise FileNotFoundError(
-        "tinyshakespeare: input.txt not found (looked at "
-        + ", ".join(str(c.resolve()) for c in tried)
-        + f"). Put the corpus at {(REPO_ROOT / DEFAULT_RELATIVE).resolve()}, set {ENV_VAR}=/path/to/input.txt, "
-        "or pass the task option path=...")
 
 
 def _load(path: Path) -> tuple[str, Tensor]:
