@@ -1,0 +1,40 @@
+"""`attnlab reproduce fast_inference --quick`: every variant at every length, finite numbers, paired
+ratios equal to 1 for the reference itself, the frontier figure; the full-rules variant computes
+what the unmodified model computes (same NLL and greedy tokens)."""
+import argparse
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from attnlab.arena.claims import get_claim, render  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    claim = get_claim("fast_inference")
+    parser = argparse.ArgumentParser()
+    claim.add_arguments(parser)
+    args = parser.parse_args([])
+    args.name, args.quick, args.out = "fast_inference", True, tmp_path_factory.mktemp("fast_inference")
+    return claim, args, claim.run(args)
+
+
+def test_quick_report_has_every_variant_and_finite_numbers(quick):
+    claim, args, report = quick
+    res = report.data["results"]
+    assert sorted(res) == sorted(f"{v}@{n}" for v in ("dense", "full-rules", "hylra", "hylra-sparse", "streaming")
+                                 for n in (96, 160))
+    for key, r in res.items():
+        assert r["prefill_s"] > 0 and r["decode_ms"] > 0 and math.isfinite(r["nll"]), key
+        assert 0 <= r["agreement"] <= 1 and r["kv_mb"] > 0
+    assert res["dense@160"]["prefill_speedup"] == 1.0 and res["dense@160"]["dnll"][0] == 0.0
+    # the dense computation through fastlm is the model's: same NLL, same greedy tokens
+    assert res["full-rules@160"]["dnll"][0] == pytest.approx(0.0, abs=1e-6)
+    assert res["full-rules@160"]["agreement"] == 1.0
+    assert 0 < res["full-rules@160"]["attention_share"] < 1
+    assert res["streaming@160"]["prefill_key_fraction"] < 1
+    assert report.verdict in ("holds", "partly", "does not hold")
+    page = render(claim, report, "attnlab reproduce fast_inference --quick", 1.0)
+    assert "hylra-sparse" in page and report.figures[0].is_file()
