@@ -164,3 +164,23 @@ def test_bad_policies_are_refused():
         hylra.Policy.from_json({"vllm_hash_attention_topk": 512})
     with pytest.raises(ValueError, match="covers the whole prefix"):
         hylra.profile_from_qk([torch.randn(20, 2, 4)], [torch.randn(20, 1, 4)], steps=4, block=4, budget=64)
+
+
+def test_run_writes_its_report_on_a_tiny_llama(tmp_path):
+    class CharTokenizer:
+        bos_token_id = 0
+
+        def __call__(self, text, return_tensors=None):
+            return {"input_ids": torch.tensor([[0] + [1 + ord(c) % 60 for c in text]])}
+
+    model = tiny_llama()
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chr(97 + (i * 7919) % 26) for i in range(20000)))
+    doc = hylra.run(model, tokenizer=CharTokenizer(), out=tmp_path / "out", tokens=192, continuation=6, greedy=4,
+                    block=16, sink=16, recent=32, steps=8, text_path=text)
+    for f in doc["files"]:
+        assert (tmp_path / "out" / f.split("/")[-1]).is_file()
+    assert set(doc["results"]) == {"dense", "hylra", "hylra-sparse"}
+    assert doc["results"]["dense"]["agreement"] == [1.0, 4]
+    assert "sensitive layers" in (tmp_path / "out" / "hylra.md").read_text()
+    assert hylra.Policy.load(tmp_path / "out" / "hylra-policy.json").num_layers == 4

