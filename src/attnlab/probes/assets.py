@@ -531,3 +531,30 @@ def load_gemma3(*, dtype: torch.dtype = torch.float32, attn_implementation: str 
     finally:
         for folder in scratch:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- by name
+
+CAUSAL_LMS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}
+
+
+def load_causal_lm(name_or_folder, *, attn_implementation: str = "eager"):
+    """(model, tokenizer, display name, BOS to prepend or None) for "smollm2", "gemma3" or a HuggingFace
+    causal-LM folder (loaded offline). SmolLM2's tokenizer adds no BOS, so SMOLLM2_BOS is returned;
+    Gemma-3's and most others' add their own (None: prepend the tokenizer's bos_token_id if missing)."""
+    key = str(name_or_folder)
+    if key == "smollm2":
+        model, tok = load_smollm2(attn_implementation=attn_implementation)
+        return model, tok, CAUSAL_LMS[key], SMOLLM2_BOS
+    if key == "gemma3":
+        model, tok = load_gemma3(attn_implementation=attn_implementation)
+        return model, tok, CAUSAL_LMS[key], None
+    folder = Path(key).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"unknown causal LM {key!r}: expected {', '.join(CAUSAL_LMS)} or a HuggingFace folder "
+                         "with config.json")
+    require("hf", "transformers", what="loading a HuggingFace causal LM")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation=attn_implementation,
+                                                 local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), folder.name, None

@@ -395,17 +395,9 @@ def run(model_name_or_model="smollm2", *, out: Path, tokenizer=None, tokens: int
 
     bos = None
     name = str(model_name_or_model) if isinstance(model_name_or_model, (str, Path)) else type(model_name_or_model).__name__
-    if str(model_name_or_model) == "smollm2":
+    if isinstance(model_name_or_model, (str, Path)):
         from attnlab.probes import assets
-        model, tokenizer = assets.load_smollm2(attn_implementation="sdpa")
-        bos, name = assets.SMOLLM2_BOS, "SmolLM2-135M-Instruct"
-    elif isinstance(model_name_or_model, (str, Path)):
-        from attnlab._extras import require
-        require("hf", "transformers", what="attnlab.probes.hylra.run on a HuggingFace folder")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained(str(model_name_or_model), attn_implementation="sdpa",
-                                                     local_files_only=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_model), local_files_only=True)
+        model, tokenizer, name, bos = assets.load_causal_lm(model_name_or_model, attn_implementation="sdpa")
     else:
         model = model_name_or_model
         if tokenizer is None:

@@ -397,21 +397,8 @@ def run(model_name_or_model="smollm2", *, out: Path, tokenizer=None, ids: Tensor
         type(model_name_or_model).__name__
     bos = None
     if isinstance(model_name_or_model, (str, Path)):
-        if str(model_name_or_model) == "smollm2":
-            from attnlab.probes import assets
-            model, tokenizer = assets.load_smollm2()
-            bos, name = assets.SMOLLM2_BOS, "SmolLM2-135M-Instruct"
-        elif str(model_name_or_model) == "gemma3":
-            from attnlab.probes import assets
-            model, tokenizer = assets.load_gemma3()          # the tokenizer adds <bos> (id 2)
-            name = "Gemma-3-270M"
-        else:
-            from attnlab._extras import require
-            require("hf", "transformers", what="attnlab.probes.perturb.run on a HuggingFace folder")
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-            model = AutoModelForCausalLM.from_pretrained(str(model_name_or_model), attn_implementation="eager",
-                                                         local_files_only=True).eval()
-            tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_model), local_files_only=True)
+        from attnlab.probes import assets
+        model, tokenizer, name, bos = assets.load_causal_lm(model_name_or_model)
     else:
         model = model_name_or_model
     model.eval()
