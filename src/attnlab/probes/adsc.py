@@ -458,7 +458,8 @@ def vit_schedule(h: int, w: int, num_layers: int, layers: Sequence[int], ratio: 
 
     raster: keep every ratio-th remaining patch in raster order (the first survives); grid: keep
     the patches whose row and column ranks among the remaining rows/columns are multiples of
-    ratio (a 2-D stride: ratio^2 fewer patches per step)."""
+    ratio (a 2-D stride: ratio^2 fewer patches per step). Note: when the grid width is a multiple of
+    ratio (DINOv2 at 224: 16 x 16), the first raster step keeps whole columns (every ratio-th one)."""
     if mode not in ("raster", "grid"):
         raise ValueError(f"mode: expected 'raster' or 'grid', got {mode!r}")
     chosen = set(layers)
