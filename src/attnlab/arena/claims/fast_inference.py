@@ -253,7 +253,7 @@ def _frontier(path: Path, results: dict) -> Path:
     names = sorted({k.split("@")[0] for k in results})
     for i, name in enumerate(names):
         pts = sorted((v["N"], v["dnll"][0], v["prefill_speedup"]) for k, v in results.items() if k.startswith(name + "@"))
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", color=f"C{i}", label=name)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", ls="none", color=f"C{i % 10}", label=name)
         for n, x, y in pts:
             ax.annotate(str(n), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
