@@ -65,10 +65,17 @@ Deviations from the released code, all deliberate:
 - Inference with a batch: the decision is per prompt and the fastlm Plan is per layer, so
   FluxRouting takes one prompt at a time (B = 1) and raises otherwise; training handles B > 1.
 
+- Learning rates: the defaults are the official ones (routers 5e-4, lambdas 1e-3, warmup 20% +
+  cosine). At those rates lambda1 grows by about 1e-3 a step (Adam), so over a few dozen steps s
+  does not leave 0 (the tiny-model test, and the official run has 300 steps of 48 long
+  sequences). Short runs here pass router_lr=5e-3, lambda_lr=0.1, schedule="constant" and say so.
+
 Exactness (tests/probes/test_flux.py): routers at init route every layer to Full and give the
-unmodified SDPA model's logits bit for bit (prefill and decode); all layers forced sparse give a
-fastlm Plan of the sparse rule on every layer bit for bit; the training mix at z = 1 (z = 0)
-gives the all-full (all-sparse) plan's logits.
+unmodified SDPA model's logits bit for bit (prefill and 5 decode steps); all layers forced sparse
+give a fastlm Plan of the sparse rule on every layer bit for bit, and so does any mix of layers;
+the training forward at z = 1 (z = 0) gives the all-full (all-sparse) logits bit for bit, because
+z = hard + (soft - soft.detach()) is exactly 0 or 1 (the official bracketing; hard + soft -
+soft.detach() is not) and 1 * x + 0 * y = x.
 """
 from __future__ import annotations
 
