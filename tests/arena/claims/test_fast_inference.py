@@ -25,7 +25,7 @@ def test_quick_report_has_every_variant_and_finite_numbers(quick):
     claim, args, report = quick
     res = report.data["results"]
     assert sorted(res) == sorted(f"{v}@{n}" for v in ("dense", "full-rules", "hylra", "hylra-sparse", "streaming",
-                                                                   "adsc[2]r2", "adsc[1,3]r2")
+                                                                   "adsc[2]r2", "adsc[1,3]r2", "flux")
                                  for n in (96, 160))
     for key, r in res.items():
         assert r["prefill_s"] > 0 and r["decode_ms"] > 0 and math.isfinite(r["nll"]), key
@@ -37,6 +37,7 @@ def test_quick_report_has_every_variant_and_finite_numbers(quick):
     assert 0 < res["full-rules@160"]["attention_share"] < 1
     assert res["streaming@160"]["prefill_key_fraction"] < 1
     assert res["adsc[1,3]r2@160"]["kv_mb"] < res["adsc[2]r2@160"]["kv_mb"] < res["dense@160"]["kv_mb"]
+    assert report.data["flux"]["steps"] == 4 and 0 <= report.data["flux"]["final_s"] <= 1
     assert report.verdict in ("holds", "partly", "does not hold")
     page = render(claim, report, "attnlab reproduce fast_inference --quick", 1.0)
     assert "hylra-sparse" in page and report.figures[0].is_file()
