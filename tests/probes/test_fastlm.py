@@ -9,15 +9,11 @@ import torch
 from attnlab.probes import fastlm as fl
 
 transformers = pytest.importorskip("transformers")
+import _tiny  # noqa: E402  (tests/probes/_tiny.py)
 
 
 def tiny_llama(layers: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    c = transformers.LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(c).eval()
-    model.set_attn_implementation("sdpa")
-    return model
+    return _tiny.tiny_llama(layers, seed)
 
 
 def naive(q, k, v, allowed, scaling):

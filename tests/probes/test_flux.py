@@ -12,18 +12,14 @@ from attnlab.probes import fastlm as fl
 from attnlab.probes import flux
 
 transformers = pytest.importorskip("transformers")
+import _tiny  # noqa: E402  (tests/probes/_tiny.py)
 pytest.importorskip("safetensors")
 
 SPARSE = dict(sink=8, window=16, block=8)
 
 
 def tiny_llama(layers: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    c = transformers.LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(c).eval()
-    model.set_attn_implementation("sdpa")
-    return model
+    return _tiny.tiny_llama(layers, seed)
 
 
 def tokens(n, seed=1):

@@ -13,6 +13,7 @@ import torch
 from attnlab.probes import fastlm, hylra
 
 transformers = pytest.importorskip("transformers")
+import _tiny  # noqa: E402  (tests/probes/_tiny.py)
 
 
 def brute_force(A: np.ndarray, C: int):
@@ -102,12 +103,7 @@ def test_profile_matches_a_per_step_loop_from_the_description():
 
 
 def tiny_llama(layers=4):
-    torch.manual_seed(0)
-    c = transformers.LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(c).eval()
-    model.set_attn_implementation("sdpa")
-    return model
+    return _tiny.tiny_llama(layers)
 
 
 def test_profile_policy_plan_and_file_on_a_tiny_llama(tmp_path):
