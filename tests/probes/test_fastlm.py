@@ -159,3 +159,32 @@ def test_bad_plans_and_inputs_are_refused():
     assert [type(plan.rule(l)).__name__ for l in range(3)] == ["BlockTopK", "Reuse", "Streaming"]
     with pytest.raises(ValueError, match="unknown rule kind"):
         fl.rule_from_json({"kind": "magic"})
+
+
+def test_breakdown_parts_add_up_to_the_total_and_leave_no_hooks_behind():
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 61, (1, 96), generator=torch.Generator().manual_seed(3))
+    ref = model(ids).logits
+    parts = fl.breakdown(model, ids, decode_tokens=4, repeats=2)
+    assert set(parts) == {"prefill", "decode"}
+    for phase in parts.values():
+        assert set(phase) == set(fl.PARTS) | {"total"}
+        assert sum(phase[p] for p in fl.PARTS) == pytest.approx(phase["total"], rel=1e-9)
+        assert phase["attention kernel"] > 0 and phase["MLP"] > 0 and phase["LM head"] > 0
+        assert phase["attention kernel"] < phase["total"]
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    torch.testing.assert_close(model(ids).logits, ref)
+    with pytest.raises(ValueError, match="model.lm_head"):
+        fl.breakdown(model.model, ids)
+
+
+def test_run_breakdown_writes_one_row_per_length_and_phase(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(_tiny.letters())
+    doc = fl.run_breakdown(tiny_llama(layers=2), tokenizer=_tiny.CharTokenizer(), out=tmp_path, tokens=(32, 64),
+                           decode_tokens=2, repeats=1, text_path=text)
+    assert set(doc["results"]) == {"32", "64"}
+    rows = [l for l in (tmp_path / "timing.md").read_text().splitlines() if l.startswith("| 32 |") or
+            l.startswith("| 64 |")]
+    assert len(rows) == 4 and all(l.count("%") == len(fl.PARTS) for l in rows)

@@ -297,3 +297,20 @@ def test_bad_inputs_are_refused_with_what_was_expected():
     with pytest.raises(ValueError, match="expected queries \\(B, N, Hq, D\\)"):
         flux.pool_queries(torch.randn(3, 4, 5))
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_run_trains_saves_and_reloads_the_routers(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(_tiny.letters())
+    model = tiny_llama(layers=2)
+    kw = dict(tokenizer=_tiny.CharTokenizer(), target=0.5, steps=3, seq_len=64, tokens=80, continuation=5,
+              sink=4, window=16, text_path=text)
+    doc = flux.run(model, out=tmp_path / "a", **kw)
+    assert [r["routing"] for r in doc["rows"]] == ["all-full", "all-sparse", "flux"]
+    names = {p.split("/")[-1] for p in doc["files"]}
+    assert names == {"flux.md", "flux.json", "flux-routers.safetensors", "flux-routers.json"}
+    assert doc["train"]["steps"] == 3 and "routers trained 3 steps" in (tmp_path / "a" / "flux.md").read_text()
+    again = flux.run(model, out=tmp_path / "b", routers_path=tmp_path / "a" / "flux-routers", **kw)
+    assert again["rows"][2]["layers"] == doc["rows"][2]["layers"]
+    assert again["rows"][2]["nll"] == doc["rows"][2]["nll"]
+    assert "loaded from" in (tmp_path / "b" / "flux.md").read_text()

