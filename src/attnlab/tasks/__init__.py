@@ -79,6 +79,10 @@ class Task:
         """Forward `model` on `batch`: (scalar loss to minimise, metrics incl. `quality`)."""
         raise NotImplementedError
 
+    def accepts_no_layers(self) -> bool:
+        """Whether `build_model` takes an empty layer list (a model with no attention, e.g. a baseline)."""
+        return False
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, batches: int = 4, batch_size: int = 64,
                  device: torch.device | str = "cpu") -> dict[str, float]:

@@ -57,8 +57,6 @@ class TrainConfig:
         if isinstance(self.layers, (str, dict)) or not isinstance(self.layers, (list, tuple)):
             raise TypeError(f"layers must be a list of mechanism names or dicts, got {self.layers!r}")
         self.layers = list(self.layers)
-        if not self.layers:
-            raise ValueError("layers must name at least one mechanism")
         for layer in self.layers:
             if not (isinstance(layer, str) and layer) and not (isinstance(layer, dict)
                                                                 and isinstance(layer.get("name"), str)):
@@ -111,8 +109,11 @@ def lr_at(config: TrainConfig, step: int) -> float:
 
 
 def parse_layers(text: str) -> list:
-    """'mhsa,moh,deconstructed:fixed' or a JSON list ('[{"name": "moh", "top_k": 2}, "mhsa"]')."""
+    """'mhsa,moh,deconstructed:fixed' or a JSON list ('[{"name": "moh", "top_k": 2}, "mhsa"]'); 'none' is
+    the empty list, for a task whose model can have no attention layer (Task.accepts_no_layers)."""
     text = text.strip()
+    if text == "none":
+        return []
     if text.startswith("["):
         try:
             layers = json.loads(text)
@@ -126,7 +127,11 @@ def parse_layers(text: str) -> list:
 
 
 def check_layers(task, layers: list) -> None:
-    """Every layer names a registered mechanism, and a causal one where the task trains a causal model."""
+    """Every layer names a registered mechanism, and a causal one where the task trains a causal model;
+    an empty list only for a task whose model takes none (Task.accepts_no_layers)."""
+    if not layers and not task.accepts_no_layers():
+        raise ValueError(f"layers must name at least one mechanism (task {task.name!r} builds one attention "
+                         "layer per entry)")
     for layer in layers:
         name, _ = parse_layer(layer)
         spec = get_spec(name)                     # unknown names: ValueError with close matches
