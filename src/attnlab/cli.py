@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a task's model built from mechanisms; resumable, torchrun-ready")
     train.add_arguments(p)
     p.set_defaults(func=train.main)
+    from attnlab.train import forecast
+    p = sub.add_parser("forecast", help="train and test a forecaster (MSGNet, DLinear) on a CSV in the ETT format")
+    forecast.add_arguments(p)
+    p.set_defaults(func=forecast.main)
     from attnlab.probes import cli as probe
     p = sub.add_parser("probe", help="look inside a real pretrained model (offline): attention sinks, head importance")
     probe.add_arguments(p)
