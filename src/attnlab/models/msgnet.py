@@ -134,11 +134,14 @@ class MixProp(nn.Module):
         adj = adj + torch.eye(adj.shape[0], device=x.device, dtype=adj.dtype)
         a = adj / adj.sum(1, keepdim=True)                                         # row-normalised (A + I)
         flat = x.reshape(B, n, T * C)
-        h, out = flat, [x]
-        for _ in range(self.depth):
-            h = self.alpha * flat + (1 - self.alpha) * (a @ h)       # official einsum("ncwl,vw->ncvl"): (B, n, T*C)
-            out.append(h.view(B, n, T, C))
-        return F.linear(torch.cat(out, -1), self.mlp.weight[:, :, 0, 0], self.mlp.bias)   # (B, n, T, c_out)
+        keep = self.alpha * flat
+        w = self.mlp.weight[:, :, 0, 0]                                             # (c_out, (depth + 1) C)
+        out = F.linear(x, w[:, :C], self.mlp.bias)        # the 1x1 conv over the concatenation, term by term
+        h = flat
+        for i in range(1, self.depth + 1):
+            h = torch.matmul(a, h).mul_(1 - self.alpha).add_(keep)  # official einsum("ncwl,vw->ncvl"): (B, n, T*C)
+            out = out + F.linear(h.view(B, n, T, C), w[:, i * C:(i + 1) * C])
+        return out                                                                  # (B, n, T, c_out)
 
 
 class GraphBlock(nn.Module):

@@ -254,12 +254,12 @@ class ETT(Task):
 
     @torch.no_grad()
     def evaluate_split(self, model: nn.Module, split: str = TEST, *, batch_size: int = 32,
-                       drop_last: bool = True) -> dict[str, float]:
+                       drop_last: bool = True, limit: int | None = None) -> dict[str, float]:
         """MSE and MAE over every window of `split` in order (the official test loop: batch_size 32,
-        drop_last), on the scaled data."""
+        drop_last), on the scaled data; `limit`: only the first `limit` windows (quick checks)."""
         was = model.training
         model.eval()
-        n = self.num_windows(split)
+        n = self.num_windows(split) if limit is None else min(int(limit), self.num_windows(split))
         end = (n // batch_size) * batch_size if drop_last else n
         se = ae = count = 0.0
         try:

@@ -77,9 +77,11 @@ def config_for(*, horizon: int, model: str = "msgnet", csv: str | None = None, l
                        log_every=max(1, per_epoch // 4), checkpoint_every=0, seed=seed, threads=threads)
 
 
-def fit(config: TrainConfig, out_dir: str | Path | None = None, *, progress: bool = False) -> Fitted:
+def fit(config: TrainConfig, out_dir: str | Path | None = None, *, progress: bool = False,
+        limit: int | None = None) -> Fitted:
     """Train `config` with attnlab.train, reload the final checkpoint (checked against the trainer's
-    last evaluation), and measure it on the whole validation and test splits (batch 32, drop_last)."""
+    last evaluation), and measure it on the whole validation and test splits (batch 32, drop_last;
+    `limit`: their first `limit` windows only, for quick checks)."""
     from attnlab.tasks import create_task
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="attnlab-forecast-") as tmp:
@@ -95,8 +97,8 @@ def fit(config: TrainConfig, out_dir: str | Path | None = None, *, progress: boo
     if abs(check["mse"] - result.final["val_mse"]) > 1e-5 * max(1.0, abs(check["mse"])):
         raise RuntimeError(f"the reloaded model gives val MSE {check['mse']}, the trainer reported "
                            f"{result.final['val_mse']}: the checkpoint is not the trained model")
-    return Fitted(model, task, config, result, task.evaluate_split(model, "val"), task.evaluate_split(model, "test"),
-                  seconds)
+    return Fitted(model, task, config, result, task.evaluate_split(model, "val", limit=limit),
+                  task.evaluate_split(model, "test", limit=limit), seconds)
 
 
 def plot(path: Path, curves: dict[str, dict], *, windows: int = 3, variate: int = -1) -> Path:
