@@ -1,5 +1,6 @@
 """L-SFAN: a lightweight CNN with oriented pooling and one attention layer over its channel tokens
-(Ortigoso-Narro et al., 2024; official code jortigoso/LSFAN, `src/models.py`).
+(Ortigoso-Narro et al., 2024, arXiv 2406.16913, "L-SFAN: Lightweight Spatially-focused Attention
+Network for Pain Behavior Detection"; official code jortigoso/LSFAN, `src/models.py`).
 
     model = LSFAN(num_classes=2, length=180, sensors=30)                  # the paper's CNN_TAP_Att
     logits = model(x)                                                     # x (B, T, S) -> (B, classes)
@@ -15,8 +16,8 @@ The network reads a frame of T time steps by S sensors as a one-channel image (B
    sensors keep their width (padding 1). (B, 1, T, S) -> (B, 16, T', S), T' = ((T - 4) // 2 - 4) // 2
    (T = 180 -> T' = 42, the official comment's "H=42").
 2. `oriented_pool`: TAP ("temporal average pooling", the official AdaptiveAvgPool2d((1, W))) means
-   over time -> (B, 16, S); SAP (AdaptiveAvgPool2d((1, H)), the official CNN_SAP) means over
-   sensors -> (B, 16, T'). Either way the tokens are the 16 channels, of width S (TAP) or T' (SAP).
+   over time -> (B, 16, S); SAP (spatial average pooling) means over sensors -> (B, 16, T'). Either
+   way the tokens are the 16 channels, of width S (TAP) or T' (SAP).
 3. `LSFANEncoderLayer` (official nn.TransformerEncoderLayer(d_model=30, nhead=5,
    dim_feedforward=30, dropout=0.2, batch_first=True, norm_first=False) in an nn.TransformerEncoder
    of num_layers=1): post-norm, x = LN1(x + drop(attn(x))), x = LN2(x + drop(W2 drop(relu(W1 x)))),
@@ -42,8 +43,13 @@ What is the official code's and what is ours:
   in_proj is [q; k; v] heads in order, the same layout as mhsa's qkv); checked against
   torch's own nn.TransformerEncoderLayer in the tests.
 - Ours: the attention is any registered mechanism (`attention=` a name or {"name": ..., **options});
+  SAP as a mean over sensors: the code's CNN_SAP calls AdaptiveAvgPool2d((1, H)) on (B, 16, H, W),
+  which averages over *time* (output height 1) and resamples the sensor axis from W to H adaptive
+  bins (its comment's shape (B, 16, 1, 42) is right, the content is not a sensor mean; a test shows
+  the two differ), so here SAP follows the paper's wording and the issue, not that line;
   SAP *with* attention (the code has CNN_SAP without attention and only a TAP variant with it);
-  `attention=None` is the code's CNN_TAP / CNN_SAP (pooling straight into the head); several
+  `attention=None` is the code's CNN_TAP (and CNN_SAP with the sensor mean; pooling straight into
+  the head); several
   encoder layers via `num_layers` (the code's num_layers, default 1); inputs of any T >= 16 and
   S (the code fixes 180 x 30). The official module-level `feature_extractor_small` is one
   object shared by every model built in a process (its LOSO loop reuses the conv weights of the

@@ -117,7 +117,8 @@ def read_ts(path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarray, tupl
             if dimensions is not None and len(dims) != dimensions:
                 raise ValueError(f"{path}:{number}: expected {dimensions} dimensions, got {len(dims)}")
             try:
-                rows = [np.array([float(v) for v in d.split(",")], dtype=np.float64) for d in dims]
+                rows = [np.array([math.nan if v.strip() == "?" else float(v) for v in d.split(",")], dtype=np.float64)
+                        for d in dims]
             except ValueError as e:
                 raise ValueError(f"{path}:{number}: a value is not a number ({e})") from None
             if len({len(r) for r in rows}) != 1:
@@ -208,7 +209,8 @@ class FCNBaseline(nn.Module):
         layers: list[nn.Module] = []
         c = sensors
         for w, k in zip(widths, (8, 5, 3)):
-            layers += [nn.Conv1d(c, w, k, padding="same"), nn.BatchNorm1d(w), nn.ReLU()]
+            # 'same' padding written out ((k-1)//2 left, k//2 right, as Keras does for the even k = 8)
+            layers += [nn.ConstantPad1d(((k - 1) // 2, k // 2), 0.0), nn.Conv1d(c, w, k), nn.BatchNorm1d(w), nn.ReLU()]
             c = w
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(c, num_classes)
