@@ -6,7 +6,7 @@ Network for Pain Behavior Detection"; official code jortigoso/LSFAN, `src/models
     logits = model(x)                                                     # x (B, T, S) -> (B, classes)
     LSFAN(4, length=100, sensors=6, num_heads=2, pooling="sap")           # pooled over sensors
     LSFAN(4, length=100, sensors=6, attention=None)                       # no attention (CNN_TAP)
-    LSFAN(4, length=100, sensors=6, num_heads=2, attention="moh")         # any registered mechanism
+    LSFAN(4, length=100, sensors=6, num_heads=2, attention="proxima")     # any registered mechanism
 
 The network reads a frame of T time steps by S sensors as a one-channel image (B, 1, T, S) and runs:
 
@@ -49,9 +49,8 @@ What is the official code's and what is ours:
   the two differ), so here SAP follows the paper's wording and the issue, not that line;
   SAP *with* attention (the code has CNN_SAP without attention and only a TAP variant with it);
   `attention=None` is the code's CNN_TAP (and CNN_SAP with the sensor mean; pooling straight into
-  the head); several
-  encoder layers via `num_layers` (the code's num_layers, default 1); inputs of any T >= 16 and
-  S (the code fixes 180 x 30). The official module-level `feature_extractor_small` is one
+  the head); several encoder layers via `num_layers` (the code's num_layers, default 1); inputs
+  of any T >= 16 and S (the code fixes 180 x 30). The official module-level `feature_extractor_small` is one
   object shared by every model built in a process (its LOSO loop reuses the conv weights of the
   previous fold); here each model owns a freshly initialised stack.
 - Not here: the official training (Adam lr 1e-3, batch 40, class-weighted cross-entropy,

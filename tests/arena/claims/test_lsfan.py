@@ -45,6 +45,9 @@ def test_quick_report_rows_metrics_and_page(quick):
     # L-SFAN TAP at BasicMotions' input: conv stack 1,620 + encoder layer (width 6, ff 6) + head 16*6*4 + 4
     tap = report.data["runs"]["BasicMotions"]["L-SFAN TAP (mhsa)"][0]["params"]
     assert tap == 1620 + (6 * 18 + 18 + 6 * 6 + 6) + 2 * (6 * 6 + 6) + 2 * 12 + (16 * 6 * 4 + 4)
+    # params per dataset in the datasets' order: SAP's head reads 16 x T' (22 for BasicMotions, 4 for JapaneseVowels)
+    sap = dict((row[0], row[1]) for row in table.rows)["SAP, no attention"]
+    assert sap == f"{1620 + 16 * 22 * 4 + 4:,} / {1620 + 16 * 4 * 9 + 9:,}"
     page = render(claim, report, "attnlab reproduce lsfan --quick", 1.0)
     assert "| L-SFAN TAP (mhsa) |" in page and f"Verdict: {report.verdict}" in page and "Verdict rule" in page
     assert (args.out / "lsfan_curves.png").is_file()

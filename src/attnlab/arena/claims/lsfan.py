@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> Report:
     headers = ["model", "params"] + [f"{ds} {m}" for ds in datasets for m in ("acc %", "macro-F1 %", "MCC %")]
     rows = []
     for label in list(VARIANTS) + [ROCKET_LABEL]:
-        params = sorted({r["params"] for ds in datasets for r in runs[ds][label]})
+        params = [runs[ds][label][0]["params"] for ds in datasets]          # the same for every seed
         row = [label, " / ".join(f"{p:,}" for p in params)]
         for ds in datasets:
             rs = runs[ds][label]
