@@ -101,3 +101,20 @@ if [ ! -d "$FASHION" ] && command -v apt-get >/dev/null 2>&1; then
     fi
   fi
 fi
+
+# --- lsfan (issue 18): the UEA multivariate sets for `--task uea` and `attnlab reproduce lsfan`. ---
+# The aeon wheel ships BasicMotions and JapaneseVowels as .ts files; attnlab.tasks.uea reads them
+# without importing aeon, so it installs with --no-deps (aeon's own dependencies are not needed).
+# Best effort, tried again only when setup.sh changed since a failed try; without it the uea tests skip.
+UEA_TRIED=$VENV/.attnlab-uea-tried
+if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('aeon') is None)" 2>/dev/null; then
+  if [ -f "$UEA_TRIED" ] && [ "$UEA_TRIED" -nt scripts/setup.sh ]; then
+    echo "attnlab setup: note: aeon not installed (the uea task and the lsfan claim need its data files)" >&2
+  else
+    echo "attnlab setup: installing aeon (--no-deps, for its UEA data files)"
+    if ! pip install --no-deps aeon; then
+      echo "attnlab setup: warning: could not install aeon; --task uea needs it (or ATTNLAB_UEA)" >&2
+    fi
+    touch "$UEA_TRIED"
+  fi
+fi
