@@ -66,7 +66,6 @@ inside the context (one sequence/cache at a time).
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -689,14 +688,8 @@ def run(model_name_or_model="smollm2", *, out, tokenizer=None, settings=None, to
         intro = (f"{name}: every r-th patch token ({mode} order) kept at the chosen layers, training-free; cosine "
                  "similarity of the features to the unmodified model's on the sample photographs.")
     else:
-        bos = None
-        if isinstance(model_name_or_model, (str, Path)):
-            from attnlab.probes import assets
-            model, tokenizer, name, bos = assets.load_causal_lm(model_name_or_model, attn_implementation="sdpa")
-        else:
-            model, name = model_name_or_model, type(model_name_or_model).__name__
-            if tokenizer is None:
-                raise ValueError("adsc.run: give tokenizer= with a model object")
+        from attnlab.probes.assets import causal_lm
+        model, tokenizer, name, bos = causal_lm(model_name_or_model, tokenizer, what="adsc.run")
         from attnlab.probes.inputs import read_text
         say("causal-LM sweep")
         rows = sweep(model.eval(), tokenizer, settings=settings or DEFAULT_SETTINGS, prefix_tokens=tokens,

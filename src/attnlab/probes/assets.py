@@ -558,3 +558,13 @@ def load_causal_lm(name_or_folder, *, attn_implementation: str = "eager"):
     model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation=attn_implementation,
                                                  local_files_only=True).eval()
     return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), folder.name, None
+
+
+def causal_lm(model_or_name, tokenizer=None, *, what: str = "probe", attn_implementation: str = "sdpa"):
+    """(model in eval mode, tokenizer, display name, BOS or None) for a run() that takes either a name
+    or folder (loaded with load_causal_lm) or a model object (then `tokenizer` is required)."""
+    if isinstance(model_or_name, (str, Path)):
+        return load_causal_lm(model_or_name, attn_implementation=attn_implementation)
+    if tokenizer is None:
+        raise ValueError(f"{what}: give tokenizer= with a model object")
+    return model_or_name.eval(), tokenizer, type(model_or_name).__name__, None

@@ -314,7 +314,7 @@ class Reuse(Rule):
     kind = "reuse"
 
     def __call__(self, q, k, v, scaling, plan, layer):
-        nq, nk = q.shape[2], k.shape[2]
+        nk = k.shape[2]
         found = plan.state.get("blocks")
         if found is None:
             return dense_attention(q, k, v, scaling)
@@ -642,15 +642,8 @@ def run_breakdown(model_name_or_model="smollm2", *, out, tokenizer=None, tokens:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    bos = None
-    if isinstance(model_name_or_model, (str, Path)):
-        from attnlab.probes import assets
-        model, tokenizer, name, bos = assets.load_causal_lm(model_name_or_model, attn_implementation="sdpa")
-    else:
-        model, name = model_name_or_model, type(model_name_or_model).__name__
-        if tokenizer is None:
-            raise ValueError("run_breakdown: give tokenizer= with a model object")
-    model.eval()
+    from attnlab.probes.assets import causal_lm
+    model, tokenizer, name, bos = causal_lm(model_name_or_model, tokenizer, what="run_breakdown")
     text = read_text(text_path)
     top = max(tokens)
     ids = token_window(tokenizer, text[: 12 * top], top, bos=bos, what="run_breakdown")

@@ -83,9 +83,9 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -700,14 +700,8 @@ def run(model_name_or_model="smollm2", *, out, tokenizer=None, routers_path=None
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     say = progress or (lambda *a: None)
-    bos = None
-    if isinstance(model_name_or_model, (str, Path)):
-        from attnlab.probes import assets
-        model, tokenizer, name, bos = assets.load_causal_lm(model_name_or_model, attn_implementation="sdpa")
-    else:
-        model, name = model_name_or_model, type(model_name_or_model).__name__
-        if tokenizer is None:
-            raise ValueError("flux.run: give tokenizer= with a model object")
+    from attnlab.probes.assets import causal_lm
+    model, tokenizer, name, bos = causal_lm(model_name_or_model, tokenizer, what="flux.run")
     text = read_text(text_path)
     sparse = fl.Streaming(sink=sink, window=window)
     routers = None

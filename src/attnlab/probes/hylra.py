@@ -393,16 +393,8 @@ def run(model_name_or_model="smollm2", *, out: Path, tokenizer=None, tokens: int
         if progress is not None:
             progress(what)
 
-    bos = None
-    name = str(model_name_or_model) if isinstance(model_name_or_model, (str, Path)) else type(model_name_or_model).__name__
-    if isinstance(model_name_or_model, (str, Path)):
-        from attnlab.probes import assets
-        model, tokenizer, name, bos = assets.load_causal_lm(model_name_or_model, attn_implementation="sdpa")
-    else:
-        model = model_name_or_model
-        if tokenizer is None:
-            raise ValueError("hylra.run: give tokenizer= with a model object")
-    model.eval()
+    from attnlab.probes.assets import causal_lm
+    model, tokenizer, name, bos = causal_lm(model_name_or_model, tokenizer, what="hylra.run")
     text = read_text(text_path)
     cut = int(0.9 * len(text))
 

@@ -1,7 +1,6 @@
 """The probes' default inputs: tinyshakespeare text and sample photographs, found offline."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
