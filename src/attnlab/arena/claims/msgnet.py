@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> Report:
                f"{len(args.horizons)} horizons (" + ", ".join(
                    f"{h}: {_mean_sd(mse[('msgnet', h)])[0]:.3f} vs {ETTH1_PAPER['msgnet'][h][0]:.3f}"
                    for h in args.horizons if h in ETTH1_PAPER["msgnet"]) + "). "
-               f"DLinear trained in the same run: " + ", ".join(
+               "DLinear trained in the same run: " + ", ".join(
                    f"{h}: {_mean_sd(mse[('dlinear', h)])[0]:.3f}" for h in args.horizons) +
                f"; MSGNet beats it at horizons {[h for h in args.horizons if beats[h]] or 'none'}.")
     total = time.perf_counter() - t_start
