@@ -67,13 +67,13 @@ PUNCTUATION = " !&',-.:;?"
 LOWER, UPPER, DIGITS = "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789"
 TRAIN_FRACTION = 0.9
 SOURCES = ("shakespeare", "digits")
-DEFAULTS = {"shakespeare": dict(height=32, max_width=192, min_chars=4, max_chars=14),
+DEFAULTS = {"shakespeare": dict(height=32, max_width=128, min_chars=3, max_chars=10),
             "digits": dict(height=16, max_width=128, min_chars=3, max_chars=6)}
 INK_BAND = "bdfhklgjpqy|"          # glyphs whose ink spans a font's ascender-to-descender band
 
 _TEXTS: dict[tuple[str, bool], str] = {}
 # Rendered batches (uint8 pixels, targets, lengths) by (data options, split, index, batch size), oldest
-# dropped first: 2,500 batches of 32 lines of 32 x 192 px take about 0.5 GB.
+# dropped first: 2,500 batches of 32 lines of 32 x 128 px take about 0.33 GB.
 BATCH_CACHE = int(os.environ.get("ATTNLAB_HTR_CACHE", "2500"))
 _BATCHES: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
