@@ -289,14 +289,15 @@ class HTRLines(Task):
             length += extra
         return " ".join(words)[:self.max_chars]
 
-    def line(self, split: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        """One (height, max_width) float32 line and its text."""
+    def line(self, split: str, rng: np.random.Generator, *, fonts: str | None = None) -> tuple[np.ndarray, str]:
+        """One (height, max_width) float32 line and its text; `fonts` ("train" or "val") overrides which
+        split's fonts render the split's text."""
         from PIL import Image
         if self.source == "shakespeare":
             text = self.snippet(split, rng)
             while not text.strip():
                 text = self.snippet(split, rng)
-            fonts = self.fonts[split]
+            fonts = self.fonts[fonts or split]
             font = fonts[int(rng.integers(0, len(fonts)))]
             image = render_text(text, font, 2 * self.height)
         else:
@@ -339,6 +340,24 @@ class HTRLines(Task):
             _BATCHES[key] = (torch.from_numpy(pixels), targets, lengths)
         pixels, targets, lengths = _BATCHES[key]
         return {"inputs": pixels.float() / 255.0, "targets": targets.clone(), "target_lengths": lengths.clone()}
+
+    def seen_font_batch(self, index: int, batch_size: int) -> Batch:
+        """Val text rendered in the *train* fonts (not cached; its own random stream): with the val split,
+        it separates recognising unseen text in seen hands from generalising to unseen hands."""
+        if self.source != "shakespeare":
+            raise ValueError("htr_lines: seen_font_batch needs source='shakespeare' (digit strings have no fonts)")
+        g = self.generator("val", index)
+        rng = np.random.default_rng([int(torch.randint(0, 2**62, (1,), generator=g)), 1])
+        pixels = np.zeros((batch_size, 1, self.height, self.max_width), dtype=np.uint8)
+        targets = torch.zeros(batch_size, self.max_chars, dtype=torch.long)
+        lengths = torch.zeros(batch_size, dtype=torch.long)
+        for b in range(batch_size):
+            line, text = self.line("val", rng, fonts="train")
+            pixels[b, 0] = np.round(line * 255.0).astype(np.uint8)
+            ids = self.encode_text(text)
+            targets[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            lengths[b] = len(ids)
+        return {"inputs": torch.from_numpy(pixels).float() / 255.0, "targets": targets, "target_lengths": lengths}
 
     def texts_of(self, batch: Batch) -> list[str]:
         return [self.decode_ids(row[:n].tolist()) for row, n in zip(batch["targets"], batch["target_lengths"])]

@@ -23,7 +23,7 @@ def test_quick_report_has_every_model_with_finite_numbers(quick):
     claim, args, report = quick
     labels = [row[0] for row in report.tables[0].rows]
     assert labels[:5] == [TEACHER, STUDENT, DISTILLED, MHSA, NONE]
-    assert labels[5] == "reference: all-blank decoder" and labels[6].startswith("reference: best constant")
+    assert labels[5] == "reference: all-blank decoder" and labels[6].startswith("reference: best of 8 constant strings")
     for label in labels[:5]:
         for r in report.data["runs"][label]:
             assert 0.0 <= r["test_cer"] and math.isfinite(r["test_wer"]) and r["curve"][0][0] == 0
