@@ -177,3 +177,16 @@ def test_attnlab_train_command(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["type"] == "eval"]
     assert evals and "val_cer" in evals[-1] and "val_wer" in evals[-1]
+
+
+def test_seen_font_batch_renders_val_text_in_train_fonts(text_task):
+    a, b = text_task.seen_font_batch(0, 6), text_task.seen_font_batch(0, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["inputs"].shape == (6, 1, 32, 128)
+    assert all(s in text_task.texts["val"] for s in text_task.texts_of(a))
+    assert not torch.equal(a["inputs"], text_task.batch("val", 0, 6)["inputs"])
+    # a line drawn with fonts="train" uses a train font: the same rng gives the same text as the val line
+    rng1, rng2 = np.random.default_rng(5), np.random.default_rng(5)
+    (_, t1), (_, t2) = text_task.line("val", rng1, fonts="train"), text_task.line("val", rng2)
+    assert t1 == t2
+    with pytest.raises(ValueError, match="needs source='shakespeare'"):
+        create_task("htr_lines", source="digits").seen_font_batch(0, 2)

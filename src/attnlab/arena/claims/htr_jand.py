@@ -9,7 +9,7 @@ performance". attnlab's network (attnlab.models.htr_jand) and its `combined`/`pr
 are reconstructions from that abstract and from Flor et al.'s gated convolution.
 
 Here, at CPU scale, on the `htr_lines` task (tiny-shakespeare snippets rendered in the handwriting
-fonts Debian ships; trained on 11 font files, measured on 3 held-out hands and held-out text), all with
+fonts Debian ships; trained on 12 font files (9 hands), measured on 3 held-out hands and held-out text), all with
 attnlab.train, the same steps, batches and schedule:
 
 - teacher: HTR-JAND with two `combined` attention blocks (PRESETS["teacher"]);
