@@ -234,7 +234,7 @@ def _report(args, probe, runs, seeds, eval_every, notes) -> Report:
                           title=f"htr_jand: {args.steps} steps of {args.batch_size}")
     tail = flattening(f"The teacher's val CER", [[(st, 100 * c) for st, c in r["curve"]] for r in runs[TEACHER]],
                       higher_is_better=False, threshold=1.0)
-    tail_s = flattening("the student's", [[(st, 100 * c) for st, c in r["curve"]] for r in runs[STUDENT]],
+    tail_s = flattening("The student's", [[(st, 100 * c) for st, c in r["curve"]] for r in runs[STUDENT]],
                         higher_is_better=False, threshold=1.0)
     cpu_total = sum(r["cpu_seconds"] for rs in runs.values() for r in rs)
     provisional = "had flattened" not in tail or "had flattened" not in tail_s
@@ -243,8 +243,10 @@ def _report(args, probe, runs, seeds, eval_every, notes) -> Report:
               f"1 pp over the last quarter.) Training took {cpu_total / 60:.1f} CPU minutes ({len(seeds)} seed(s) x "
               f"{len(runs)} models, {args.threads} thread(s)); the budget was cut to fit about 25 minutes of one core, "
               "far below convergence for this task: the absolute CERs are those of short training, and the comparisons "
-              "are at equal budget." + (" The verdict is provisional." if provisional else ""))
-    summary = ((f"Provisional (curves still falling, see Budget). " if provisional else "")
+              "are at equal budget." + (" The verdict is provisional." if provisional or len(seeds) == 1 else ""))
+    caveats = ([f"one seed, so the differences are not measured against seed-to-seed spread"] if len(seeds) == 1 else []) \
+        + (["curves still falling, see Budget"] if provisional else [])
+    summary = ((f"Provisional ({'; '.join(caveats)}). " if caveats else "")
                + f"On {lines} lines in 3 held-out fonts: teacher {100 * stats[TEACHER]['cer']:.2f}% CER "
                f"({teacher_params:,} params), student {100 * stats[STUDENT]['cer']:.2f}% ({stats[STUDENT]['params']:,}, "
                f"{ratio:.2f}x), distilled student {100 * stats[DISTILLED]['cer']:.2f}%; attention ablation on the "
