@@ -118,3 +118,24 @@ if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.
     touch "$UEA_TRIED"
   fi
 fi
+
+# --- htr_jand (issue 18, part 3): handwriting-style fonts for `--task htr_lines` (Debian packages; the
+# task's fonts live under /usr/share/fonts). Best effort: without them the text variant raises an error
+# naming these packages and its tests skip; `source=digits` and every other task still run.
+HTR_FONT_PACKAGES="fonts-dkg-handwriting fonts-bwht fonts-breip fonts-sjfonts fonts-femkeklaver fonts-rufscript"
+if [ ! -f /usr/share/fonts/truetype/sjfonts/Delphine.ttf ] && command -v apt-get >/dev/null 2>&1; then
+  as_root=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as_root="sudo -n"; else as_root="none"; fi
+  fi
+  if [ "$as_root" = none ]; then
+    echo "attnlab setup: warning: the htr_lines fonts are missing and apt-get needs root; run 'sudo apt-get install $HTR_FONT_PACKAGES'" >&2
+  else
+    echo "attnlab setup: installing the htr_lines fonts (apt): $HTR_FONT_PACKAGES"
+    if ! { $as_root apt-get install -y -q $HTR_FONT_PACKAGES >/dev/null 2>&1 ||
+           { $as_root apt-get update -q >/dev/null 2>&1 &&
+             $as_root apt-get install -y -q $HTR_FONT_PACKAGES >/dev/null 2>&1; }; }; then
+      echo "attnlab setup: warning: could not install $HTR_FONT_PACKAGES; --task htr_lines (source=shakespeare) needs them" >&2
+    fi
+  fi
+fi
