@@ -83,7 +83,11 @@ def machine() -> str:
     import torch
     from attnlab._env import cpu_model
     cpu = cpu_model()
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    try:                       # how busy the machine was when the page was written: timings depend on it
+        load = f", load average {os.getloadavg()[2]:.1f} (15 min)"
+    except (OSError, AttributeError):
+        load = ""
+    return (f"{cpu}, {os.cpu_count()} cores{load}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
 
 
