@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr: warm-up, then cosine to 10%%")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--layers", type=int, default=2, help="attention blocks of every model")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per model: --seed, --seed + 1, ...")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per model: --seed, --seed + 1, ...")
     p.add_argument("--tau", type=float, default=2.0, help="distillation temperature")
     p.add_argument("--kd-weight", type=float, default=1.0, help="weight of tau^2 KL beside the CTC loss")
     p.add_argument("--test-batches", type=int, default=8, help="held-out-font test lines: this many batches of 64")
