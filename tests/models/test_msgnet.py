@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.models.msgnet import (AttentionBlock, DataEmbedding, GraphBlock, MSGNet, MixProp, ScaleGraphBlock,
+from attnlab.models.msgnet import (AttentionBlock, GraphBlock, MSGNet, MixProp, ScaleGraphBlock,
                                    fft_periods, sinusoidal_positions)
 
 torch.set_default_dtype(torch.float32)
@@ -107,7 +107,7 @@ def series(B=4, T=96, C=7, seed=0):
 
 def test_positions_are_the_official_sin_cos_table():
     pe = sinusoidal_positions(50, 8)
-    pos, i = 17, 3                                     # channel 2i = 6 sin, 2i + 1 = 7 cos
+    pos = 17                                           # channel 6 = 2 * 3 sin, 7 cos
     assert pe[pos, 6] == pytest.approx(math.sin(pos / 10000 ** (6 / 8)), abs=1e-6)
     assert pe[pos, 7] == pytest.approx(math.cos(pos / 10000 ** (6 / 8)), abs=1e-6)
 

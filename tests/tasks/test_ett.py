@@ -4,7 +4,6 @@ and DLinear papers, 0.386), and MSGNet learning below DLinear's starting point."
 import csv
 import math
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pytest

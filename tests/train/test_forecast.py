@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from attnlab.cli import main
 from attnlab.tasks import create_task

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor

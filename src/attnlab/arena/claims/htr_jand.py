@@ -232,7 +232,7 @@ def _report(args, probe, runs, seeds, eval_every, notes) -> Report:
                           references={"all-blank decoder (100%)": 100.0},
                           ylabel="CER on 128 held-out-font val lines (%)",
                           title=f"htr_jand: {args.steps} steps of {args.batch_size}")
-    tail = flattening(f"The teacher's val CER", [[(st, 100 * c) for st, c in r["curve"]] for r in runs[TEACHER]],
+    tail = flattening("The teacher's val CER", [[(st, 100 * c) for st, c in r["curve"]] for r in runs[TEACHER]],
                       higher_is_better=False, threshold=1.0)
     tail_s = flattening("The student's", [[(st, 100 * c) for st, c in r["curve"]] for r in runs[STUDENT]],
                         higher_is_better=False, threshold=1.0)
@@ -244,7 +244,7 @@ def _report(args, probe, runs, seeds, eval_every, notes) -> Report:
               f"{len(runs)} models, {args.threads} thread(s)); the budget was cut to fit about 25 minutes of one core, "
               "far below convergence for this task: the absolute CERs are those of short training, and the comparisons "
               "are at equal budget." + (" The verdict is provisional." if provisional or len(seeds) == 1 else ""))
-    caveats = ([f"one seed, so the differences are not measured against seed-to-seed spread"] if len(seeds) == 1 else []) \
+    caveats = (["one seed, so the differences are not measured against seed-to-seed spread"] if len(seeds) == 1 else []) \
         + (["curves still falling, see Budget"] if provisional else [])
     summary = ((f"Provisional ({'; '.join(caveats)}). " if caveats else "")
                + f"On {lines} lines in 3 held-out fonts: teacher {100 * stats[TEACHER]['cer']:.2f}% CER "

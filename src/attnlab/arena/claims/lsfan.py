@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from attnlab.arena.claims import Claim, Report, Table
-from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
+from attnlab.arena.claims._curves import curve_figure, flattening
 from attnlab.arena.claims._images import train_and_load
 from attnlab.tasks import create_task
 from attnlab.tasks.uea import DATASETS, classification_metrics
