@@ -1,23 +1,18 @@
 """`attnlab reproduce fast_inference --quick`: every variant at every length, finite numbers, paired
 ratios equal to 1 for the reference itself, the frontier figure; the full-rules variant computes
 what the unmodified model computes (same NLL and greedy tokens)."""
-import argparse
 import math
 
 import pytest
 
 pytest.importorskip("transformers")
 
-from attnlab.arena.claims import get_claim, render  # noqa: E402
+from attnlab.arena.claims import claim_args, render  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    claim = get_claim("fast_inference")
-    parser = argparse.ArgumentParser()
-    claim.add_arguments(parser)
-    args = parser.parse_args([])
-    args.name, args.quick, args.out = "fast_inference", True, tmp_path_factory.mktemp("fast_inference")
+    claim, args = claim_args("fast_inference", quick=True, out=tmp_path_factory.mktemp("fast_inference"))
     return claim, args, claim.run(args)
 
 

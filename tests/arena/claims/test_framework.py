@@ -29,3 +29,10 @@ def test_bad_verdict_and_ragged_rows_raise():
         Report(verdict="maybe", summary="")
     with pytest.raises(ValueError, match="cells"):
         Table("t", ["a", "b"], [[1]]).to_markdown()
+
+
+def test_the_recorded_command_leaves_out_the_output_folder():
+    from attnlab.arena.claims import without_out
+    assert without_out(["msgnet", "--jobs", "2", "--out", "/tmp/x", "--seeds", "3"]) == ["msgnet", "--jobs", "2",
+                                                                                        "--seeds", "3"]
+    assert without_out(["softpag", "--out=/tmp/y"]) == ["softpag"]

@@ -1,11 +1,10 @@
 """`attnlab reproduce msgnet --quick`: every row trained and tested on the real ETTh1 split, the paper's
 numbers beside them, the verdict following its rule, the forecast figure written."""
-import argparse
 import math
 
 import pytest
 
-from attnlab.arena.claims import get_claim, render
+from attnlab.arena.claims import claim_args, render
 
 try:
     from attnlab.tasks.ett import find_csv
@@ -16,11 +15,7 @@ except FileNotFoundError:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    claim = get_claim("msgnet")
-    parser = argparse.ArgumentParser()
-    claim.add_arguments(parser)
-    args = parser.parse_args([])
-    args.name, args.quick, args.out = "msgnet", True, tmp_path_factory.mktemp("msgnet")
+    claim, args = claim_args("msgnet", quick=True, out=tmp_path_factory.mktemp("msgnet"))
     return claim, args, claim.run(args)
 
 

@@ -145,6 +145,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def without_out(argv: Sequence[str]) -> list[str]:
+    """The command line minus `--out DIR` / `--out=DIR`: the page's command regenerates the page where
+    it is kept (docs/claims), wherever this run wrote it."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return kept
+
+
+def claim_args(name: str, argv: Sequence[str] = (), *, quick: bool = False, out: Path | None = None,
+               seed: int = 0) -> tuple[Claim, argparse.Namespace]:
+    """(claim, its parsed options) as `attnlab reproduce NAME ARGV` would build them, for calling
+    `claim.run(args)` from Python (tests, notebooks)."""
+    claim = get_claim(name)
+    parser = argparse.ArgumentParser(prog=f"attnlab reproduce {claim.name}")
+    claim.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    args.name, args.quick, args.out, args.seed = claim.name, quick, out, seed
+    return claim, args
+
+
 def main(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     import json
     import tempfile
@@ -171,8 +197,8 @@ def main(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     start = time.perf_counter()
     report = claim.run(opts)
     seconds = time.perf_counter() - start
-    command = "attnlab reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["reproduce"] \
-        else f"attnlab reproduce {claim.name}"
+    command = "attnlab reproduce " + " ".join(shlex.quote(a) for a in without_out(sys.argv[2:])) \
+        if sys.argv[1:2] == ["reproduce"] else f"attnlab reproduce {claim.name}"
     page = render(claim, report, command, seconds)
     write_text(out / f"{claim.name}.md", page)
     write_text(out / f"{claim.name}.json", json.dumps(
