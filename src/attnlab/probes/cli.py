@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--window", type=int, default=256, help="window of the sparse rule")
     f.add_argument("--routers", type=Path, default=None, help="load trained routers (PATH.safetensors + PATH.json) "
                    "instead of training")
+    f.add_argument("--router-lr", type=float, default=5e-3, help="router lr (official 5e-4, for 300 steps of 48 "
+                   "long sequences; 5e-3 moves the routers within 60 steps)")
+    f.add_argument("--lambda-lr", type=float, default=0.1, help="Lagrange multipliers' lr (official 1e-3)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
     t = sub.add_parser("timing", help="where a dense causal LM's prefill and decode time goes (attention kernel, "
@@ -143,7 +146,8 @@ def main(args: argparse.Namespace) -> int:
                 from attnlab.probes import flux
                 result = flux.run(model, out=out, routers_path=args.routers, target=args.target, steps=args.steps,
                                   seq_len=args.seq_len, tokens=args.tokens, sink=args.sink, window=args.window,
-                                  seed=args.seed, text_path=args.text, progress=progress)
+                                  seed=args.seed, router_lr=args.router_lr, lambda_lr=args.lambda_lr,
+                                  text_path=args.text, progress=progress)
             elif args.probe == "timing":
                 from attnlab.probes import fastlm
                 result = fastlm.run_breakdown(model, out=out, tokens=tuple(args.tokens), decode_tokens=args.decode_tokens,
