@@ -19,7 +19,6 @@ from attnlab.train.config import check_layers
     ({"batch_size": 0}, ValueError, "batch_size"),
     ({"min_lr_ratio": 1.5}, ValueError, "min_lr_ratio"),
     ({"layers": "mhsa"}, TypeError, "list of mechanism names"),
-    ({"layers": []}, ValueError, "at least one"),
     ({"layers": [{"top_k": 2}]}, TypeError, "'name'"),
     ({"device": "tpu"}, ValueError, "device"),
     ({"task_options": [1]}, TypeError, "task_options"),
@@ -62,3 +61,19 @@ def test_check_layers_wants_registered_and_causal_mechanisms():
         check_layers(task, ["mhsaa"])
     with pytest.raises(ValueError, match="no causal mode"):
         check_layers(task, ["infsa"])
+
+
+def test_empty_layers_only_for_a_task_whose_model_takes_none():
+    from attnlab.tasks import create_task
+    from attnlab.train.config import check_layers, parse_layers
+    cfg = TrainConfig(layers=[])                          # valid as a config; the task decides
+    with pytest.raises(ValueError, match="at least one mechanism"):
+        check_layers(create_task(cfg.task), cfg.layers)
+    assert parse_layers("none") == []
+
+    class NoAttention:
+        name, causal = "baseline", False
+
+        def accepts_no_layers(self):
+            return True
+    check_layers(NoAttention(), [])

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 
 from attnlab._io import write_text
+from attnlab.models.msgnet import ETTH1_CONFIGS
+from attnlab.tasks import create_task
 from attnlab.train.checkpoint import find_checkpoint, load_weights
 from attnlab.train.config import TrainConfig, parse_layers
 from attnlab.train.loop import TrainResult, train
@@ -51,8 +53,6 @@ def config_for(*, horizon: int, model: str = "msgnet", csv: str | None = None, l
                layers: Sequence | None = None, dim: int | None = None, num_heads: int = 8,
                block_options: dict | None = None, split: str | None = None, threads: int | None = 1) -> TrainConfig:
     """The TrainConfig of one forecaster: the official ETTh1 sizes for the horizon unless given."""
-    from attnlab.models.msgnet import ETTH1_CONFIGS
-    from attnlab.tasks import create_task
     task_options = {"horizon": horizon, "lookback": lookback, "model": model}
     if csv is not None:
         task_options["path"] = str(csv)
@@ -82,7 +82,6 @@ def fit(config: TrainConfig, out_dir: str | Path | None = None, *, progress: boo
     """Train `config` with attnlab.train, reload the final checkpoint (checked against the trainer's
     last evaluation), and measure it on the whole validation and test splits (batch 32, drop_last;
     `limit`: their first `limit` windows only, for quick checks)."""
-    from attnlab.tasks import create_task
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="attnlab-forecast-") as tmp:
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
