@@ -1,13 +1,12 @@
 """`attnlab reproduce lsfan --quick`: every row and metric, the page; ROCKET's kernels and features against
 a naive per-kernel loop; the LOO ridge against scikit-learn's RidgeClassifierCV."""
-import argparse
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from attnlab.arena.claims import get_claim, render
+from attnlab.arena.claims import claim_args, render
 from attnlab.arena.claims import lsfan
 from attnlab.tasks.uea import find_files
 
@@ -22,11 +21,7 @@ except FileNotFoundError:
 def quick(tmp_path_factory):
     if not REAL:
         pytest.skip("the aeon wheel's UEA files are not installed (pip install --no-deps aeon)")
-    claim = get_claim("lsfan")
-    parser = argparse.ArgumentParser()
-    claim.add_arguments(parser)
-    args = parser.parse_args([])
-    args.name, args.quick, args.seed, args.out = "lsfan", True, 0, tmp_path_factory.mktemp("lsfan")
+    claim, args = claim_args("lsfan", quick=True, out=tmp_path_factory.mktemp("lsfan"))
     return claim, args, claim.run(args)
 
 
