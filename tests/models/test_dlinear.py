@@ -31,3 +31,13 @@ def test_dlinear_is_seasonal_plus_trend_maps(individual):
     assert out.shape == (4, 7, 3)
     with pytest.raises(ValueError, match=r"expected x of shape \(B, 30, 3\)"):
         m(torch.randn(4, 29, 3))
+
+
+def test_dlinear_gradients_and_non_finite_input():
+    m = DLinear(30, 7, 3).double()
+    x = torch.randn(2, 30, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,))
+    x = torch.randn(2, 30, 3)
+    x[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        DLinear(30, 7, 3)(x)

@@ -41,6 +41,8 @@ class DLinear(nn.Module):
     def forward(self, x: Tensor, x_mark: Tensor | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.channels:
             raise ValueError(f"DLinear: expected x of shape (B, {self.seq_len}, {self.channels}), got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("DLinear: x has NaN or infinite values; fill or drop those steps first")
         trend = moving_average(x, self.kernel)
         seasonal, trend = (x - trend).transpose(1, 2), trend.transpose(1, 2)          # (B, C, T)
         if self.individual:

@@ -292,6 +292,9 @@ class MSGNet(nn.Module):
     def forward(self, x: Tensor, x_mark: Tensor | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.enc_in:
             raise ValueError(f"MSGNet: expected x of shape (B, {self.seq_len}, {self.enc_in}), got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            # one bad window would also move every window's periods in periods="batch" mode
+            raise ValueError("MSGNet: x has NaN or infinite values; fill or drop those steps first")
         means = x.mean(1, keepdim=True).detach()                                    # (B, 1, C)
         x = x - means
         stdev = torch.sqrt(torch.var(x, dim=1, keepdim=True, unbiased=False) + 1e-5)

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--tokens", type=int, default=256, help="text tokens after BOS")
     q.add_argument("--us", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="perturbation strengths u")
     q.add_argument("--head", type=int, default=0, help="the head perturbed in every layer for the one-head sweep")
-    q.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
+    _text(q)
     y = sub.add_parser("hylra", help="HyLRA layer reuse on a causal LM: profile, policy (JSON), block-sparse "
                                      "inference against the unmodified model")
     _common(y)
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     y.add_argument("--budget", type=float, default=0.25, help="top-k token budget as a fraction of --tokens")
     y.add_argument("--block", type=int, default=64, help="key block size")
     y.add_argument("--sparsity", type=float, default=0.9, help="ceil(L (1 - sparsity)) sensitive layers")
-    y.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
+    _text(y)
     a = sub.add_parser("adsc", help="ADSC: keep every r-th token at chosen layers (training-free) on a causal LM "
                                     "or DINOv2; speed, KV, FLOPs vs quality")
     _common(a)
@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--tokens", type=int, default=2048, help="context length (causal LMs)")
     a.add_argument("--keep-last", type=int, default=32, help="most recent tokens never dropped (causal LMs)")
     a.add_argument("--mode", choices=["raster", "grid"], default="raster", help="which patches survive (DINOv2)")
-    a.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
+    _text(a)
     f = sub.add_parser("flux", help="Flux: per-layer routers (full or sink + window) trained on the frozen model, "
                                     "then all-full vs all-sparse vs routed")
     _common(f)
@@ -85,13 +85,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "long sequences; 5e-3 moves the routers within 60 steps)")
     f.add_argument("--lambda-lr", type=float, default=0.1, help="Lagrange multipliers' lr (official 1e-3)")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
+    _text(f)
     t = sub.add_parser("timing", help="where a dense causal LM's prefill and decode time goes (attention kernel, "
                                       "projections, MLP, head, rest)")
     _common(t)
     t.add_argument("--tokens", type=int, nargs="+", default=[512, 2048], help="context lengths")
     t.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens timed after each prefill")
-    t.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
+    _text(t)
+
+
+def _text(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", type=Path, default=None, help="text file (default: ../shared/data/tinyshakespeare/input.txt)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ dim = d_model, d_ff = mlp_ratio * dim, block options = MSGNet's keyword argument
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from datetime import datetime
 from pathlib import Path
@@ -74,7 +75,14 @@ def find_csv(path: str | os.PathLike | None = None) -> Path:
 
 
 def read_csv(path: Path) -> tuple[list[datetime], np.ndarray, list[str]]:
-    """(dates, values (rows, variates) float64, variate names) of an ETT-format CSV."""
+    """(dates, values (rows, variates) float64, variate names) of an ETT-format CSV. Parsed once per
+    process and file version (a claim builds the task many times); callers must not modify them."""
+    p = Path(path).resolve()
+    return _parsed(str(p), p.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(path: str, mtime_ns: int) -> tuple[list[datetime], np.ndarray, list[str]]:
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -92,6 +100,7 @@ def read_csv(path: Path) -> tuple[list[datetime], np.ndarray, list[str]]:
             except ValueError as e:
                 raise ValueError(f"ett: {path} line {n}: {e}") from None
     values = np.asarray(rows, dtype=np.float64)
+    values.setflags(write=False)                                                    # shared by the cache
     if not np.isfinite(values).all():
         raise ValueError(f"ett: {path} has missing or non-finite values")
     return dates, values, [h.strip() for h in header[1:]]
