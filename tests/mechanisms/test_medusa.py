@@ -263,3 +263,58 @@ def test_useful_flops():
     fwd, bwd = m.useful_flops(1, N, 64, 4, False)
     assert fwd == 2 * N * 64 * 64 + 2 * n * 64 * 192 + 4 * n * n * 64 + 2 * n * 64 * 64 + 2 * n * 64 * 64
     assert bwd == 2 * fwd
+
+
+# --- a swapped-in body attention ---------------------------------------------------------------
+
+def test_mhsa_swapped_in_with_copied_weights_computes_the_builtin_body():
+    """attention=create("mhsa") with the built-in qkv/proj weights copied gives the naive
+    reference's outputs and gradients (so the swap changes nothing but the module)."""
+    ref = gate_module()
+    mhsa = attnlab.create("mhsa", 8, 2, qkv_bias=True).double()
+    swapped = MedusaGate(12, (8, 16, 24), 2, body_dim=8, attention=mhsa).double().eval()
+    assert not hasattr(swapped, "qkv") and not hasattr(swapped, "proj")
+    with torch.no_grad():
+        swapped.embed.load_state_dict(ref.embed.state_dict())
+        swapped.heads.load_state_dict(ref.heads.state_dict())
+        mhsa.qkv.load_state_dict(ref.qkv.state_dict())
+        mhsa.proj.load_state_dict(ref.proj.state_dict())
+    source = image(2, 8, 12, 12)
+    feats = [image(2, 16, 24, 8), image(2, 4, 6, 16), image(2, 2, 3, 24)]
+    for a, b in zip(swapped.gate(feats, source), naive_gate(ref, feats, source)):
+        assert_close(a, b, **TIGHT)
+
+
+def test_a_2d_body_attention_sees_the_token_grid():
+    seen = []
+
+    class Grid(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return torch.zeros_like(x)
+
+    m = MedusaGate(12, (8,), 2, body_dim=8, attention=Grid(), attention_layout="2d").double()
+    source = image(2, 8, 12, 12)
+    t = m.body(source)
+    assert seen == [(2, 4, 6, 8)]
+    # a zero attention leaves the body as the patch embedding alone: t = Embed(S)
+    embed = F.conv2d(source.permute(0, 3, 1, 2), m.embed.weight, m.embed.bias, stride=2)   # (B, D, 4, 6)
+    assert_close(t, embed.permute(0, 2, 3, 1), **TIGHT)
+
+
+def test_gate_scale_checks_its_scale():
+    m = gate_module()
+    t = m.body(image(1, 4, 4, 12))
+    with pytest.raises(IndexError, match=r"medusa: scale 3 out of range \(the gate has 3 scales\)"):
+        m.gate_scale(t, image(1, 2, 2, 24), 3)
+    with pytest.raises(ValueError, match=r"medusa: expected features\[0\] of width C=8"):
+        m.gate_scale(t, image(1, 2, 2, 24), 0)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(attention="mhsa"), TypeError, r"medusa: attention must be an nn.Module .*got str"),
+    (dict(attention_layout="3d"), ValueError, r"medusa: attention_layout must be 'seq' .* or '2d' .*got '3d'"),
+])
+def test_bad_body_attention(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        MedusaGate(8, (8,), 2, **kwargs)

@@ -85,6 +85,12 @@ class MedusaGate(nn.Module):
     Hooks (attnlab.hooks), N' = (H/p)(W/p) tokens: hook_q, hook_k, hook_v (B, h, N', d);
     hook_scores / hook_probs (B, h, N', N') on the reference backend only; hook_out (B, h, N', d)
     before `proj`; hook_gates (B, H_s, W_s, C_s) = sigmoid(A_s), once per scale.
+
+    `attention=` swaps the body's attention for any module of width `body_dim`: a sequence
+    mechanism ((B, N', D) -> (B, N', D), `attention_layout="seq"`) or a 2-D one ((B, H/p, W/p, D)
+    -> same, `"2d"`), e.g. `attnlab.create("mhsa", D, h)`; the body is then t + attention(t) and
+    the built-in qkv/proj (and their hooks) are absent. With `attention=create("mhsa", D, h)` and
+    its weights copied from `qkv`/`proj`, the body computes what the built-in one does (tested).
     """
 
     hook_names = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_probs", "hook_out", "hook_gates")
@@ -93,9 +99,16 @@ class MedusaGate(nn.Module):
     def __init__(self, source_dim: int, scale_dims: Sequence[int], num_heads: int = 8, *,
                  body_dim: int | None = None, stride: int = 2, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, residual: bool = False,
-                 backend: str | None = None, device=None, dtype=None):
+                 backend: str | None = None, attention: nn.Module | None = None,
+                 attention_layout: str = "seq", device=None, dtype=None):
         super().__init__()
         check_positive_int(NAME, "source_dim", source_dim)
+        if attention is not None and not isinstance(attention, nn.Module):
+            raise TypeError(f"{NAME}: attention must be an nn.Module (the body's attention) or None, "
+                            f"got {type(attention).__name__}")
+        if attention_layout not in ("seq", "2d"):
+            raise ValueError(f"{NAME}: attention_layout must be 'seq' (B, N, D) or '2d' (B, H, W, D), "
+                             f"got {attention_layout!r}")
         if isinstance(scale_dims, (int, str)) or not isinstance(scale_dims, Sequence) or not scale_dims:
             raise ValueError(f"{NAME}: scale_dims must be a non-empty sequence of positive ints "
                              f"(one width per scale), got {scale_dims!r}")
@@ -114,8 +127,10 @@ class MedusaGate(nn.Module):
         self.num_heads, self.residual, self.backend = num_heads, residual, backend
         self.attn_drop = attn_drop
         self.embed = nn.Conv2d(source_dim, body_dim, kernel_size=stride, stride=stride, **factory)
-        self.qkv = nn.Linear(body_dim, 3 * body_dim, bias=qkv_bias, **factory)
-        self.proj = nn.Linear(body_dim, body_dim, **factory)
+        self.attention, self.attention_layout = attention, attention_layout
+        if attention is None:
+            self.qkv = nn.Linear(body_dim, 3 * body_dim, bias=qkv_bias, **factory)
+            self.proj = nn.Linear(body_dim, body_dim, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
         self.heads = nn.ModuleList(nn.Linear(body_dim, c, **factory) for c in scale_dims)
         self.hook_q = HookPoint()        # (B, h, N', d)
@@ -141,6 +156,11 @@ class MedusaGate(nn.Module):
         t = self.embed(source.permute(0, 3, 1, 2))                          # (B, D, H/p, W/p)
         t = t.permute(0, 2, 3, 1)                                           # (B, H/p, W/p, D)
         Hp, Wp, n = H // p, W // p, (H // p) * (W // p)
+        if self.attention is not None:
+            if self.attention_layout == "2d":
+                return t + self.proj_drop(self.attention(t))                # (B, H/p, W/p, D)
+            out = self.attention(t.reshape(B, n, self.body_dim))            # (B, N', D)
+            return t + self.proj_drop(out.reshape(B, Hp, Wp, self.body_dim))
         tokens = t.reshape(B, n, self.body_dim)                             # (B, N', D)
         q, k, v = self.qkv(tokens).reshape(B, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N', d)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
@@ -150,8 +170,13 @@ class MedusaGate(nn.Module):
         out = out.transpose(1, 2).reshape(B, Hp, Wp, self.body_dim)         # (B, H/p, W/p, D)
         return t + self.proj_drop(self.proj(out))                           # (B, H/p, W/p, D)
 
-    def _gate_one(self, t: Tensor, x: Tensor, s: int) -> Tensor:
-        """Gate scale s: x (B, H_s, W_s, C_s) by sigmoid(Resize(Head_s(t)))."""
+    def gate_scale(self, t: Tensor, x: Tensor, s: int) -> Tensor:
+        """Gate scale s: x (B, H_s, W_s, C_s) by sigmoid(Resize(Head_s(t))), t = `body(source)`.
+
+        For networks that gate their stages one after another with one body computed up front."""
+        if not 0 <= s < len(self.scale_dims):
+            raise IndexError(f"{NAME}: scale {s} out of range (the gate has {len(self.scale_dims)} scales)")
+        check_image(NAME, x, self.scale_dims[s], what=f"features[{s}]")
         a = self.heads[s](t)                                                # (B, H/p, W/p, C_s)
         if a.shape[1:3] != x.shape[1:3]:
             a = F.interpolate(a.permute(0, 3, 1, 2), size=tuple(x.shape[1:3]), mode="bilinear",
@@ -180,7 +205,7 @@ class MedusaGate(nn.Module):
         if bad:
             raise ValueError(f"{NAME}: feature maps {bad} have another batch size than the source ({B})")
         t = self.body(source)
-        return [self._gate_one(t, x, s) for s, x in enumerate(features)]
+        return [self.gate_scale(t, x, s) for s, x in enumerate(features)]
 
     def forward(self, features: Sequence[Tensor], source: Tensor | None = None) -> list[Tensor]:
         return self.gate(features, source)
@@ -220,7 +245,7 @@ class MedusaAttention2d(MedusaGate):
         check_image(NAME, x, self.dim)
         check_features(self, attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         t = self.body(x)                                                    # (B, H/p, W/p, D)
-        return self._gate_one(t, x, 0)                                      # (B, H, W, C)
+        return self.gate_scale(t, x, 0)                                      # (B, H, W, C)
 
     def useful_flops(self, batch: int, seq_len: int, dim: int, num_heads: int,
                      causal: bool) -> tuple[int, int]:
