@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.tasks._images import pixel_statistics, patchify
+from attnlab.tasks._images import PatchImageNet, patchify, pixel_statistics, unpatchify
 
 
 def test_patchify_matches_explicit_slicing():
@@ -31,3 +31,51 @@ def testpixel_statistics_are_exact():
         pixel_statistics(images.astype(np.float32), 16.0)
     with pytest.raises(ValueError, match="constant"):
         pixel_statistics(np.zeros((3, 8, 8), np.uint8), 16.0)
+
+
+def test_unpatchify_inverts_patchify_and_checks_shapes():
+    images = torch.randn(3, 12, 12)
+    for p in (1, 2, 3, 4, 6):
+        assert torch.equal(unpatchify(patchify(images, p), p, 12), images)
+    with pytest.raises(ValueError, match=r"expected tokens \(B, 9, 16\) of a 12x12 image cut into 4x4 patches, "
+                                         r"got \(3, 9, 9\)"):
+        unpatchify(torch.zeros(3, 9, 9), 4, 12)
+
+
+def test_patch_image_net_feeds_the_image_back():
+    seen = []
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return x.sum(dim=(1, 2))
+
+    images = torch.randn(2, 8, 8)
+    PatchImageNet(Net(), 2, 8)(patchify(images, 2))
+    assert torch.equal(seen[0], images)
+
+
+def test_medusa_network_option_on_digits():
+    pytest.importorskip("sklearn")
+    from attnlab.models.medusa import MedusaNet
+    from attnlab.tasks import create_task
+    task = create_task("digits")
+    batch = task.batch("train", 0, 4)
+    shared = task.build_model(16, 2, ["medusa"], network="medusa", mlp_ratio=4.0)
+    assert isinstance(shared.net, MedusaNet) and shared.net.placement == "shared"
+    assert shared.net.gate.body_dim == 16 and shared.net.gate.num_heads == 2
+    assert shared(batch["inputs"]).shape == (4, 10)
+    loss, metrics = task.loss(shared, batch)
+    assert torch.isfinite(loss) and 0.0 <= metrics["accuracy"] <= 1.0
+    bare = task.build_model(16, 2, [], network="medusa")
+    assert bare.net.placement is None and bare.net.parameter_count()["attention"] == 0
+    assert task.build_model(16, 2, ["mhsa"], network="medusa").net.gate.attention is not None
+    assert task.accepts_no_layers()
+    with pytest.raises(ValueError, match=r"digits: network must be one of \('vit', 'medusa'\), got 'resnet'"):
+        task.build_model(16, 2, ["mhsa"], network="resnet")
+    with pytest.raises(ValueError, match="one shared attention body"):
+        task.build_model(16, 2, ["medusa", "medusa"], network="medusa")
+    with pytest.raises(ValueError, match="placement=None is the model without attention"):
+        task.build_model(16, 2, ["medusa"], network="medusa", placement=None)
+    with pytest.raises(ValueError, match="network='vit' needs at least one attention layer"):
+        task.build_model(16, 2, [])

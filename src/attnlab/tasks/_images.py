@@ -5,7 +5,10 @@ An image task supplies its arrays (uint8 images (n, H, W), int labels (n,)) thro
 
     pixels / pixel_max -> [0, 1] -> (x - train mean) / train std -> (n, (H/p)(W/p), p*p)
 
-and builds the `Classifier` that reads them (mean-pooled, learned positions).
+and builds the model that reads them: `network="vit"` (default) the `Classifier` (mean-pooled,
+learned positions, one attention mechanism per layer), `network="medusa"` the MEDUSA CNN
+(`attnlab.models.MedusaNet`), which first puts the patch tokens back into the image
+(`unpatchify`, the exact inverse of `patchify`), so both networks train on the same batches.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.tasks import Batch, Task
-from attnlab.models import Classifier
+from attnlab.models import Classifier, MedusaNet
+
+NETWORKS = ("vit", "medusa")
 
 # Subsampling (`train_size`) takes the first rows of this fixed permutation, the same for every
 # task seed, so runs with different seeds see the same images and a smaller set nests in a larger one.
@@ -32,6 +37,28 @@ def patchify(images: Tensor, patch: int) -> Tensor:
     x = images.reshape(B, H // patch, patch, W // patch, patch)        # (B, H/p, p, W/p, p)
     x = x.permute(0, 1, 3, 2, 4)                                       # (B, H/p, W/p, p, p)
     return x.reshape(B, (H // patch) * (W // patch), patch * patch)   # (B, N, p*p)
+
+
+def unpatchify(tokens: Tensor, patch: int, side: int) -> Tensor:
+    """(B, (side/p)^2, p*p) -> (B, side, side): the inverse of `patchify`."""
+    B, N, P = tokens.shape
+    g = side // patch
+    if side % patch or N != g * g or P != patch * patch:
+        raise ValueError(f"expected tokens (B, {g * g}, {patch * patch}) of a {side}x{side} image cut into "
+                         f"{patch}x{patch} patches, got {tuple(tokens.shape)}")
+    x = tokens.reshape(B, g, g, patch, patch)                         # (B, H/p, W/p, p, p)
+    return x.permute(0, 1, 3, 2, 4).reshape(B, side, side)            # (B, H, W)
+
+
+class PatchImageNet(nn.Module):
+    """Patch tokens (B, N, p*p) -> the image (B, side, side) -> an image network's output."""
+
+    def __init__(self, net: nn.Module, patch: int, side: int):
+        super().__init__()
+        self.net, self.patch, self.side = net, patch, side
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.net(unpatchify(tokens, self.patch, self.side))
 
 
 def pixel_statistics(images: np.ndarray, pixel_max: float) -> tuple[float, float]:
@@ -129,7 +156,37 @@ class ImageClassTask(Task):
             rows = (index * batch_size + torch.arange(batch_size)) % n             # (B,) fixed slice
         return {"inputs": self.tokens(self.images[split][rows]), "targets": self.labels[split][rows]}
 
-    def build_model(self, dim: int, num_heads: int, layers: int | Sequence[Any], **block_options) -> nn.Module:
+    def accepts_no_layers(self) -> bool:
+        return True            # network="medusa" without attention: the bare CNN backbone
+
+    def build_model(self, dim: int, num_heads: int, layers: int | Sequence[Any], *, network: str = "vit",
+                    **block_options) -> nn.Module:
+        """network="vit": Classifier(dim, num_heads, layers, **block_options). network="medusa":
+        MedusaNet with body_dim=dim, num_heads heads and `layers` = [] (no attention: the bare
+        backbone) or [name] (the body's attention, "medusa" = the built-in one); block_options are
+        MedusaNet's (placement, widths, strides, stem_width, body_stride, residual, dropout);
+        `mlp_ratio` (passed by attnlab.train) has no meaning there and is not used: the body has
+        no MLP."""
+        if network not in NETWORKS:
+            raise ValueError(f"{self.name}: network must be one of {NETWORKS}, got {network!r}")
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = ["mhsa"] * layers if network == "vit" else ["medusa"] * layers
+        layers = list(layers)
+        if network == "medusa":
+            block_options.pop("mlp_ratio", None)
+            if len(layers) > 1:
+                raise ValueError(f"{self.name}: network='medusa' has one shared attention body: give no layer "
+                                 f"(the bare backbone) or one mechanism name, got {layers}")
+            if not layers:
+                block_options = {**block_options, "placement": None}
+            elif block_options.get("placement", "shared") is None:
+                raise ValueError(f"{self.name}: placement=None is the model without attention; give no layers "
+                                 f"for it, not {layers}")
+            net = MedusaNet(self.num_classes, image_size=self.image_size, body_dim=dim, num_heads=num_heads,
+                            attention=layers[0] if layers else "medusa", **block_options)
+            return PatchImageNet(net, self.patch, self.image_size)
+        if not layers:
+            raise ValueError(f"{self.name}: network='vit' needs at least one attention layer, got none")
         side = self.image_size // self.patch                                       # patches per image side
         return Classifier(self.num_classes, dim, num_heads, layers, in_dim=self.patch * self.patch,
                           max_len=self.num_patches, pool="mean", grid=(side, side), **block_options)
