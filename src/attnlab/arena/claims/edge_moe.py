@@ -46,7 +46,7 @@ TASKS = ("seg", "depth")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=300, help="training steps of every model")
+    p.add_argument("--steps", type=int, default=250, help="training steps of every model")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak lr: warm-up, then cosine to 10%%")
     p.add_argument("--warmup", type=int, default=20)
@@ -265,10 +265,10 @@ def _report(args, runs, seeds, baselines, eq_hidden, notes) -> Report:
         num_deltas[label] = (dm, dr)
         num_rows.append([label, statistics.fmean(r["numerics"]["exact"]["miou"] for r in rs),
                          statistics.fmean(r["numerics"]["edgemoe"]["miou"] for r in rs),
-                         " / ".join(f"{v:+.5f}" for v in dm),
+                         " / ".join(f"{v:+.2e}" for v in dm),
                          statistics.fmean(r["numerics"]["exact"]["rmse"] for r in rs),
                          statistics.fmean(r["numerics"]["edgemoe"]["rmse"] for r in rs),
-                         " / ".join(f"{100 * v:+.3f}%" for v in dr)])
+                         " / ".join(f"{100 * v:+.2e}%" for v in dr)])
     num_table = Table(
         f"Numerics: the trained models (exact softmax/GELU in training) evaluated on {args.numerics_batches * 100} test "
         "images with exact arithmetic and with Edge-MoE's (single-pass softmax in ap_fixed<32,10>-emulated fixed "
