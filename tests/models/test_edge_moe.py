@@ -151,7 +151,7 @@ def test_gate_matches_float64_reference_of_the_official_formula():
                                             noise.tolist(), 2)
     assert indices.tolist() == ref_i
     assert torch.allclose(weights, torch.tensor(ref_w, dtype=torch.float64), atol=1e-12)
-    assert float(loss) == pytest.approx(ref_loss, rel=1e-9)
+    assert float(loss.detach()) == pytest.approx(ref_loss, rel=1e-9)
     # eval: no noise, no loss, top-k of the clean logits
     gate.eval()
     i_eval, w_eval, l_eval = gate(x)

@@ -353,9 +353,9 @@ def _report(args, runs, seeds, baselines, eq_hidden, notes) -> Report:
         "FLOPs: matmuls only (patch embedding, qkv, q k^T, probs v, proj, MLPs / the top-k experts each token "
         "runs, the gate's x W_g, the task's head), per image, for one task: a multi-task dense model computes its "
         "backbone once for all tasks, the MoE once per task (after its first MoE block), so for BOTH tasks the "
-        "equal-FLOPs dense model costs about half the MoE's. The paper's -88% is M3ViT's single-task inference "
-        "FLOPs against its multi-task baselines (larger ViT backbones, 512x512 inputs, task decoders), so only "
-        "the direction is comparable; our ratio vs the equal-parameter dense ViT is set by how many of the "
+        "equal-FLOPs dense model costs about half the MoE's. The paper's -88% is M3ViT's abstract: inference "
+        "FLOPs against encoder-focused multi-task methods (ViT backbones at NYUD-v2 / PASCAL-Context resolution, "
+        "per-task decoders), so only the direction is comparable; our ratio vs the equal-parameter dense ViT is set by how many of the "
         "network's FLOPs sit in the odd blocks' MLPs.",
         "Numerics: training uses exact softmax/GELU; the Edge-MoE arithmetic is applied at evaluation only "
         "(fixed-point emulation in float64 is ~6x slower on a CPU, too slow to train in this budget). Not done: "
