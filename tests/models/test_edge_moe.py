@@ -32,6 +32,7 @@ def test_shapes_and_layout():
     assert torch.allclose(outs["seg"], m(x, "seg"), atol=1e-6) and torch.allclose(outs["depth"], m(x, 1), atol=1e-6)
     dense = tiny(num_experts=0)
     assert dense.moe_blocks == [] and count_params(dense) < count_params(m)
+    assert tiny(layers=1).moe_blocks == [0] and tiny(layers=3).moe_blocks == [1]   # one block: MoE itself
 
 
 def test_patchify_round_trip():
@@ -265,7 +266,7 @@ def test_balance_loss_only_in_training():
     x = torch.randn(4, 28, 28)
     m.train()
     m(x, "seg")
-    assert float(m.balance_loss) > 0 and m.balance_loss.requires_grad
+    assert float(m.balance_loss.detach()) > 0 and m.balance_loss.requires_grad
     m.eval()
     m(x, "seg")
     assert float(m.balance_loss) == 0.0

@@ -289,7 +289,7 @@ class EdgeMoEViT(nn.Module):
 
     tasks: {name: output channels}, e.g. {"seg": 11, "depth": 1}. `layers`: one mechanism per block
     (an int = that many "mhsa"). Block i is a TaskMoE block when i is odd and num_experts > 0
-    (num_experts=0: a dense ViT, the baselines). numerics: "exact" | "edgemoe" for every
+    (a single block is then MoE itself; num_experts=0: a dense ViT, the baselines). numerics: "exact" | "edgemoe" for every
     attention softmax and GELU (`set_numerics` switches a trained model).
     """
 
@@ -329,9 +329,11 @@ class EdgeMoEViT(nn.Module):
         self.patch_embed = nn.Linear(in_chans * patch * patch, dim)     # = Conv2d(k=p, stride=p) on patches
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # M3ViT: block i is MoE when i is odd; a one-block model (ours) makes its only block MoE.
+        moe_at = {i for i in range(len(layers)) if i % 2 == 1} or {0}
         self.blocks = nn.ModuleList(
             EdgeMoEBlock(dim, num_heads, mechanism=layer, grid=self.grid, mlp_ratio=mlp_ratio,
-                         moe=moe if i % 2 == 1 else None, numerics=numerics)
+                         moe=moe if i in moe_at else None, numerics=numerics)
             for i, layer in enumerate(layers))
         self.norm = nn.LayerNorm(dim)
         self.heads = nn.ModuleDict({name: nn.Linear(dim, out * patch * patch) for name, out in tasks.items()})
@@ -369,7 +371,7 @@ class EdgeMoEViT(nn.Module):
 
     def reset_usage(self) -> None:
         """Zero the expert-usage counters: tokens[task] (L_moe, E), images[task], experts_per_image[task] (L_moe,)."""
-        L = sum(1 for i in range(len(self.blocks)) if i % 2 == 1) if self.num_experts > 0 else 0
+        L = len(self.moe_blocks)
         T, E = len(self.task_names), max(self.num_experts, 1)
         self._tokens = torch.zeros(T, L, E, dtype=torch.long)
         self._loaded = torch.zeros(T, L, dtype=torch.long)      # sum over images of distinct experts used
