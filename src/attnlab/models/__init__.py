@@ -1,7 +1,8 @@
-"""Networks built from registered mechanisms: Block, Transformer and its LM/classifier heads; DCAL; DiT; VISOR; L-SFAN; HTR-JAND; MEDUSA."""
+"""Networks built from registered mechanisms: Block, Transformer and its LM/classifier heads; DCAL; DiT; VISOR; L-SFAN; HTR-JAND; Edge-MoE/M3ViT; MEDUSA."""
 from attnlab.models.dcal import (DCALBlock, DCALClassifier, DCALOutput, DCALTransformer, GLCABlock,
                                  UncertaintyWeightedLoss, attention_rollout, select_local_queries)
 from attnlab.models.dit import DiT, DiTBlock, NoiseSchedule
+from attnlab.models.edge_moe import EdgeMoEViT, TaskGate, TaskMoE
 from attnlab.models.lsfan import LSFAN, LSFANConvStack, LSFANEncoderLayer, oriented_pool
 from attnlab.models.medusa import MedusaNet
 from attnlab.models.htr_jand import HTRJAND, FullGatedConv2d, SqueezeExcitation, error_rates, greedy_decode
@@ -13,4 +14,4 @@ __all__ = ["Block", "Transformer", "CausalLM", "Classifier", "Mlp", "parse_layer
            "attention_rollout", "select_local_queries", "DiT", "DiTBlock", "NoiseSchedule", "Visor", "VisorClassifier",
            "LSFAN", "LSFANConvStack", "LSFANEncoderLayer", "oriented_pool",
            "HTRJAND", "FullGatedConv2d", "SqueezeExcitation", "greedy_decode", "error_rates",
-           "MedusaNet"]
+           "EdgeMoEViT", "TaskMoE", "TaskGate", "MedusaNet"]
