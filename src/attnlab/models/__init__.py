@@ -1,4 +1,4 @@
-"""Networks built from registered mechanisms: Block, Transformer and its LM/classifier heads; DCAL; DiT; VISOR; L-SFAN; HTR-JAND."""
+"""Networks built from registered mechanisms: Block, Transformer and its LM/classifier heads; DCAL; DiT; VISOR; L-SFAN; HTR-JAND; ReJSHand."""
 from attnlab.models.dcal import (DCALBlock, DCALClassifier, DCALOutput, DCALTransformer, GLCABlock,
                                  UncertaintyWeightedLoss, attention_rollout, select_local_queries)
 from attnlab.models.dit import DiT, DiTBlock, NoiseSchedule
@@ -12,3 +12,6 @@ __all__ = ["Block", "Transformer", "CausalLM", "Classifier", "Mlp", "parse_layer
            "attention_rollout", "select_local_queries", "DiT", "DiTBlock", "NoiseSchedule", "Visor", "VisorClassifier",
            "LSFAN", "LSFANConvStack", "LSFANEncoderLayer", "oriented_pool",
            "HTRJAND", "FullGatedConv2d", "SqueezeExcitation", "greedy_decode", "error_rates"]
+
+from attnlab.models.rejshand import FeatureChatBlock, MLPLifter, ReJSHandLifter  # noqa: E402
+__all__ += ["FeatureChatBlock", "ReJSHandLifter", "MLPLifter"]
