@@ -4,8 +4,8 @@ No hand data set (FreiHAND, HO-3D, InterHand) installs offline, so the hands are
 
 - Skeleton: the FreiHAND / MANO 21-joint order, 0 wrist, then thumb 1-4 (CMC, MCP, IP, tip), index 5-8,
   middle 9-12, ring 13-16, pinky 17-20 (MCP, PIP, DIP, tip). `BONES_MM`: adult bone lengths, approximate
-  (rounded typical values for an adult hand, about 19 cm wrist to middle tip; not taken from one table, nor from
-  MANO's mean shape). Every hand is scaled by one factor s ~ U(1 - scale_jitter, 1 + scale_jitter).
+  (rounded typical values for an adult hand: wrist joint to middle fingertip 17.4 cm, the carpus counted in the
+  wrist -> MCP bones; not taken from one table, nor from MANO's mean shape). Every hand is scaled by one factor s ~ U(1 - scale_jitter, 1 + scale_jitter).
 - Hand frame (right hand): x radial (towards the thumb), y distal, z dorsal. The metacarpals (wrist -> MCP) are
   rigid, in the palm plane at SPREAD_DEG from y; the thumb's carpal bone (wrist -> CMC) likewise, and the thumb's
   chain frame is rolled THUMB_ROLL_DEG about its own axis so that its flexion crosses the palm (opposition).
@@ -62,10 +62,10 @@ FINGERS = ("thumb", "index", "middle", "ring", "pinky")
 # Bone lengths (mm), per finger: [wrist -> base joint, base -> 2nd, 2nd -> 3rd, 3rd -> tip]. Approximate.
 BONES_MM = torch.tensor([
     [30.0, 45.0, 32.0, 28.0],       # thumb: wrist -> CMC (carpal), metacarpal, proximal phalanx, distal (to tip)
-    [68.0, 40.0, 24.0, 22.0],       # index: metacarpal, proximal, middle, distal (to tip)
-    [66.0, 44.0, 28.0, 24.0],       # middle
-    [61.0, 41.0, 27.0, 23.0],       # ring
-    [56.0, 33.0, 19.0, 21.0],       # pinky
+    [80.0, 40.0, 24.0, 22.0],       # index: wrist -> MCP (carpus + metacarpal), proximal, middle, distal (to tip)
+    [78.0, 44.0, 28.0, 24.0],       # middle
+    [73.0, 41.0, 27.0, 23.0],       # ring
+    [68.0, 33.0, 19.0, 21.0],       # pinky
 ], dtype=torch.float64)
 # Direction of each finger's first bone in the palm plane, degrees from y (distal) towards x (radial).
 SPREAD_DEG = (55.0, 15.0, 0.0, -15.0, -30.0)

@@ -51,7 +51,7 @@ PAPER_ROWS = [["FreiHAND PA-MPJPE", "6.3 mm", "real RGB images, FastViT-MA36 bac
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=400, help="training steps of every model")
+    p.add_argument("--steps", type=int, default=300, help="training steps of every model")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr: warm-up, then cosine to 10%%")
     p.add_argument("--warmup", type=int, default=30)
@@ -223,7 +223,7 @@ def _report(args, runs, references, seeds, notes) -> Report:
                + (", ".join(n for n, *_, ok in checks if not ok) or "none")
                + ". FreiHAND's 6.3 mm PA-MPJPE is not comparable (see the last table).")
     notes += [
-        "Data (`hand_lift`): approximate adult bone lengths (wrist to middle tip about 19 cm, one random scale 0.9-1.1 "
+        "Data (`hand_lift`): approximate adult bone lengths (wrist to middle tip 17.4 cm, one random scale 0.9-1.1 "
         "per hand), joint angles inside approximate ranges of motion (per-finger closure + noise, so fingers curl "
         "together), a uniformly random rotation, the middle MCP at 550-850 mm depth near the optical axis, a "
         "pinhole camera (f = 500 px, 224 px image), 2-px Gaussian keypoint noise, 10% of keypoints dropped (zeroed, "
