@@ -4,6 +4,8 @@ from attnlab.models.dcal import (DCALBlock, DCALClassifier, DCALOutput, DCALTran
 from attnlab.models.dit import DiT, DiTBlock, NoiseSchedule
 from attnlab.models.lsfan import LSFAN, LSFANConvStack, LSFANEncoderLayer, oriented_pool
 from attnlab.models.htr_jand import HTRJAND, FullGatedConv2d, SqueezeExcitation, error_rates, greedy_decode
+from attnlab.models.msga import MSGA, MSGAOutput, msga_loss
+from attnlab.models.unet import UNet
 from attnlab.models.transformer import Block, CausalLM, Classifier, Mlp, Transformer, parse_layer
 from attnlab.models.visor import Visor, VisorClassifier
 
@@ -12,3 +14,4 @@ __all__ = ["Block", "Transformer", "CausalLM", "Classifier", "Mlp", "parse_layer
            "attention_rollout", "select_local_queries", "DiT", "DiTBlock", "NoiseSchedule", "Visor", "VisorClassifier",
            "LSFAN", "LSFANConvStack", "LSFANEncoderLayer", "oriented_pool",
            "HTRJAND", "FullGatedConv2d", "SqueezeExcitation", "greedy_decode", "error_rates"]
+__all__ += ["MSGA", "MSGAOutput", "msga_loss", "UNet"]

@@ -39,10 +39,14 @@ The code hard-codes `nn.BatchNorm2d(64)` inside MultiConv (only right at 64 chan
 follows `dim`.
 
 What is ours: the backbone. The code uses an ImageNet ResNeXt-101 (layer1..4, strides 4..32);
-here a small CNN of 4 stages trained from scratch (`Backbone`): each stage conv 3x3 (stride 2) ->
-BN -> ReLU -> conv 3x3 -> BN -> ReLU, `widths` channels (default dim * (1, 2, 4, 8)), so the
-stages run at 1/2 .. 1/16 of the input and the fused map at 1/2 (the code's: 1/4). Odd sizes are
-handled by the bilinear resizes (the semantic module needs its input's sides divisible by 4).
+here a small CNN trained from scratch (`Backbone`): a stem conv 3x3 (stride `stem_stride`, default
+2) -> BN -> ReLU, then 4 stages of conv 3x3 (stride 2) -> BN -> ReLU -> conv 3x3 -> BN -> ReLU,
+`widths` channels (default dim * (1, 2, 4, 8)), so the stages run at 1/4 .. 1/32 of the input and
+the fused map at 1/4, as the code's (stem_stride=1: 1/2, for small images). The fused map's sides
+are the first stage's rounded down to a multiple of 4 (the semantic module pools twice); the
+bilinear resizes take care of the rest, so any input of at least 16 stem_stride pixels works.
+The code's backbone weights, its ImageNet pretraining, and its dropout (Dropout2d in unused
+layers) are not reproduced.
 
 The ablation `guided=False`: the same backbone, projections, fusion and the eight predictions, with
 every PAM/CAM layer and semantic module removed; the step-1 attention map A_s and the step-2 output
