@@ -45,14 +45,14 @@ TESTS = ("axial", "coronal", "coronal_held_out_rows")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=150, help="training steps of every model")
+    p.add_argument("--steps", type=int, default=120, help="training steps of every model")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr: warm-up, then cosine to 10%%")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--dim", type=int, default=12, help="MSGA's common width per scale (the code: 64)")
     p.add_argument("--unet-base", type=int, default=20, help="the U-Net's first-level width (20: ~ MSGA's params)")
     p.add_argument("--size", type=int, default=64, help="slice side in pixels (233 mm / size per pixel)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per model: --seed, --seed + 1, ...")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per model: --seed, --seed + 1, ...")
     p.add_argument("--curve-points", type=int, default=5, help="evaluations on the held-out axial slices along training")
     p.add_argument("--margin", type=float, default=0.01,
                    help="smallest mean-Dice difference (absolute) that counts as better, besides the seeds' spread")
