@@ -139,3 +139,24 @@ if [ ! -f /usr/share/fonts/truetype/sjfonts/Delphine.ttf ] && command -v apt-get
     fi
   fi
 fi
+
+# --- msga (issue 19, part 2): the MNI ICBM152 template for `--task mni_slices` and `attnlab reproduce msga`.
+# The nilearn wheel ships the T1 and GM/WM probability maps (nilearn/datasets/data/mni_icbm152_*.nii.gz);
+# attnlab.tasks.mni_slices reads them with its own NIfTI-1 reader without importing nilearn, so --no-deps
+# is enough. nibabel is only for the test that checks that reader against it. Best effort, tried again only
+# when setup.sh changed since a failed try; without nilearn the MNI tests skip (source=shapes still runs).
+MNI_TRIED=$VENV/.attnlab-mni-tried
+if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('nilearn') is None or importlib.util.find_spec('nibabel') is None)" 2>/dev/null; then
+  if [ -f "$MNI_TRIED" ] && [ "$MNI_TRIED" -nt scripts/setup.sh ]; then
+    echo "attnlab setup: note: nilearn/nibabel not installed (the mni_slices task and the msga claim need nilearn's data files)" >&2
+  else
+    echo "attnlab setup: installing nilearn (--no-deps, for its MNI template files) and nibabel (a test's reference)"
+    if ! pip install --no-deps "nilearn==0.14.1"; then
+      echo "attnlab setup: warning: could not install nilearn; --task mni_slices needs it (or ATTNLAB_MNI)" >&2
+    fi
+    if ! pip install nibabel; then
+      echo "attnlab setup: warning: could not install nibabel; the NIfTI reader's cross-check will skip" >&2
+    fi
+    touch "$MNI_TRIED"
+  fi
+fi

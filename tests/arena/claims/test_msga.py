@@ -1,0 +1,52 @@
+"""`attnlab reproduce msga --quick`: every row and test, the parameter counts, finite numbers, the verdict rule."""
+import math
+
+import pytest
+
+from attnlab.arena.claims import claim_args, render
+from attnlab.arena.claims.msga import GUIDED, UNET, UNGUIDED
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    claim, args = claim_args("msga", quick=True, out=tmp_path_factory.mktemp("msga"))
+    return claim, args, claim.run(args)
+
+
+def test_quick_report_has_every_model_and_test_with_finite_numbers(quick):
+    claim, args, report = quick
+    tests = ["axial", "coronal", "coronal_held_out_rows"] if args.source == "mni" else ["axial"]
+    assert len(report.tables) == len(tests) + 1
+    for table in report.tables[:-1]:
+        assert [row[0] for row in table.rows] == [GUIDED, UNGUIDED, UNET, "reference: all background"]
+    for label in (GUIDED, UNGUIDED, UNET):
+        for r in report.data["runs"][label]:
+            assert sorted(r["scores"]) == sorted(tests) and r["curve"][0][0] == 0
+            for scores in r["scores"].values():
+                assert 0.0 <= scores["dice"] <= 1.0 and math.isfinite(scores["dice"])
+    page = render(claim, report, "attnlab reproduce msga --quick", 1.0)
+    assert f"Verdict: {report.verdict}" in page and "not comparable" in page.lower() and "CHAOS" in page
+    assert report.figures[0].is_file() and report.figures[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parameter_counts(quick):
+    _, _, report = quick
+    stats = report.data["stats"]
+    assert stats[UNGUIDED]["params"] < stats[GUIDED]["params"]       # attention and semantic modules removed
+    assert all(stats[k]["params"] > 0 for k in (GUIDED, UNGUIDED, UNET))
+
+
+def test_verdict_follows_the_checks(quick):
+    _, args, report = quick
+    passes = [c["pass"] for c in report.data["checks"].values()]
+    assert len(passes) == (4 if args.source == "mni" else 2)
+    assert report.verdict == ("holds" if all(passes) else "partly" if any(passes) else "does not hold")
+
+
+def test_the_default_budget_matches_the_sizes():
+    from attnlab.models.msga import MSGA
+    from attnlab.models.unet import UNet
+    _, args = claim_args("msga")
+    guided = sum(p.numel() for p in MSGA(1, 3, args.dim).parameters())
+    unet = sum(p.numel() for p in UNet(1, 3, args.unet_base).parameters())
+    assert abs(unet / guided - 1) < 0.05                              # "a U-Net of about equal size"
