@@ -170,7 +170,19 @@ def test_options_models_and_bad_input(task):
     for model in (fc, mlp, none, task.build_model(32, 8, 1, coord_attn=True)):
         loss, metrics = task.loss(model, b)
         assert loss.ndim == 0 and math.isfinite(loss.item()) and {"loss", "mpjpe", "pa_mpjpe"} <= set(metrics)
-    with pytest.raises(ValueError, match="'featurechat' or 'mlp'"):
+    with pytest.raises(ValueError, match="'featurechat', 'mlp' or 'plain'"):
         task.build_model(32, 8, 1, model="gcn")
     with pytest.raises(ValueError, match="batch_size"):
         task.batch("train", 0, 0)
+
+
+def test_the_plain_reference_is_torch_s_own_encoder():
+    """model="plain": torch.nn.TransformerEncoder (pre-norm, no attnlab module inside), depth = len(layers)."""
+    task = create_task("hand_lift")
+    plain = task.build_model(32, 8, ["mhsa"] * 3, model="plain")
+    assert isinstance(plain.encoder, torch.nn.TransformerEncoder) and len(plain.encoder.layers) == 3
+    assert all(m.__module__.startswith("torch.") for m in plain.modules() if m is not plain)
+    layer = plain.encoder.layers[0]
+    assert layer.norm_first and layer.self_attn.num_heads == 8 and layer.linear1.out_features == 64
+    b = task.batch("train", 0, 4)
+    assert plain(b["inputs"]).shape == (4, 21, 3)

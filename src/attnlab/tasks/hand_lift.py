@@ -199,6 +199,24 @@ def pose_metrics(pred_mm: Tensor, target_mm: Tensor) -> dict[str, float]:
             "pa_mpjpe": float(mpjpe(procrustes_align(pred_mm.detach(), target_mm), target_mm))}
 
 
+class PlainTransformerLifter(nn.Module):
+    """The plain reference: torch's own pre-norm nn.TransformerEncoder over the 21 keypoint tokens (no attnlab
+    code), the same embedding (Linear(3, dim) + learned positions, std 0.02), width, heads and depth as the
+    FeatureChat lifter, feed-forward 2 x dim, a final LayerNorm and a per-joint Linear(dim, 3)."""
+
+    def __init__(self, dim: int, num_heads: int, depth: int):
+        super().__init__()
+        self.embed = nn.Linear(3, dim)
+        self.pos = nn.Parameter(torch.randn(1, NUM_JOINTS, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, keypoints: Tensor) -> Tensor:                      # (B, 21, 3) -> (B, 21, 3)
+        return self.head(self.norm(self.encoder(self.embed(keypoints) + self.pos)))
+
+
 @register_task
 class HandLift(Task):
     name = "hand_lift"
@@ -266,7 +284,8 @@ class HandLift(Task):
                     attention: bool = True, conv: bool = True, skip: bool = True, coord_attn: bool | dict = False,
                     mlp_depth: int = 2, pos_std: float = 0.02, mlp_ratio: float | None = None) -> nn.Module:
         """ReJSHandLifter (model="featurechat"; attention=False = no attention in any block) or the MLPLifter
-        (model="mlp") matched to that lifter's parameters. mlp_ratio is not used (the block has no MLP)."""
+        (model="mlp") matched to that lifter's parameters, or the plain-torch reference (model="plain":
+        nn.TransformerEncoder, len(layers) layers). mlp_ratio is not used (the block has no MLP)."""
         if not isinstance(attention, bool):
             raise TypeError(f"hand_lift: the block option attention must be a bool, got {attention!r}")
         if isinstance(layers, int) and not isinstance(layers, bool):
@@ -275,11 +294,13 @@ class HandLift(Task):
         if model == "featurechat":
             return ReJSHandLifter(dim, num_heads, layers if attention else [None] * len(layers), conv=conv, skip=skip,
                                   coord_attn=coord_attn, pos_std=pos_std)
+        if model == "plain":
+            return PlainTransformerLifter(dim, num_heads, len(layers))
         if model == "mlp":
             reference = ReJSHandLifter(dim, num_heads, layers, conv=conv, skip=skip, coord_attn=coord_attn)
             target = sum(p.numel() for p in reference.parameters())
             return MLPLifter(mlp_width_for(target, mlp_depth), mlp_depth)
-        raise ValueError(f"hand_lift: model must be 'featurechat' or 'mlp', got {model!r}")
+        raise ValueError(f"hand_lift: model must be 'featurechat', 'mlp' or 'plain', got {model!r}")
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         pred = model(batch["inputs"])                                      # (B, 21, 3) in UNIT_MM
@@ -291,5 +312,5 @@ class HandLift(Task):
         return loss, {"loss": loss.item(), **metrics}
 
 
-__all__ = ["HandLift", "forward_kinematics", "sample_angles", "random_rotations", "project", "procrustes_align",
+__all__ = ["HandLift", "PlainTransformerLifter", "forward_kinematics", "sample_angles", "random_rotations", "project", "procrustes_align",
            "mpjpe", "pose_metrics", "BONES_MM", "LIMITS_DEG", "FINGERS", "FOCAL_PX", "IMAGE_PX", "UNIT_MM"]

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from attnlab.arena.claims import claim_args, render
-from attnlab.arena.claims.rejshand import COORD, FEATURECHAT, MLP, NO_ATTN, NO_CONV, NO_SKIP
+from attnlab.arena.claims.rejshand import COORD, FEATURECHAT, MLP, NO_ATTN, NO_CONV, NO_SKIP, PLAIN
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def quick(tmp_path_factory):
 def test_quick_report_has_every_model_with_finite_numbers(quick):
     claim, args, report = quick
     labels = [row[0] for row in report.tables[0].rows]
-    assert labels == [FEATURECHAT, COORD, NO_ATTN, NO_CONV, NO_SKIP, MLP, "reference: mean training pose"]
+    assert labels == [FEATURECHAT, COORD, NO_ATTN, NO_CONV, NO_SKIP, MLP, PLAIN, "reference: mean training pose"]
     for label in labels[:-1]:
         for r in report.data["runs"][label]:
             assert math.isfinite(r["test_mpjpe"]) and 0 <= r["test_pa_mpjpe"] <= r["test_mpjpe"]
