@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from attnlab.arena.claims import claim_args, render
 from attnlab.arena.claims.msga import GUIDED, UNET, UNGUIDED
@@ -18,7 +19,8 @@ def test_quick_report_has_every_model_and_test_with_finite_numbers(quick):
     tests = ["axial", "coronal", "coronal_held_out_rows"] if args.source == "mni" else ["axial"]
     assert len(report.tables) == len(tests) + 1
     for table in report.tables[:-1]:
-        assert [row[0] for row in table.rows] == [GUIDED, UNGUIDED, UNET, "reference: all background"]
+        assert [row[0] for row in table.rows] == [GUIDED, UNGUIDED, UNET, "reference: all background",
+                                                "reference: the true labels at 1/4 resolution (MSGA's output), resized back"]
     for label in (GUIDED, UNGUIDED, UNET):
         for r in report.data["runs"][label]:
             assert sorted(r["scores"]) == sorted(tests) and r["curve"][0][0] == 0
@@ -50,3 +52,19 @@ def test_the_default_budget_matches_the_sizes():
     guided = sum(p.numel() for p in MSGA(1, 3, args.dim).parameters())
     unet = sum(p.numel() for p in UNet(1, 3, args.unet_base).parameters())
     assert abs(unet / guided - 1) < 0.05                              # "a U-Net of about equal size"
+
+
+def test_resolution_ceiling_is_one_at_full_resolution_and_loses_thin_structures():
+    from attnlab.arena.claims.msga import resolution_ceiling
+    from attnlab.tasks import create_task
+    task = create_task("mni_slices", source="shapes", size=32)
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    labels[0, 8:24, 8:24] = 1                      # a 16 x 16 block: survives 4x pooling exactly
+    labels[0, 4, 2:30] = 2                         # a one-pixel line: lost at 1/4
+    t = {"labels": labels}
+    assert resolution_ceiling(task, t, factor=1) == 1.0
+    low = resolution_ceiling(task, t, factor=4)
+    # class 1 kept (Dice ~1, its edges blurred by the bilinear resize), the line gone (Dice 0), classes absent
+    # from both count 1: the foreground mean is (1 + 0 + (K - 3)) / (K - 1)
+    K = task.num_classes
+    assert low == pytest.approx((K - 2) / (K - 1), abs=0.01)
