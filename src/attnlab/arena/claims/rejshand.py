@@ -54,7 +54,7 @@ PAPER_ROWS = [["FreiHAND PA-MPJPE", "6.3 mm", "real RGB images, FastViT-MA36 bac
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=300, help="training steps of every model")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of every model")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr: warm-up, then cosine to 10%%")
     p.add_argument("--warmup", type=int, default=30)
