@@ -89,25 +89,33 @@ def image_task(args: argparse.Namespace, notes: list[str]) -> tuple[str, int]:
     return task_name, args.patch or IMAGE_TASKS[task_name]
 
 
+def train_and_reload(config: TrainConfig, folder: str | Path):
+    """Train `config` into `folder` with the arena trainer and rebuild the model from its final checkpoint
+    (safetensors, never unpickled): (TrainResult, model in eval mode, task, seconds, CPU seconds). The
+    rebuilt model must have the trained one's parameter count, so it is measured, not a fresh one."""
+    from safetensors.torch import load_model
+    start, cpu = time.perf_counter(), time.process_time()
+    result: TrainResult = train(config, folder, progress=False)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    checkpoint, _ = find_checkpoint(folder)
+    task = create_task(config.task, **{"seed": config.seed, **config.task_options})
+    model = task.build_model(config.dim, config.num_heads, config.layers, mlp_ratio=config.mlp_ratio,
+                             **config.block_options)
+    load_model(model, str(Path(checkpoint) / "model.safetensors"))
+    model.eval()
+    if sum(p.numel() for p in model.parameters()) != result.params:
+        raise RuntimeError("the rebuilt model's parameter count differs from the trained one's")
+    return result, model, task, seconds, cpu
+
+
 def train_and_load(config: TrainConfig):
     """Train `config` with the arena trainer; return (TrainResult, trained model, task, seconds, cpu seconds).
 
     The model comes back from the trainer's final checkpoint (in a temporary folder), checked
     against the trainer's last eval, so it can be measured on the whole test split afterwards.
     """
-    from safetensors.torch import load_model
-    start, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="attnlab-claim-") as folder:
-        result: TrainResult = train(config, folder, progress=False)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        checkpoint, _ = find_checkpoint(folder)
-        task = create_task(config.task, **{"seed": config.seed, **config.task_options})
-        model = task.build_model(config.dim, config.num_heads, config.layers, mlp_ratio=config.mlp_ratio,
-                                 **config.block_options)
-        load_model(model, str(Path(checkpoint) / "model.safetensors"))
-    model.eval()
-    if sum(p.numel() for p in model.parameters()) != result.params:
-        raise RuntimeError("the rebuilt model's parameter count differs from the trained one's")
+        result, model, task, seconds, cpu = train_and_reload(config, folder)
     # The reloaded weights must be the trained ones: the trainer's last eval is reproduced exactly.
     check = task.evaluate(model, batches=config.eval_batches, batch_size=config.eval_batch_size)
     if abs(check["accuracy"] - result.final["val_accuracy"]) > 1e-6:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.arena.claims import Claim, Report, Table
-from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
+from attnlab.arena.claims._curves import curve_figure, flattening
 from attnlab.arena.claims._images import difference_spread, mean_spread
 from attnlab.models.dcal import DCALClassifier
 from attnlab.tasks._images import pixel_statistics, patchify

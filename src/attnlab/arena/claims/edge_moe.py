@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 
 from attnlab.arena.claims import Claim, Report, Table
+from attnlab.arena.claims._images import train_and_reload
 from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
 from attnlab.models.edge_moe import count_params
 from attnlab.tasks import create_task
-from attnlab.train import TrainConfig, find_checkpoint, train
+from attnlab.train import TrainConfig
 
 MOE, DENSE_FLOPS, DENSE_PARAMS = "MoE (task-gated)", "dense, equal active FLOPs", "dense, equal parameters"
 FOLDERS = {MOE: "moe", DENSE_FLOPS: "dense-flops", DENSE_PARAMS: "dense-params"}
@@ -89,17 +90,7 @@ def equal_params_ratio(task, args) -> tuple[float, int]:
 
 def run_one(config: TrainConfig, folder: Path, args, *, numerics: bool) -> dict:
     """Train `config` into `folder`, reload its final checkpoint, score it on the test images."""
-    from safetensors.torch import load_model
-    start, cpu = time.perf_counter(), time.process_time()
-    result = train(config, folder, progress=False)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    checkpoint, _ = find_checkpoint(folder)
-    task = create_task(config.task, **{"seed": config.seed, **config.task_options})
-    model = task.build_model(config.dim, config.num_heads, config.layers, mlp_ratio=config.mlp_ratio,
-                             **config.block_options)
-    load_model(model, str(Path(checkpoint) / "model.safetensors"))
-    if count_params(model) != result.params:
-        raise RuntimeError("the rebuilt model's parameter count differs from the trained one's")
+    result, model, task, seconds, cpu = train_and_reload(config, folder)
     model.reset_usage()
     test = task.scores(model, batches=args.test_batches, batch_size=100)
     usage = model.usage()

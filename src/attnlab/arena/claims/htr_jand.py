@@ -32,16 +32,16 @@ import argparse
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from attnlab.arena.claims import Claim, Report, Table
+from attnlab.arena.claims._images import train_and_reload
 from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
 from attnlab.models.htr_jand import PRESETS, error_rates
 from attnlab.tasks import create_task
-from attnlab.train import TrainConfig, find_checkpoint, train
+from attnlab.train import TrainConfig
 
 TEACHER, STUDENT, DISTILLED = "teacher (combined)", "student (combined)", "distilled student (combined)"
 MHSA, NONE = "student, mhsa", "student, no attention"
@@ -93,17 +93,7 @@ def test_rates(task, model, batches: int, *, seen_fonts: bool = False) -> dict[s
 
 def run_one(config: TrainConfig, folder: Path, test_batches: int) -> dict:
     """Train `config` into `folder`, reload its final checkpoint, measure it on the test lines."""
-    from safetensors.torch import load_model
-    start, cpu = time.perf_counter(), time.process_time()
-    result = train(config, folder, progress=False)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    checkpoint, _ = find_checkpoint(folder)
-    task = create_task(config.task, **{"seed": config.seed, **config.task_options})
-    model = task.build_model(config.dim, config.num_heads, config.layers, mlp_ratio=config.mlp_ratio,
-                             **config.block_options)
-    load_model(model, str(Path(checkpoint) / "model.safetensors"))
-    if sum(p.numel() for p in model.parameters()) != result.params:
-        raise RuntimeError("the rebuilt model's parameter count differs from the trained one's")
+    result, model, task, seconds, cpu = train_and_reload(config, folder)
     test = test_rates(task, model, test_batches)
     seen = test_rates(task, model, test_batches, seen_fonts=True) if task.source == "shakespeare" else None
     if not math.isfinite(test["cer"]):

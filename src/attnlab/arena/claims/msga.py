@@ -28,16 +28,16 @@ import argparse
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from attnlab.arena.claims import Claim, Report, Table
+from attnlab.arena.claims._images import train_and_reload
 from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
 from attnlab.tasks import create_task
 from attnlab.tasks.mni_slices import find_mni
-from attnlab.train import TrainConfig, find_checkpoint, train
+from attnlab.train import TrainConfig
 
 GUIDED, UNGUIDED, UNET = "guided (danet_pam + danet_cam)", "unguided (no attention)", "U-Net"
 FOLDERS = {GUIDED: "guided", UNGUIDED: "unguided", UNET: "unet"}
@@ -100,16 +100,7 @@ def measure(task, model, tests: dict[str, dict]) -> dict[str, dict[str, float]]:
 
 def run_one(config: TrainConfig, folder: Path, tests: dict[str, dict]) -> dict:
     """Train `config` into `folder`, reload its final checkpoint, measure it on the test slices."""
-    from safetensors.torch import load_model
-    start, cpu = time.perf_counter(), time.process_time()
-    result = train(config, folder, progress=False)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    checkpoint, _ = find_checkpoint(folder)
-    task = create_task(config.task, **{"seed": config.seed, **config.task_options})
-    model = task.build_model(config.dim, config.num_heads, config.layers, **config.block_options)
-    load_model(model, str(Path(checkpoint) / "model.safetensors"))
-    if sum(p.numel() for p in model.parameters()) != result.params:
-        raise RuntimeError("the rebuilt model's parameter count differs from the trained one's")
+    result, model, task, seconds, cpu = train_and_reload(config, folder)
     scores = measure(task, model, tests)
     for name, s in scores.items():
         if not math.isfinite(s["dice"]):

@@ -30,16 +30,16 @@ import argparse
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from attnlab.arena.claims import Claim, Report, Table
+from attnlab.arena.claims._images import train_and_reload
 from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
 from attnlab.tasks import create_task
-from attnlab.tasks.hand_lift import mpjpe, pose_metrics, UNIT_MM
-from attnlab.train import TrainConfig, find_checkpoint, train
+from attnlab.tasks.hand_lift import pose_metrics, UNIT_MM
+from attnlab.train import TrainConfig
 
 FEATURECHAT, COORD = "FeatureChat lifter (mhsa)", "FeatureChat + coordinate attention (finger grid)"
 NO_ATTN, NO_CONV, NO_SKIP, MLP = "ablation: no attention", "ablation: no conv", "ablation: no skip", "MLP lifter"
@@ -101,17 +101,7 @@ def mean_pose_errors(task, batches: int, train_batches: int = 16) -> dict[str, f
 
 def run_one(config: TrainConfig, folder: Path, test_batches: int) -> dict:
     """Train `config` into `folder`, reload its final checkpoint, measure it on the test poses."""
-    from safetensors.torch import load_model
-    start, cpu = time.perf_counter(), time.process_time()
-    result = train(config, folder, progress=False)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    checkpoint, _ = find_checkpoint(folder)
-    task = create_task(config.task, **{"seed": config.seed, **config.task_options})
-    model = task.build_model(config.dim, config.num_heads, config.layers, mlp_ratio=config.mlp_ratio,
-                             **config.block_options)
-    load_model(model, str(Path(checkpoint) / "model.safetensors"))
-    if sum(p.numel() for p in model.parameters()) != result.params:
-        raise RuntimeError("the rebuilt model's parameter count differs from the trained one's")
+    result, model, task, seconds, cpu = train_and_reload(config, folder)
     test = test_errors(task, model, test_batches)
     if not all(math.isfinite(v) for v in test.values()):
         raise FloatingPointError(f"non-finite test errors {test}")
