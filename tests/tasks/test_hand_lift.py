@@ -186,3 +186,5 @@ def test_the_plain_reference_is_torch_s_own_encoder():
     assert layer.norm_first and layer.self_attn.num_heads == 8 and layer.linear1.out_features == 64
     b = task.batch("train", 0, 4)
     assert plain(b["inputs"]).shape == (4, 21, 3)
+    with pytest.raises(ValueError, match=r"model='plain' .* takes none of the FeatureChat options, got \{'conv': False\}"):
+        task.build_model(32, 8, 1, model="plain", conv=False)

@@ -295,6 +295,11 @@ class HandLift(Task):
             return ReJSHandLifter(dim, num_heads, layers if attention else [None] * len(layers), conv=conv, skip=skip,
                                   coord_attn=coord_attn, pos_std=pos_std)
         if model == "plain":
+            changed = {k: v for k, v in dict(attention=attention, conv=conv, skip=skip, coord_attn=coord_attn).items()
+                       if v is not (k != "coord_attn")}
+            if changed:
+                raise ValueError(f"hand_lift: model='plain' is torch's own encoder and takes none of the FeatureChat "
+                                 f"options, got {changed}")
             return PlainTransformerLifter(dim, num_heads, len(layers))
         if model == "mlp":
             reference = ReJSHandLifter(dim, num_heads, layers, conv=conv, skip=skip, coord_attn=coord_attn)

@@ -103,8 +103,11 @@ def train_and_reload(config: TrainConfig, folder: str | Path):
                              **config.block_options)
     load_model(model, str(Path(checkpoint) / "model.safetensors"))
     model.eval()
-    if sum(p.numel() for p in model.parameters()) != result.params:
-        raise RuntimeError("the rebuilt model's parameter count differs from the trained one's")
+    rebuilt = sum(p.numel() for p in model.parameters())
+    if rebuilt != result.params:
+        raise RuntimeError(f"the model rebuilt from {checkpoint} has {rebuilt:,} parameters, the trained one had "
+                           f"{result.params:,} (task {config.task}, layers {config.layers}, block options "
+                           f"{config.block_options})")
     return result, model, task, seconds, cpu
 
 
