@@ -4,7 +4,7 @@ import math
 import pytest
 
 from attnlab.arena.claims import claim_args, render
-from attnlab.arena.claims.medusa import BARE, ISOLATED, MEDUSA, VARIANTS, WIDE
+from attnlab.arena.claims.medusa import BARE, ISOLATED, MEDUSA, VARIANTS, WIDE, judge
 from attnlab.tasks.fashion_mnist import find_root
 
 
@@ -46,3 +46,18 @@ def test_verdict_follows_the_rule(quick):
     assert set(beats) == {ISOLATED, BARE, WIDE}
     expected = "holds" if all(beats.values()) else "partly" if beats[BARE] else "does not hold"
     assert report.verdict == expected
+
+
+@pytest.mark.parametrize("medusa,isolated,bare,wide,verdict", [
+    ([0.90, 0.91, 0.92], [0.85, 0.86, 0.87], [0.85, 0.86, 0.87], [0.85, 0.86, 0.87], "holds"),
+    ([0.90, 0.91, 0.92], [0.91, 0.92, 0.93], [0.85, 0.86, 0.87], [0.91, 0.91, 0.91], "partly"),
+    ([0.90, 0.91, 0.92], [0.85, 0.86, 0.87], [0.90, 0.91, 0.92], [0.85, 0.86, 0.87], "does not hold"),
+    # ahead by 1 pp on the means, but the seeds spread by more: not "beats"
+    ([0.86, 0.90, 0.94], [0.85, 0.89, 0.93], [0.85, 0.89, 0.93], [0.85, 0.89, 0.93], "does not hold"),
+    # one seed each: the 0.2 pp floor decides
+    ([0.871], [0.870], [0.868], [0.868], "partly"),
+])
+def test_judge_on_made_up_accuracies(medusa, isolated, bare, wide, verdict):
+    got, comparisons = judge({MEDUSA: medusa, ISOLATED: isolated, BARE: bare, WIDE: wide})
+    assert got == verdict
+    assert comparisons[BARE]["gap"] == pytest.approx(sum(medusa) / len(medusa) - sum(bare) / len(bare))

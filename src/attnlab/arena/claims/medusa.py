@@ -85,6 +85,21 @@ def _cell(xs: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
 
 
+def judge(accuracies: dict[str, list[float]], floor: float = 0.002) -> tuple[str, dict[str, dict]]:
+    """The verdict rule: {label: per-seed test accuracies} -> (verdict, {other: gap, spread, beats}).
+    MEDUSA beats a model when its mean exceeds that model's by more than max(floor, sqrt(std_a^2 + std_b^2))."""
+    m = accuracies[MEDUSA]
+    comparisons = {}
+    for other in (ISOLATED, BARE, WIDE):
+        o = accuracies[other]
+        gap = _mean_std(m)[0] - _mean_std(o)[0]
+        spread = max(floor, math.hypot(_mean_std(m)[1], _mean_std(o)[1]))
+        comparisons[other] = {"gap": gap, "spread": spread, "beats": gap > spread}
+    beats = {k: c["beats"] for k, c in comparisons.items()}
+    verdict = "holds" if all(beats.values()) else "partly" if beats[BARE] else "does not hold"
+    return verdict, comparisons
+
+
 def run(args: argparse.Namespace) -> Report:
     import torch
 
@@ -144,24 +159,12 @@ def run(args: argparse.Namespace) -> Report:
                   f"{len(seeds)} seeds ({args.steps} steps of {args.batch_size})",
                   ["model", "params", "attention params", "test accuracy %", "test loss", "s / step"], rows)
 
-    def spread(a, b):
-        return max(0.002, math.hypot(_mean_std(a)[1], _mean_std(b)[1]))
-
-    m = acc(MEDUSA)
-    beats, verdict_rows = {}, []
-    for other in (ISOLATED, BARE, WIDE):
-        gap = _mean_std(m)[0] - _mean_std(acc(other))[0]
-        beats[other] = gap > spread(m, acc(other))
-        verdict_rows.append([other, f"{100 * gap:+.2f}", f"{100 * spread(m, acc(other)):.2f}",
-                             "yes" if beats[other] else "no"])
+    verdict, comparisons = judge({label: acc(label) for label in VARIANTS})
+    beats = {other: c["beats"] for other, c in comparisons.items()}
+    verdict_rows = [[other, f"{100 * c['gap']:+.2f}", f"{100 * c['spread']:.2f}", "yes" if c["beats"] else "no"]
+                    for other, c in comparisons.items()]
     verdict_table = Table("MEDUSA against each other model (test accuracy, pp)",
                           ["other model", "MEDUSA - other", "spread", "MEDUSA beats it"], verdict_rows)
-    if all(beats.values()):
-        verdict = "holds"
-    elif beats[BARE]:
-        verdict = "partly"
-    else:
-        verdict = "does not hold"
 
     curves = {label: [[(s, 100 * a) for s, a in r["curve"]] for r in runs[label]] for label in VARIANTS}
     figure = curve_figure(Path(args.out) / "medusa_curves.png", curves, ylabel="accuracy on 1,000 test images (%)",
