@@ -79,3 +79,15 @@ def test_medusa_network_option_on_digits():
         task.build_model(16, 2, ["medusa"], network="medusa", placement=None)
     with pytest.raises(ValueError, match="network='vit' needs at least one attention layer"):
         task.build_model(16, 2, [])
+
+
+def test_example_rows_train_draws_val_slices():
+    """Task.example_rows: train rows are a pure function of (seed, index); val rows the fixed wrapping slice."""
+    from attnlab.tasks import create_task
+    task = create_task("assoc_recall", seed=3)
+    a, b = task.example_rows("train", 5, 8, 100), task.example_rows("train", 5, 8, 100)
+    assert torch.equal(a, b) and a.dtype == torch.int64 and int(a.min()) >= 0 and int(a.max()) < 100
+    assert not torch.equal(a, task.example_rows("train", 6, 8, 100))
+    assert task.example_rows("val", 2, 4, 10).tolist() == [8, 9, 0, 1]
+    with pytest.raises(ValueError, match="split must be one of"):
+        task.example_rows("test", 0, 4, 10)

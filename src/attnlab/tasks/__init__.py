@@ -71,6 +71,15 @@ class Task:
         """Batch `index` of `split`: a dict of CPU tensors, each with batch_size rows."""
         raise NotImplementedError
 
+    def example_rows(self, split: str, index: int, batch_size: int, num_examples: int) -> Tensor:
+        """Rows of a fixed data set for batch `index`: train draws uniformly with replacement from the
+        batch's own generator; val is the fixed slice [i B, (i + 1) B) wrapping around, so
+        ceil(n / B) val batches cover the whole set the same way on every call. (B,) int64."""
+        g = self.generator(split, index)                       # validates split and index
+        if split == "train":
+            return torch.randint(0, num_examples, (batch_size,), generator=g)            # (B,)
+        return (index * batch_size + torch.arange(batch_size)) % num_examples          # (B,) fixed slice
+
     # -- model and loss -----------------------------------------------------------------
     def build_model(self, dim: int, num_heads: int, layers: int | Sequence[Any], **block_options) -> nn.Module:
         raise NotImplementedError

@@ -148,12 +148,7 @@ class ImageClassTask(Task):
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        g = self.generator(split, index)
-        n = self.num_examples(split)
-        if split == "train":
-            rows = torch.randint(0, n, (batch_size,), generator=g)                 # (B,)
-        else:
-            rows = (index * batch_size + torch.arange(batch_size)) % n             # (B,) fixed slice
+        rows = self.example_rows(split, index, batch_size, self.num_examples(split))      # (B,)
         return {"inputs": self.tokens(self.images[split][rows]), "targets": self.labels[split][rows]}
 
     def accepts_no_layers(self) -> bool:

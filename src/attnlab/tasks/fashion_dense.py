@@ -158,12 +158,7 @@ class FashionDense(Task):
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        g = self.generator(split, index)
-        n = self.num_examples(split)
-        if split == "train":
-            rows = torch.randint(0, n, (batch_size,), generator=g)                 # (B,)
-        else:
-            rows = (index * batch_size + torch.arange(batch_size)) % n             # (B,) fixed slice
+        rows = self.example_rows(split, index, batch_size, self.num_examples(split))      # (B,)
         images, labels = self.images[split][rows], self.labels[split][rows]
         seg, depth = self.targets(images, labels)
         inputs = (images.float() / 255.0 - self.mean) / self.std                   # (B, 28, 28)

@@ -310,12 +310,7 @@ class UEA(Task):
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        g = self.generator(split, index)                       # validates split (train/val) and index
-        n = self.num_examples(split)
-        if split == "train":
-            rows = torch.randint(0, n, (batch_size,), generator=g)                    # (B,)
-        else:
-            rows = (index * batch_size + torch.arange(batch_size)) % n                # (B,) fixed slice
+        rows = self.example_rows(split, index, batch_size, self.num_examples(split))      # (B,)
         return {"inputs": self._inputs[split][rows], "targets": self._targets[split][rows],
                 "lengths": self._lengths[split][rows]}
 

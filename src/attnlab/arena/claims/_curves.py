@@ -72,6 +72,11 @@ def curve_figure(path: Path, curves: dict[str, object], *, references: dict[str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` as PNG to `path` atomically (a temporary file beside it, then a rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

@@ -36,7 +36,7 @@ import torch
 
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._images import train_and_reload
-from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve
+from attnlab.arena.claims._curves import curve_figure, flattening, mean_curve, save_figure
 from attnlab.models.edge_moe import count_params
 from attnlab.tasks import create_task
 from attnlab.train import TrainConfig
@@ -173,11 +173,7 @@ def _usage_figure(path: Path, runs: list[dict], experts: int) -> Path:
     ax.set_title("MoE: share of each block's token slots per expert, per task (test images)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _report(args, runs, seeds, baselines, eq_hidden, notes) -> Report:

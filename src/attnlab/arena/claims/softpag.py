@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.arena.claims import Claim, Report, Table
-from attnlab.arena.claims._curves import curve_figure, flattening
+from attnlab.arena.claims._curves import curve_figure, flattening, save_figure
 from attnlab.models import DiT, NoiseSchedule
 from attnlab.probes.perturb import Guidance, ddim_sample, head_hunter, layer_heads
 
@@ -230,10 +230,7 @@ def _grid_figure(path: Path, rows: list[tuple[str, Tensor]], per_class: int) -> 
                 ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle("DiT samples (the same noise in every row): first evaluation sample of each class", fontsize=9)
     fig.subplots_adjust(left=0.2, right=0.99, top=0.9, bottom=0.01, wspace=0.05, hspace=0.1)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _sweep_figure(path: Path, sweep: list[dict], search: dict, best_layer: int) -> Path:
@@ -263,10 +260,7 @@ def _sweep_figure(path: Path, sweep: list[dict], search: dict, best_layer: int) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- the claim
