@@ -193,6 +193,35 @@ def test_val_batches_walk_the_held_out_slices_unaugmented(task):
     assert not any(torch.equal(image, t) for image in augmented for t in train_images)
 
 
+class IntensityBands(torch.nn.Module):
+    """A fixed segmenter: class = which intensity band a pixel falls in (logits (B, 3, S, S))."""
+
+    def forward(self, x):
+        v = x[:, 0]
+        return torch.stack([-(v - 0.0).abs(), -(v - 0.6).abs(), -(v - 1.0).abs()], 1)
+
+
+def test_evaluate_pools_dice_over_each_held_out_slice_once(task):
+    """evaluate over more batches than the held-out slices fill (the last wraps around) equals Dice
+    pooled by hand, in numpy, over every held-out slice exactly once."""
+    model = IntensityBands()
+    held = task.held_out_slices()
+    n, b = len(held["labels"]), 12
+    got = task.evaluate(model, batches=-(-n // b) + 2, batch_size=b)
+    pred = model(held["inputs"]).argmax(1).numpy()
+    true = held["labels"].numpy()
+    for k, name in enumerate(task.classes):
+        p, t = pred == k, true == k
+        assert got[f"dice_{name.lower()}"] == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()), abs=1e-12)
+    assert got["dice"] == pytest.approx(np.mean([got[f"dice_{c.lower()}"] for c in task.classes[1:]]))
+    assert got["pixel_accuracy"] == pytest.approx((pred == true).mean())
+    ce = torch.nn.functional.cross_entropy(model(held["inputs"]), held["labels"])
+    assert got["loss"] == pytest.approx(float(ce), rel=1e-5)
+    assert 0.05 < got["dice"] < 0.95                                  # a non-trivial prediction
+    with pytest.raises(ValueError, match="batches must be >= 1"):
+        task.evaluate(model, batches=0)
+
+
 def test_shapes_labels_name_the_shape():
     rng = np.random.default_rng(0)
     kinds = set()

@@ -31,7 +31,8 @@ Augmentation (train split, `augment=True`): a left-right flip (p = 0.5), a small
 ±10°, scale 0.9-1.1, shift ±5% of the side; bilinear for the image, nearest for the labels),
 intensity gain 0.9-1.1, bias ±0.05 and Gaussian noise (std 0.02). Train batches draw slices
 uniformly; val batches walk the held-out slices in order (batch i holds slices i B .. i B + B - 1,
-cycling), un-augmented. Every batch is a pure function of (options, seed, split, index).
+cycling), un-augmented; `evaluate` pools Dice over the slices of its batches and counts each held-out
+slice once. Every batch is a pure function of (options, seed, split, index).
 
 batch = {"inputs": (B, 1, size, size) float32, "labels": (B, size, size) int64}. The model is MSGA
 (attnlab.models.msga, block option model="msga", the default) or the plain U-Net baseline
@@ -436,23 +437,67 @@ class MNISlices(Task):
         out["pixel_accuracy"] = float((predictions == labels).float().mean())
         return out
 
+    def evaluate(self, model: nn.Module, *, batches: int = 4, batch_size: int = 64,
+                 device: torch.device | str = "cpu") -> dict[str, float]:
+        """Val metrics over the first `batches` val batches with Dice pooled over all their pixels (one
+        count per class, as `metrics` does for one batch) and the losses averaged per slice. On the template
+        a slice is counted once: the rows a batch wraps around to (index >= the number of held-out slices)
+        are dropped, so `batches=ceil(n_val / batch_size)` scores every held-out slice exactly once."""
+        if batches < 1:
+            raise ValueError(f"batches must be >= 1, got {batches}")
+        was_training = model.training
+        model.eval()
+        inter = torch.zeros(self.num_classes, dtype=torch.float64)
+        sizes = torch.zeros(self.num_classes, dtype=torch.float64)
+        sums: dict[str, float] = {}
+        rows = correct = pixels = 0
+        try:
+            with torch.no_grad():
+                for i in range(batches):
+                    b = self.batch("val", i, batch_size)
+                    if self.source == "mni":
+                        keep = max(0, min(batch_size, len(self.slices["val"]) - i * batch_size))
+                        if keep == 0:
+                            break
+                        b = {k: v[:keep] for k, v in b.items()}
+                    b = {k: v.to(device) for k, v in b.items()}
+                    loss, logits, parts = self._loss(model(b["inputs"]), b["labels"])
+                    n = b["labels"].shape[0]
+                    for k, v in {"loss": float(loss), **parts}.items():
+                        sums[k] = sums.get(k, 0.0) + v * n
+                    predictions, labels = logits.argmax(1).cpu(), b["labels"].cpu()
+                    for k in range(self.num_classes):
+                        p, t = predictions == k, labels == k
+                        inter[k] += int((p & t).sum())
+                        sizes[k] += int(p.sum()) + int(t.sum())
+                    correct += int((predictions == labels).sum())
+                    pixels += labels.numel()
+                    rows += n
+        finally:
+            model.train(was_training)
+        dice = torch.where(sizes > 0, 2 * inter / sizes.clamp_min(1), torch.ones_like(sizes))
+        out = {k: v / rows for k, v in sums.items()}
+        out.update({f"dice_{name.lower()}": float(d) for name, d in zip(self.classes, dice)})
+        out["dice"] = float(dice[1:].mean())
+        out["pixel_accuracy"] = correct / pixels
+        return out
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        images, labels = batch["inputs"], batch["labels"]
-        out = model(images)
-        if isinstance(out, MSGAOutput):
-            loss, parts = msga_loss(out, labels)
-            logits = out.final
-            extra = {k: float(v.detach()) for k, v in parts.items()}
-        else:
-            if out.shape != (labels.shape[0], self.num_classes, *labels.shape[1:]):
-                raise ValueError(f"mni_slices: expected logits {(labels.shape[0], self.num_classes, *labels.shape[1:])}, "
-                                 f"got {tuple(out.shape)}")
-            loss, logits = F.cross_entropy(out, labels), out
-            extra = {"ce": float(loss.detach())}
+        loss, logits, extra = self._loss(model(batch["inputs"]), batch["labels"])
         with torch.no_grad():
-            metrics = self.metrics(logits.detach(), labels)
+            metrics = self.metrics(logits.detach(), batch["labels"])
         return loss, {"loss": loss.item(), **extra, **metrics}
 
+    def _loss(self, out: Tensor | MSGAOutput, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """(loss, final logits (B, K, S, S), the loss's parts) of a model output."""
+        if isinstance(out, MSGAOutput):
+            loss, parts = msga_loss(out, labels)
+            return loss, out.final, {k: float(v.detach()) for k, v in parts.items()}
+        if out.shape != (labels.shape[0], self.num_classes, *labels.shape[1:]):
+            raise ValueError(f"mni_slices: expected logits {(labels.shape[0], self.num_classes, *labels.shape[1:])}, "
+                             f"got {tuple(out.shape)}")
+        loss = F.cross_entropy(out, labels)
+        return loss, out, {"ce": float(loss.detach())}
 
 __all__ = ["MNISlices", "read_nifti", "find_mni", "slice_stack", "axial_split", "shapes_image", "augment",
            "dice_per_class", "FILES", "CLASSES", "ENV_VAR"]
