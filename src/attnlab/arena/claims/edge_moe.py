@@ -301,8 +301,8 @@ def _report(args, runs, seeds, baselines, eq_hidden, notes) -> Report:
     budget = (f"{args.steps} steps of batch {args.batch_size} for every model, {len(seeds)} seed(s), "
               f"{args.train_size:,} training images. {' '.join(tails)} ('flattened' = under 0.01 mIoU over the last "
               f"quarter.) Training took {cpu_total / 60:.1f} CPU minutes ({len(seeds)} seed(s) x {len(runs)} models, "
-              f"{args.threads} thread(s)); sized to fit ~20 minutes of one shared core, far from convergence: the "
-              "comparisons are at equal (short) budget." + (" The verdict is provisional." if provisional else ""))
+              f"{args.threads} thread(s)); every model gets the same steps and batches, far below what the paper trains: "
+              "the comparisons are at equal (short) budget." + (" The verdict is provisional." if provisional else ""))
     reduction = 100 * (1 - moe_f["seg"]["total"] / params_f["seg"]["total"])
     s_m, s_f, s_p = stats[MOE], stats[DENSE_FLOPS], stats[DENSE_PARAMS]
     summary = ((f"Provisional ({'one seed; ' if len(seeds) == 1 else ''}curves still rising, see Budget). "
