@@ -6,7 +6,7 @@ import math
 import pytest
 
 from attnlab.arena.claims import claim_args, render
-from attnlab.arena.claims.edge_moe import DENSE_FLOPS, DENSE_PARAMS, MOE, equal_params_ratio
+from attnlab.arena.claims.edge_moe import DENSE_FLOPS, DENSE_PARAMS, MOE, equal_params_ratio, judge
 from attnlab.tasks import create_task
 
 
@@ -68,3 +68,41 @@ def test_verdict_rule(quick):
     passes = [c["pass"] for c in checks.values()]
     expected = "holds" if all(passes[:2]) and all(passes[4:]) else "partly" if any(passes) else "does not hold"
     assert report.verdict == expected
+
+
+def _stats(moe, flops, params, std=0.002):
+    """Made-up test stats: (mIoU, RMSE) per model, every std `std`."""
+    return {label: {"miou": m, "miou_std": std, "rmse": r, "rmse_std": std}
+            for label, (m, r) in ((MOE, moe), (DENSE_FLOPS, flops), (DENSE_PARAMS, params))}
+
+
+RULE = argparse.Namespace(margin_miou=0.01, margin_rmse=0.003, numerics_miou=0.005, numerics_rmse=0.01)
+HARMLESS = ([1e-5, -2e-5], [1e-4, -1e-4])
+
+
+@pytest.mark.parametrize("moe, flops, params, numerics, verdict, passes", [
+    # the MoE ahead of both dense ViTs on both tasks, numerics harmless
+    ((0.70, 0.10), (0.68, 0.11), (0.68, 0.11), HARMLESS, "holds", [True] * 6),
+    # ahead of the equal-FLOPs ViT only: still holds (the equal-parameter comparison is a bonus)
+    ((0.70, 0.10), (0.68, 0.11), (0.71, 0.10), HARMLESS, "holds", [True, True, False, False, True, True]),
+    # ahead by less than the 0.01 mIoU margin on seg: partly
+    ((0.70, 0.10), (0.695, 0.11), (0.68, 0.11), HARMLESS, "partly", [False, True, True, True, True, True]),
+    # worse RMSE (higher): the depth check fails
+    ((0.70, 0.12), (0.68, 0.11), (0.68, 0.11), HARMLESS, "partly", [True, False, True, False, True, True]),
+    # ahead on both tasks but Edge-MoE's numerics move mIoU by 0.02 on one seed: partly
+    ((0.70, 0.10), (0.68, 0.11), (0.68, 0.11), ([0.0, 0.02], [0.0, 0.0]), "partly", [True] * 4 + [False, True]),
+    # behind everywhere and numerics broken: does not hold
+    ((0.60, 0.13), (0.68, 0.11), (0.68, 0.11), ([0.1], [0.5]), "does not hold", [False] * 6),
+])
+def test_judge_on_made_up_runs(moe, flops, params, numerics, verdict, passes):
+    checks, got = judge(_stats(moe, flops, params), numerics, RULE)
+    assert [ok for *_, ok in checks] == passes
+    assert got == verdict
+
+
+def test_judge_uses_the_seed_spread():
+    """A 0.02 mIoU lead passes with std 0.002 but not when the seeds spread by 0.02 each."""
+    calm, _ = judge(_stats((0.70, 0.10), (0.68, 0.11), (0.68, 0.11)), HARMLESS, RULE)
+    noisy, verdict = judge(_stats((0.70, 0.10), (0.68, 0.11), (0.68, 0.11), std=0.02), HARMLESS, RULE)
+    assert calm[0][3] and not noisy[0][3] and not noisy[1][3]
+    assert verdict == "partly"

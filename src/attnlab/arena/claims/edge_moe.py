@@ -176,6 +176,32 @@ def _usage_figure(path: Path, runs: list[dict], experts: int) -> Path:
     return save_figure(fig, path)
 
 
+def judge(stats: dict[str, dict], numerics: tuple[list[float], list[float]],
+          args: argparse.Namespace) -> tuple[list[tuple[str, float, float, bool]], str]:
+    """(checks, verdict) from the models' test stats ({label: {"miou", "miou_std", "rmse", "rmse_std"}}) and
+    the MoE's per-seed numerics deltas (Δ mIoU, relative Δ RMSE). A difference counts when it exceeds
+    max(spread, margin), spread = sqrt(std_a^2 + std_b^2). Holds = the MoE beats the equal-FLOPs dense ViT on
+    both tasks and the numerics are harmless; partly = some check passes; else does not hold."""
+    def diff(a: str, b: str, metric: str) -> tuple[float, float]:
+        return stats[a][metric] - stats[b][metric], math.hypot(stats[a][metric + "_std"], stats[b][metric + "_std"])
+
+    checks = []
+    for other in (DENSE_FLOPS, DENSE_PARAMS):
+        d, s = diff(MOE, other, "miou")
+        checks.append((f"seg: MoE mIoU above {other}", d, s, d > max(s, args.margin_miou)))
+        d, s = diff(MOE, other, "rmse")
+        checks.append((f"depth: MoE RMSE below {other}", d, s, -d > max(s, args.margin_rmse)))
+    dm, dr = numerics
+    checks.append((f"numerics harmless: |Δ mIoU| <= {args.numerics_miou:g} on every seed", max(map(abs, dm)), 0.0,
+                   max(map(abs, dm)) <= args.numerics_miou))
+    checks.append((f"numerics harmless: |Δ RMSE| <= {100 * args.numerics_rmse:g}% on every seed", max(map(abs, dr)),
+                   0.0, max(map(abs, dr)) <= args.numerics_rmse))
+    passes = [ok for *_, ok in checks]
+    flops_ok, numerics_ok = passes[0] and passes[1], passes[4] and passes[5]
+    verdict = "holds" if flops_ok and numerics_ok else "partly" if any(passes) else "does not hold"
+    return checks, verdict
+
+
 def _report(args, runs, seeds, baselines, eq_hidden, notes) -> Report:
     stats = {}
     for label, rs in runs.items():
@@ -263,20 +289,9 @@ def _report(args, runs, seeds, baselines, eq_hidden, notes) -> Report:
         ["model", "mIoU exact", "mIoU edgemoe", "Δ mIoU per seed", "RMSE exact", "RMSE edgemoe", "Δ RMSE per seed"],
         [[r[0], f"{r[1]:.4f}", f"{r[2]:.4f}", r[3], f"{r[4]:.4f}", f"{r[5]:.4f}", r[6]] for r in num_rows])
 
-    def diff(a: str, b: str, metric: str) -> tuple[float, float]:
-        return stats[a][metric] - stats[b][metric], math.hypot(stats[a][metric + "_std"], stats[b][metric + "_std"])
-
-    checks = []
-    for other in (DENSE_FLOPS, DENSE_PARAMS):
-        d, s = diff(MOE, other, "miou")
-        checks.append((f"seg: MoE mIoU above {other}", d, s, d > max(s, args.margin_miou)))
-        d, s = diff(MOE, other, "rmse")
-        checks.append((f"depth: MoE RMSE below {other}", d, s, -d > max(s, args.margin_rmse)))
-    dm, dr = num_deltas[MOE]
-    checks.append((f"numerics harmless: |Δ mIoU| <= {args.numerics_miou:g} on every seed", max(map(abs, dm)), 0.0,
-                   max(map(abs, dm)) <= args.numerics_miou))
-    checks.append((f"numerics harmless: |Δ RMSE| <= {100 * args.numerics_rmse:g}% on every seed", max(map(abs, dr)),
-                   0.0, max(map(abs, dr)) <= args.numerics_rmse))
+    checks, verdict = judge(stats, num_deltas[MOE], args)
+    passes = [ok for *_, ok in checks]
+    flops_ok, params_ok, numerics_ok = all(passes[0:2]), all(passes[2:4]), all(passes[4:6])
     check_table = Table(
         "Checks (fixed before the run): 'above/below' = by more than max(spread, margin), spread = sqrt(std_a^2 + "
         f"std_b^2) over seeds (0 with one seed); margins {args.margin_miou:g} mIoU, {args.margin_rmse:g} RMSE. The MoE "
@@ -284,9 +299,6 @@ def _report(args, runs, seeds, baselines, eq_hidden, notes) -> Report:
         "FLOP saving, so there the MoE passing is a bonus, failing is reported",
         ["check", "Δ (MoE - other) or max |Δ|", "spread", "pass"],
         [[n, f"{d:+.4f}", f"{s:.4f}", "yes" if ok else "no"] for n, d, s, ok in checks])
-    passes = [ok for *_, ok in checks]
-    flops_ok, params_ok, numerics_ok = passes[0] and passes[1], passes[2] and passes[3], passes[4] and passes[5]
-    verdict = "holds" if flops_ok and numerics_ok else "partly" if any(passes) else "does not hold"
 
     curves = {label: [[(st, v) for st, v in r["curve_miou"] if st > 0] for r in rs] for label, rs in runs.items()}
     shown = {label: [mean_curve(cs)] if len(cs) > 1 else cs for label, cs in curves.items()}
