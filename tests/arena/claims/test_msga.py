@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnlab.arena.claims import claim_args, render
-from attnlab.arena.claims.msga import GUIDED, UNET, UNGUIDED
+from attnlab.arena.claims.msga import GUIDED, UNET, UNGUIDED, judge
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +68,38 @@ def test_resolution_ceiling_is_one_at_full_resolution_and_loses_thin_structures(
     # from both count 1: the foreground mean is (1 + 0 + (K - 3)) / (K - 1)
     K = task.num_classes
     assert low == pytest.approx((K - 2) / (K - 1), abs=0.01)
+
+
+def _stats(axial, held_rows, all_rows=None, std=0.002):
+    """Made-up Dice per model (guided, unguided, U-Net) on the axial test and the coronal tests."""
+    all_rows = all_rows or held_rows
+    return {label: {"axial": {"dice": a, "std": std}, "coronal_held_out_rows": {"dice": h, "std": std},
+                    "coronal": {"dice": c, "std": std}}
+            for label, a, h, c in zip((GUIDED, UNGUIDED, UNET), axial, held_rows, all_rows)}
+
+
+NAMES = ["axial", "coronal", "coronal_held_out_rows"]
+
+
+@pytest.mark.parametrize("axial, held_rows, all_rows, verdict, passes", [
+    ((0.80, 0.75, 0.70), (0.78, 0.72, 0.70), None, "holds", [True] * 4),
+    # ahead of the unguided network but not of the U-Net: partly
+    ((0.80, 0.75, 0.94), (0.78, 0.72, 0.92), None, "partly", [True, False, True, False]),
+    # +0.5 pp is under the 1 pp margin: does not hold (the shape of the documented run)
+    ((0.76, 0.755, 0.94), (0.73, 0.725, 0.92), None, "does not hold", [False] * 4),
+    # ahead on every coronal row but not on the held-out rows: the check reads the held-out rows only
+    ((0.80, 0.75, 0.70), (0.70, 0.72, 0.70), (0.90, 0.72, 0.70), "partly", [True, True, False, False]),
+])
+def test_judge_on_made_up_runs(axial, held_rows, all_rows, verdict, passes):
+    checks, got = judge(_stats(axial, held_rows, all_rows), NAMES, 0.01)
+    assert [ok for *_, ok in checks] == passes and got == verdict
+    assert all("coronal_held_out_rows" in n or "axial" in n for n, *_ in checks)
+
+
+def test_judge_uses_the_seed_spread_and_skips_absent_tests():
+    lead = _stats((0.80, 0.78, 0.70), (0.80, 0.78, 0.70))
+    assert [ok for *_, ok in judge(lead, NAMES, 0.01)[0]] == [True, True, True, True]
+    noisy = _stats((0.80, 0.78, 0.70), (0.80, 0.78, 0.70), std=0.02)
+    assert [ok for *_, ok in judge(noisy, NAMES, 0.01)[0]] == [False, True, False, True]
+    checks, verdict = judge(lead, ["axial"], 0.01)                 # the shapes source: no coronal tests
+    assert len(checks) == 2 and verdict == "holds"

@@ -152,6 +152,24 @@ def run(args: argparse.Namespace) -> Report:
     return _report(args, probe, tests, runs, seeds, notes)
 
 
+def judge(stats: dict[str, dict], names: list[str],
+          margin: float) -> tuple[list[tuple[str, float, float, bool]], str]:
+    """(checks, verdict) from {label: {test: {"dice", "std"}}}: on the axial test and on the coronal rows in
+    held-out slabs (when measured), guided MSGA must beat the unguided network and the U-Net by more than
+    max(spread, margin), spread = sqrt(std_a^2 + std_b^2). Holds = every check passes, partly = some do."""
+    checks = []
+    # The second test reads only the coronal rows whose z lies in a held-out slab (the other rows are
+    # anatomy the models trained on); all rows are still reported in their own table.
+    for test in [n for n in ("axial", "coronal_held_out_rows") if n in names]:
+        for other in (UNGUIDED, UNET):
+            sa, sb = stats[GUIDED][test], stats[other][test]
+            d, s = sa["dice"] - sb["dice"], math.hypot(sa["std"], sb["std"])
+            checks.append((f"{test}: guided mean Dice above {other}", d, s, d > max(s, margin)))
+    passes = [ok for *_, ok in checks]
+    verdict = "holds" if all(passes) else "partly" if any(passes) else "does not hold"
+    return checks, verdict
+
+
 def _report(args, probe, tests, runs, seeds, notes) -> Report:
     names = [n for n in TESTS if n in tests]
     classes = probe.classes[1:]
@@ -193,15 +211,7 @@ def _report(args, probe, tests, runs, seeds, notes) -> Report:
             ["model", "params", "params / guided", *[f"Dice {c} %" for c in classes], "mean Dice %",
              "mean Dice per seed", "train CPU s / seed"], rows))
 
-    def diff(a: str, b: str, test: str) -> tuple[float, float]:
-        sa, sb = stats[a][test], stats[b][test]
-        return sa["dice"] - sb["dice"], math.hypot(sa["std"], sb["std"])
-
-    checks = []
-    for test in [n for n in ("axial", "coronal") if n in names]:
-        for other in (UNGUIDED, UNET):
-            d, s = diff(GUIDED, other, test)
-            checks.append((f"{test}: guided mean Dice above {other}", d, s, d > max(s, args.margin)))
+    checks, verdict = judge(stats, names, args.margin)
     check_table = Table(
         f"Checks (fixed before the run): 'better' = higher mean foreground Dice by more than max(spread, "
         f"{100 * args.margin:g} pp), spread = sqrt(std_a^2 + std_b^2) over seeds (0 with one seed). Verdict: holds "
@@ -210,7 +220,6 @@ def _report(args, probe, tests, runs, seeds, notes) -> Report:
         [[n, f"{100 * d:+.2f}", f"{100 * s:.2f}", "yes" if ok else "no"] for n, d, s, ok in checks])
     tables.append(check_table)
     passes = [ok for *_, ok in checks]
-    verdict = "holds" if all(passes) else "partly" if any(passes) else "does not hold"
 
     curves = {label: [[(st, 100 * c) for st, c in r["curve"] if st > 0] for r in rs] for label, rs in runs.items()}
     shown = {label: [mean_curve(cs)] if len(cs) > 1 else cs for label, cs in curves.items()}
@@ -225,9 +234,8 @@ def _report(args, probe, tests, runs, seeds, notes) -> Report:
     budget = (f"{args.steps} steps of batch {args.batch_size} ({args.steps * args.batch_size:,} augmented slices) for "
               f"every model, {len(seeds)} seed(s). " + " ".join(tails) + " (Dice in %; 'flattened' = under 1 pp over "
               f"the last quarter.) Training took {cpu_total / 60:.1f} CPU minutes ({len(seeds)} seed(s) x {len(runs)} "
-              f"models, {args.threads} thread(s)) on a shared machine; the budget was cut to fit about 20 minutes of "
-              "one core, far below convergence: the absolute Dice values are those of short training, the comparisons "
-              "are at equal steps." + (" The verdict is provisional." if provisional or len(seeds) == 1 else ""))
+              f"models, {args.threads} thread(s)) on a shared machine. The absolute Dice values are those of short "
+              "training, far below convergence; the comparisons are at equal steps." + (" The verdict is provisional." if provisional or len(seeds) == 1 else ""))
     caveats = (["one seed, so the differences are not measured against seed-to-seed spread"] if len(seeds) == 1 else []) \
         + (["curves still rising, see Budget"] if provisional else [])
     g, u, n = (stats[k]["axial"]["dice"] for k in (GUIDED, UNGUIDED, UNET))
@@ -235,8 +243,9 @@ def _report(args, probe, tests, runs, seeds, notes) -> Report:
                + f"Mean GM/WM Dice on the held-out axial slices: guided {100 * g:.1f}% ({guided_params:,} params), "
                f"unguided {100 * u:.1f}% ({stats[UNGUIDED]['params']:,}), U-Net {100 * n:.1f}% "
                f"({stats[UNET]['params']:,})"
-               + ("; on the coronal slices: " + ", ".join(f"{k.split(' ')[0]} {100 * stats[k]['coronal']['dice']:.1f}%"
-                                                          for k in (GUIDED, UNGUIDED, UNET)) if "coronal" in names else "")
+               + ("; on the coronal rows in held-out slabs: "
+                  + ", ".join(f"{k.split(' ')[0]} {100 * stats[k]['coronal_held_out_rows']['dice']:.1f}%"
+                              for k in (GUIDED, UNGUIDED, UNET)) if "coronal_held_out_rows" in names else "")
                + f". {sum(passes)} of {len(passes)} checks pass. A perfect prediction at MSGA's output resolution "
                f"(1/{OUTPUT_STRIDE}, resized back) would score {100 * ceiling['axial']:.1f}% on the axial slices, so the "
                "U-Net (full resolution) comparison is bounded by resolution, not only by attention. "
@@ -271,6 +280,10 @@ def _report(args, probe, tests, runs, seeds, notes) -> Report:
                  "bilinearly and argmaxed, i.e. the best any prediction made at MSGA's output resolution (its fused "
                  "map, 16 x 16 at 64 px) can score after the official resize. It is added after the first documented "
                  "run showed the U-Net far ahead; the verdict rule is unchanged.")
+    notes.append("Changed after the 500-step run of 2026-12-03 (which failed every check either way): the second "
+                 "pair of checks reads the coronal rows in held-out slabs instead of every coronal row, and the "
+                 "learning curves pool Dice over each held-out slice once (they averaged per batch, the last batch "
+                 "wrapping around).")
     data = {"seeds": seeds, "stats": stats, "runs": runs, "baseline": baseline, "resolution_ceiling": ceiling,
             "checks": {n: {"delta_dice": d, "spread": s, "pass": ok} for n, d, s, ok in checks},
             "task": probe.options()}
