@@ -149,6 +149,12 @@ def test_bad_input_and_options():
         net(torch.randn(2, 27, 28))
     with pytest.raises(TypeError, match="medusa_net: expected floating point images, got torch.int64"):
         net(torch.zeros(2, 28, 28, dtype=torch.long))
+    bad = torch.randn(2, 28, 28)
+    bad[1, 3, 4] = float("nan")
+    before = [b.clone() for b in net.buffers()]
+    with pytest.raises(ValueError, match="medusa_net: images have NaN or infinite values"):
+        net.train()(bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.buffers()))      # BatchNorm stats untouched
     with pytest.raises(ValueError, match="placement must be one of"):
         MedusaNet(10, placement="everywhere")
     with pytest.raises(ValueError, match="widths and strides must be non-empty and of equal length"):
