@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 
@@ -70,6 +71,15 @@ def check_tokens(name: str, x: Tensor, dim: int, *, what: str = "x", length: str
         raise ValueError(f"{name}: expected {what} of width C={dim}, got {x.shape[-1]} (shape {tuple(x.shape)})")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected floating point {what}, got {x.dtype}")
+
+
+def check_finite(name: str, x: Tensor, *, what: str = "x") -> None:
+    """`what` must hold no NaN or infinite value (one host sync). Models with BatchNorm call it: in training
+    a single bad input would otherwise poison the running statistics, and every later output, silently."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: {what} has {bad} NaN or infinite value(s) of {x.numel()} "
+                         f"(shape {tuple(x.shape)}); fill or drop them first")
 
 
 def check_context(name: str, x: Tensor, context: Tensor, dim: int, context_dim: int) -> None:

@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab._checks import check_finite
 from attnlab.models.transformer import Block, Mlp
 
 BLANK = 0
@@ -267,6 +268,7 @@ class HTRJAND(nn.Module):
         if images.dim() != 4 or images.shape[1] != self.in_channels or images.shape[2] != self.in_height:
             raise ValueError(f"HTRJAND expects images (B, {self.in_channels}, {self.in_height}, W), "
                              f"got {tuple(images.shape)}")
+        check_finite("HTRJAND", images, what="images")
         x = self.encoder(images)                                           # (B, C, H', T)
         B, C, H, T = x.shape
         x = x.permute(0, 3, 1, 2).reshape(B, T, C * H)                     # (B, T, C * H'): one token per column

@@ -68,6 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab._checks import check_finite
 from attnlab.registry import create
 
 CHANNELS = (2, 4, 8, 16)          # official conv widths
@@ -208,6 +209,7 @@ class LSFAN(nn.Module):
         if x.dim() != 3 or tuple(x.shape[1:]) != (self.length, self.sensors):
             raise ValueError(f"LSFAN: expected x (B, T, S) = (B, {self.length}, {self.sensors}) or (B, 1, T, S), "
                              f"got {tuple(x.shape)}")
+        check_finite("LSFAN", x)
         maps = self.stack(x.unsqueeze(1))                                          # (B, 16, T', S)
         tokens = oriented_pool(maps, self.pooling)                                 # (B, 16, width)
         for layer in self.encoder:

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from attnlab._checks import check_finite
 from attnlab.mechanisms.medusa import MedusaGate
 from attnlab.registry import create, get_spec
 
@@ -154,9 +155,7 @@ class MedusaNet(nn.Module):
                              f"{f' or (B, {side}, {side})' if self.in_chans == 1 else ''}, got {given}")
         if not images.is_floating_point():
             raise TypeError(f"medusa_net: expected floating point images, got {images.dtype}")
-        if not bool(torch.isfinite(images).all()):
-            # in training one such image would also poison every BatchNorm's running statistics
-            raise ValueError("medusa_net: images have NaN or infinite values")
+        check_finite("medusa_net", images, what="images")
         x = self.stem(images.permute(0, 3, 1, 2))                           # (B, C0, H, W)
         t = None
         if self.gate is not None:

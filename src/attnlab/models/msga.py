@@ -69,6 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab._checks import check_finite
 from attnlab.registry import create, get_spec
 
 SCALES = 4
@@ -316,6 +317,7 @@ class MSGA(nn.Module):
         if x.shape[2] < low or x.shape[3] < low:
             raise ValueError(f"MSGA: images must be at least {low} x {low} with stem_stride={self.stem_stride} (the "
                              f"fused map goes through two 2x poolings), got {tuple(x.shape[2:])}")
+        check_finite("MSGA", x)
         size = x.shape[2:]
         features = self.backbone(x)                                         # [(B, w_s, H/2^(s+1), W/2^(s+1))]
         # The fused map's size: the first stage's, rounded down to a multiple of 4 (the semantic module).

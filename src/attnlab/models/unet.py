@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from attnlab._checks import check_finite
+
 
 def _block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(),
@@ -48,6 +50,7 @@ class UNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % m or x.shape[3] % m:
             raise ValueError(f"UNet: expected (B, {self.in_channels}, H, W) with H, W divisible by {m}, "
                              f"got {tuple(x.shape)}")
+        check_finite("UNet", x)
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else self.pool(x))                 # (B, base 2^i, H / 2^i, W / 2^i)
