@@ -55,6 +55,9 @@ def test_claims_table_has_one_row_per_page_with_its_verdict():
         md = (ROOT / "docs" / "claims" / f"{name}.md").read_text()
         assert f"**Verdict: {page['verdict']}.**" in md, name
         assert by_name[name][0][2].startswith(page["verdict"]), (name, page["verdict"], by_name[name][0][2][:40])
+        verdict_line = next(line for line in md.splitlines() if line.startswith("**Verdict"))
+        if "provisional" in verdict_line.lower():
+            assert "provisional" in by_name[name][0][2], f"{name}: the page is provisional, its README row does not say so"
     for cells in _section_rows(text, "## Seed networks: `attnlab.models`"):
         assert len(cells) == 5, f"seed-network row has {len(cells)} cells, expected 5: {cells[:1]}"
         if cells[4] != "-":

@@ -36,3 +36,18 @@ def test_the_recorded_command_leaves_out_the_output_folder():
     assert without_out(["msgnet", "--jobs", "2", "--out", "/tmp/x", "--seeds", "3"]) == ["msgnet", "--jobs", "2",
                                                                                         "--seeds", "3"]
     assert without_out(["softpag", "--out=/tmp/y"]) == ["softpag"]
+
+
+def test_a_provisional_budget_shows_on_the_verdict_line():
+    claim = Claim(name="x", paper="P", statement="S", run=lambda a: None)
+    still = "b was still improving (the verdict is provisional) by step 10: 1 at step 8 -> 2 (+1 over the last 25%)."
+    flat = "b had flattened by step 10: 1 at step 8 -> 1 (+0 over the last 25%)."
+    verdict_line = lambda page: next(l for l in page.splitlines() if l.startswith("**Verdict"))
+    page = render(claim, Report(verdict="holds", summary="A beats B.", budget=still), "cmd", 1.0)
+    assert verdict_line(page) == ("**Verdict: holds.** Provisional (a curve was still moving at the end of the "
+                                  "budget, see Budget). A beats B.")
+    page = render(claim, Report(verdict="holds", summary="A beats B.", budget=flat), "cmd", 1.0)
+    assert verdict_line(page) == "**Verdict: holds.** A beats B."
+    # a summary that already says it is not prefixed twice
+    page = render(claim, Report(verdict="partly", summary="Provisional (one seed). A.", budget=still), "cmd", 1.0)
+    assert verdict_line(page) == "**Verdict: partly.** Provisional (one seed). A."

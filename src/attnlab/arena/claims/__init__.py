@@ -91,11 +91,19 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def verdict_summary(report: Report) -> str:
+    """The summary as the verdict line shows it: a run whose Budget calls the verdict provisional says so
+    on the verdict line too, where a claim's own summary does not already."""
+    if "verdict is provisional" in report.budget and "provisional" not in report.summary.lower():
+        return "Provisional (a curve was still moving at the end of the budget, see Budget). " + report.summary
+    return report.summary
+
+
 def render(claim: Claim, report: Report, command: str, seconds: float) -> str:
     date = datetime.date.today().isoformat()
     parts = [f"# {claim.paper}", "",
              f"**Claim.** {claim.statement}", "",
-             f"**Verdict: {report.verdict}.** {report.summary}", "",
+             f"**Verdict: {report.verdict}.** {verdict_summary(report)}", "",
              f"Reproduce: `{command}`  ", f"Machine: {machine()}; {seconds:.0f} s; {date}.", ""]
     if claim.url:
         parts += [f"Paper: {claim.url}", ""]
