@@ -39,6 +39,14 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
             tmp.unlink()
 
 
+def save_figure(fig, path: Path, **savefig_options) -> Path:
+    """Write a matplotlib figure to `path` atomically (format from the suffix, PNG by default)."""
+    path = Path(path)
+    fmt = savefig_options.pop("format", path.suffix.lstrip(".").lower() or "png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_options))
+    return path
+
+
 def write_text(path: Path, text: str) -> None:
     """Atomically replace `path` with `text`."""
     atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -87,7 +87,7 @@ from attnlab import bench
 from attnlab._args import float_above, int_at_least, int_list, key_value
 from attnlab._checks import check_int
 from attnlab._env import gpu_name, loadavg, software_and_machine
-from attnlab._io import default_out, describe_error, fmt
+from attnlab._io import default_out, describe_error, fmt, save_figure
 from attnlab.registry import get_spec, list_specs
 from attnlab.tasks import create_task, get_task
 from attnlab.train import TrainConfig, TrainInterrupted, train
@@ -634,7 +634,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                      fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_difficulty(doc: dict[str, Any], path: Path) -> bool:
@@ -674,7 +674,7 @@ def plot_difficulty(doc: dict[str, Any], path: Path) -> bool:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     return True
 
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                   for way, r in rows.items()]
         lines.append("")
     env["loadavg"] = loadavg()
-    page = "\n".join([f"# attnlab bench --capture", "", f"Command: `attnlab bench --capture --models {','.join(models)} "
+    page = "\n".join(["# attnlab bench --capture", "", f"Command: `attnlab bench --capture --models {','.join(models)} "
                       f"--budget {args.budget:g}`; {time.perf_counter() - start:.0f} s; torch threads "
                       f"{torch.get_num_threads()}; load average {env.get('loadavg')}.", ""] + lines)
     print(page)

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from attnlab._io import fmt
+from attnlab._io import fmt, save_figure
 
 
 def median(samples: list[float] | None) -> float | None:
@@ -142,4 +142,4 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)

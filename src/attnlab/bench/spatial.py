@@ -145,7 +145,7 @@ def run_suite(name: str, *, budget_s: float, repeats: int | None, threads: int |
 
 def markdown(results: list[dict[str, Any]], env: dict[str, Any]) -> str:
     """The suites as markdown tables (for docs and the closing note)."""
-    lines = [f"# attnlab bench --spatial\n",
+    lines = ["# attnlab bench --spatial\n",
              f"{env.get('cpu')}, {env.get('cpu_count')} CPUs, torch {env.get('torch')}, "
              f"{env.get('num_threads')} threads; fp32, B=1. Times are medians; x base is the median over "
              "rounds of time / the baseline's time in the same round; peak MB is one forward+backward.\n"]

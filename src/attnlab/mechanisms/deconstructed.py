@@ -433,7 +433,7 @@ class DeconstructedAttention(nn.Module):
         """Eq. 4-5 with the identity attention matrix: token i keeps GatedMLP(x_i) if it may attend
         to itself (per head slice of the output), else outputs zero."""
         B, N, C = x.shape
-        h, d = self.num_heads, self.head_dim
+        h = self.num_heads
         if cache is not None:   # nothing to remember but the length (positions for the mask)
             cache.update(x.new_zeros(B, h, N, 0), x.new_zeros(B, h, N, 0))
         M = (len(cache) if cache is not None else N)

@@ -111,7 +111,7 @@ class _Neighborhood(nn.Module):
                 f"dilation={self.dilation}, stride={self.stride}{causal}")
 
     def _qkv(self, x: Tensor, spatial: tuple[int, ...]):
-        B, C = x.shape[0], x.shape[-1]
+        B = x.shape[0]
         h, d = self.num_heads, self.head_dim
         qkv = self.qkv(x).reshape(B, *spatial, 3, h, d)                     # (B, *spatial, 3, h, d)
         qkv = qkv.permute(len(spatial) + 1, 0, len(spatial) + 2, *range(1, len(spatial) + 1), len(spatial) + 3)

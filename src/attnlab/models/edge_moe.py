@@ -65,7 +65,6 @@ What is ours
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch

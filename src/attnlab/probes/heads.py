@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab._extras import optional_import
-from attnlab._io import write_text
+from attnlab._io import save_figure, write_text
 from attnlab.probes.capture import ablate_heads, capture, scale_heads
 from attnlab.probes import inputs
 
@@ -594,7 +594,7 @@ def plot_importance_grids(panels: list[tuple[str, np.ndarray, bool]], path: Path
         bar.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_distance_curves(prof: Profiles, path: Path, title: str) -> None:
@@ -630,7 +630,7 @@ def plot_distance_curves(prof: Profiles, path: Path, title: str) -> None:
     axes[0][0].legend(fontsize=6, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_mean_distance(prof: Profiles, labels: np.ndarray, path: Path, title: str) -> None:
@@ -654,7 +654,7 @@ def plot_mean_distance(prof: Profiles, labels: np.ndarray, path: Path, title: st
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_clusters(X: np.ndarray, labels: np.ndarray, info: dict, names: list[str], bin_labels: list[str],
@@ -689,7 +689,7 @@ def plot_clusters(X: np.ndarray, labels: np.ndarray, info: dict, names: list[str
     bx.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_agreement(ablation: np.ndarray, gradient: np.ndarray, path: Path, title: str) -> None:
@@ -710,7 +710,7 @@ def plot_agreement(ablation: np.ndarray, gradient: np.ndarray, path: Path, title
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- layouts (what distance means)

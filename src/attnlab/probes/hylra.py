@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attnlab._io import save_figure
 from attnlab.probes import fastlm
 
 RATIO_MASS = 0.9          # the code's coverage threshold (compute_ratio90)
@@ -370,7 +371,7 @@ def plot_profile(path: Path, prof: Profile, policy: Policy) -> Path:
     bx.set_title(f"top-{prof.budget // prof.block} block overlap |i & j| / |j| (x: the policy's reuse)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._io import write_text
+from attnlab._io import save_figure, write_text
 from attnlab.probes.capture import Edit, Hook, capture
 
 
@@ -356,9 +356,7 @@ def _plot_nll(doc: dict, path: Path) -> None:
         ax2.set_title("layer-level PAG, one layer at a time", fontsize=10)
         ax2.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def _markdown(doc: dict) -> str:

@@ -68,6 +68,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from attnlab._io import save_figure
 from attnlab.probes.capture import Capture, capture
 from attnlab.probes.inputs import default_text_path, read_text, sample_images  # noqa: F401  (re-exported)
 
@@ -793,7 +794,7 @@ def _plot_levels(rep: Report, path: Path) -> None:
     fig.colorbar(im, ax=list(axes), label="sinks (count, log scale)")
     fig.suptitle(f"{rep.prepared.name}: sink levels over {len(rep.found)} sequence(s); criterion "
                  f"{rep.found[0].criterion}, secondary between the dashed lines")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def _plot_overview(rep: Report, path: Path, eps: float) -> None:
@@ -845,7 +846,7 @@ def _plot_overview(rep: Report, path: Path, eps: float) -> None:
         ax[1, 1].legend(loc="upper right")
     fig.colorbar(im, ax=ax[1, 1], label="|cos|")
     fig.suptitle(f"{p.name}: attention sinks ({p.sequences[0]})")
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def to_json(rep: Report, eps: float) -> dict:

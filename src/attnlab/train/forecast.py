@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from attnlab._io import write_text
+from attnlab._io import save_figure, write_text
 from attnlab.models.msgnet import ETTH1_CONFIGS
 from attnlab.tasks import create_task
 from attnlab.train.checkpoint import find_checkpoint, load_weights
@@ -123,7 +123,7 @@ def plot(path: Path, curves: dict[str, dict], *, windows: int = 3, variate: int 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from attnlab._env import gpu_name, software_and_machine
-from attnlab._io import atomic_write, write_text
+from attnlab._io import save_figure, write_text
 
 TIMING_KEYS = ("elapsed", "tokens_per_s", "train_time")  # differ between runs; everything else is exact
 
@@ -124,7 +124,7 @@ def plot_curves(records: list[dict[str, Any]], quality: str, title: str, path: P
     ax_q.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    save_figure(fig, path)
 
 
 class ProgressDisplay:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from attnlab._io import save_figure
+
 Curve = Sequence[tuple[float, float]]
 
 
@@ -73,15 +75,6 @@ def curve_figure(path: Path, curves: dict[str, object], *, references: dict[str,
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write `fig` as PNG to `path` atomically (a temporary file beside it, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
 
 
 def flattening(label: str, curves, *, higher_is_better: bool, tail: float = 0.25,

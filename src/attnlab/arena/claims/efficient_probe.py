@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> Report:
                   f"tokens ({tokens - 1} patches + CLS, width {dim}), mean ± std over {len(seeds)} seeds; vs the "
                   f"better LP ({LABELS[lp_best]}); forward MFLOP per image of the probe; training throughput "
                   f"(images/s, forward + backward + step, {args.threads} thread(s), this run); the lr each seed chose",
-                  ["probe", "accuracy", f"vs LP (pp)", "params", "MFLOP / image", "train images/s", "lr chosen"], rows)
+                  ["probe", "accuracy", "vs LP (pp)", "params", "MFLOP / image", "train images/s", "lr chosen"], rows)
 
     ep, mp = statistics.fmean(acc["ep"]), statistics.fmean(acc["map"])
     gain_lp = ep - statistics.fmean(acc[lp_best])

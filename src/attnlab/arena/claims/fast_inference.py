@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from attnlab._io import save_figure
 from attnlab.arena.claims import Claim, Report, Table
 
 
@@ -324,7 +325,7 @@ def _frontier(path: Path, results: dict) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab._io import save_figure
 from attnlab.arena.claims import Claim, Report, Table
 from attnlab.arena.claims._curves import curve_figure, flattening
 from attnlab.tasks import create_task
@@ -188,7 +189,7 @@ def plot(path: Path, ratios: list[float], runs: dict[float, list[dict]], lr_z: f
     right.set_title("snap: attention stops changing (dotted: snap step)")
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
