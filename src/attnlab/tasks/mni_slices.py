@@ -262,15 +262,25 @@ def augment(images: Tensor, labels: Tensor, g: torch.Generator) -> tuple[Tensor,
     return images * gain + bias + noise, labels
 
 
-def dice_per_class(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """(num_classes,) Dice 2 |P ∩ L| / (|P| + |L|) pooled over the batch; 1 for a class absent from both."""
-    out = torch.ones(num_classes, dtype=torch.float64)
+def dice_counts(predictions: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """(|P ∩ L|, |P| + |L|) per class, (num_classes,) float64 each: Dice's counts, which add over batches."""
+    inter = torch.zeros(num_classes, dtype=torch.float64)
+    sizes = torch.zeros(num_classes, dtype=torch.float64)
     for k in range(num_classes):
         p, t = predictions == k, labels == k
-        total = int(p.sum()) + int(t.sum())
-        if total:
-            out[k] = 2.0 * int((p & t).sum()) / total
-    return out
+        inter[k] = int((p & t).sum())
+        sizes[k] = int(p.sum()) + int(t.sum())
+    return inter, sizes
+
+
+def dice_from_counts(inter: Tensor, sizes: Tensor) -> Tensor:
+    """Dice 2 |P ∩ L| / (|P| + |L|) per class; 1 for a class absent from both."""
+    return torch.where(sizes > 0, 2 * inter / sizes.clamp_min(1), torch.ones_like(sizes))
+
+
+def dice_per_class(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(num_classes,) Dice 2 |P ∩ L| / (|P| + |L|) pooled over the batch; 1 for a class absent from both."""
+    return dice_from_counts(*dice_counts(predictions, labels, num_classes))
 
 
 @register_task
@@ -466,16 +476,15 @@ class MNISlices(Task):
                     for k, v in {"loss": float(loss), **parts}.items():
                         sums[k] = sums.get(k, 0.0) + v * n
                     predictions, labels = logits.argmax(1).cpu(), b["labels"].cpu()
-                    for k in range(self.num_classes):
-                        p, t = predictions == k, labels == k
-                        inter[k] += int((p & t).sum())
-                        sizes[k] += int(p.sum()) + int(t.sum())
+                    i_k, s_k = dice_counts(predictions, labels, self.num_classes)
+                    inter += i_k
+                    sizes += s_k
                     correct += int((predictions == labels).sum())
                     pixels += labels.numel()
                     rows += n
         finally:
             model.train(was_training)
-        dice = torch.where(sizes > 0, 2 * inter / sizes.clamp_min(1), torch.ones_like(sizes))
+        dice = dice_from_counts(inter, sizes)
         out = {k: v / rows for k, v in sums.items()}
         out.update({f"dice_{name.lower()}": float(d) for name, d in zip(self.classes, dice)})
         out["dice"] = float(dice[1:].mean())
@@ -499,5 +508,6 @@ class MNISlices(Task):
         loss = F.cross_entropy(out, labels)
         return loss, out, {"ce": float(loss.detach())}
 
+
 __all__ = ["MNISlices", "read_nifti", "find_mni", "slice_stack", "axial_split", "shapes_image", "augment",
-           "dice_per_class", "FILES", "CLASSES", "ENV_VAR"]
+           "dice_per_class", "dice_counts", "FILES", "CLASSES", "ENV_VAR"]

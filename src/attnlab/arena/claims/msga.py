@@ -235,7 +235,8 @@ def _report(args, probe, tests, runs, seeds, notes) -> Report:
               f"every model, {len(seeds)} seed(s). " + " ".join(tails) + " (Dice in %; 'flattened' = under 1 pp over "
               f"the last quarter.) Training took {cpu_total / 60:.1f} CPU minutes ({len(seeds)} seed(s) x {len(runs)} "
               f"models, {args.threads} thread(s)) on a shared machine. The absolute Dice values are those of short "
-              "training, far below convergence; the comparisons are at equal steps." + (" The verdict is provisional." if provisional or len(seeds) == 1 else ""))
+              "training, far below convergence; the comparisons are at equal steps."
+              + (" The verdict is provisional." if provisional or len(seeds) == 1 else ""))
     caveats = (["one seed, so the differences are not measured against seed-to-seed spread"] if len(seeds) == 1 else []) \
         + (["curves still rising, see Budget"] if provisional else [])
     g, u, n = (stats[k]["axial"]["dice"] for k in (GUIDED, UNGUIDED, UNET))
